@@ -1,0 +1,219 @@
+"""Render stages, each loading only the weights it needs through ``from_pretrained``.
+
+A text-encoder replica holds the tokenizer and UMT5; a denoiser replica holds one
+or both experts; the finisher holds the VAE. The same code loads a tiny local model
+and ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` — only ``ModelSpec.path`` differs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from farm import env
+from farm.render.denoise import (
+    HIGH_NOISE_EXPERT,
+    LOW_NOISE_EXPERT,
+    Conditioning,
+    DenoiseState,
+    StepCallback,
+    denoise,
+    prepare_state,
+)
+from farm.render.registry import ModelSpec, RenderParams
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def configure_torch() -> None:
+    """Apply the per-process thread count: on a shared 2-core box one thread per replica is far faster."""
+    threads = env.torch_threads()
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_attention_backend(device: str) -> str:
+    """xformers on CUDA when installed (the ``gpu`` extra), torch SDPA ('native') otherwise."""
+    if device.startswith("cuda"):
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            return "native"
+        return "xformers"
+    return "native"
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What a saved pipeline contains, read from its ``model_index.json``."""
+
+    experts: tuple[str, ...]
+    boundary_ratio: float | None
+    latent_channels: int
+    scale_spatial: int
+    scale_temporal: int
+
+    @classmethod
+    def read(cls, path: str) -> "ModelLayout":
+        from diffusers import AutoencoderKLWan, DiffusionPipeline, WanTransformer3DModel
+
+        index = DiffusionPipeline.load_config(path)
+        experts = tuple(
+            name for name in (HIGH_NOISE_EXPERT, LOW_NOISE_EXPERT) if (index.get(name) or [None])[0] is not None
+        )
+        if not experts:
+            raise ValueError(f"model at {path!r} has no transformer")
+        transformer = WanTransformer3DModel.load_config(path, subfolder=experts[0])
+        vae = AutoencoderKLWan.load_config(path, subfolder="vae")
+        return cls(
+            experts=experts,
+            boundary_ratio=index.get("boundary_ratio"),
+            latent_channels=transformer["in_channels"],
+            scale_spatial=vae.get("scale_factor_spatial", 8),
+            scale_temporal=vae.get("scale_factor_temporal", 4),
+        )
+
+    def latent_shape(self, params: RenderParams, num_frames: int) -> tuple[int, ...]:
+        return (
+            1,
+            self.latent_channels,
+            (num_frames - 1) // self.scale_temporal + 1,
+            params.height // self.scale_spatial,
+            params.width // self.scale_spatial,
+        )
+
+
+def make_scheduler(spec: ModelSpec, kind: str):
+    """The model's own scheduler ('unipc' for Wan) or flow-matching Euler with the same shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if kind == "unipc":
+        return UniPCMultistepScheduler.from_pretrained(spec.path, subfolder="scheduler")
+    if kind == "flow-euler":
+        own = UniPCMultistepScheduler.load_config(spec.path, subfolder="scheduler")
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=own.get("num_train_timesteps", 1000), shift=own.get("flow_shift", 1.0)
+        )
+    raise ValueError(f"scheduler: {kind!r} is not known; allowed: unipc, flow-euler")
+
+
+class TextEncoderStage:
+    """Prompt → embeddings (UMT5), the same way ``WanPipeline.encode_prompt`` does it."""
+
+    def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        self.spec = spec
+        self.device = device or pick_device()
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.path, subfolder="tokenizer")
+        self.text_encoder = (
+            UMT5EncoderModel.from_pretrained(spec.path, subfolder="text_encoder", dtype=_DTYPES[spec.dtype])
+            .to(self.device)
+            .eval()
+        )
+
+    @torch.no_grad()
+    def _embed(self, text: str) -> torch.Tensor:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        length = self.spec.max_sequence_length
+        tokens = self.tokenizer(
+            [prompt_clean(text)],
+            padding="max_length",
+            max_length=length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        mask = tokens.attention_mask.to(self.device)
+        hidden = self.text_encoder(tokens.input_ids.to(self.device), mask).last_hidden_state
+        # Zero the padding positions, as the reference pipeline does.
+        seq_len = int(mask.gt(0).sum())
+        out = torch.zeros_like(hidden)
+        out[:, :seq_len] = hidden[:, :seq_len]
+        return out.to(_DTYPES[self.spec.dtype])
+
+    def encode(self, prompt: str) -> Conditioning:
+        # Guidance ≤ 1 means no unconditional pass, as in diffusers.
+        uses_cfg = self.spec.guidance_scale > 1.0
+        negative = self._embed(self.spec.negative_prompt) if uses_cfg else None
+        return Conditioning(self._embed(prompt), negative)
+
+
+class DenoiserStage:
+    """Holds one or both experts resident and runs step ranges on them."""
+
+    def __init__(self, spec: ModelSpec, experts: tuple[str, ...] | None = None, device: str | None = None) -> None:
+        from diffusers import WanTransformer3DModel
+
+        self.spec = spec
+        self.device = device or pick_device()
+        self.layout = ModelLayout.read(spec.path)
+        wanted = experts or self.layout.experts
+        missing = set(wanted) - set(self.layout.experts)
+        if missing:
+            raise ValueError(f"model {spec.id!r} has no expert(s) {sorted(missing)}; it has {list(self.layout.experts)}")
+        backend = pick_attention_backend(self.device)
+        self.experts: dict[str, torch.nn.Module] = {}
+        for name in wanted:
+            model = WanTransformer3DModel.from_pretrained(spec.path, subfolder=name, torch_dtype=_DTYPES[spec.dtype])
+            model = model.to(self.device).eval()
+            if backend != "native":
+                model.set_attention_backend(backend)
+            self.experts[name] = model
+        log.info("denoiser for %s holds %s (attention: %s)", spec.id, list(self.experts), backend)
+
+    def run(self, state: DenoiseState, start: int, end: int, on_step: StepCallback | None = None) -> DenoiseState:
+        return denoise(self.experts, state, start, end, on_step=on_step)
+
+
+class DecoderStage:
+    """Latents → uint8 RGB frames ``(F, H, W, 3)`` with the Wan VAE."""
+
+    def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
+        from diffusers import AutoencoderKLWan
+        from diffusers.video_processor import VideoProcessor
+
+        self.spec = spec
+        self.device = device or pick_device()
+        self.vae = AutoencoderKLWan.from_pretrained(spec.path, subfolder="vae", torch_dtype=torch.float32)
+        self.vae = self.vae.to(self.device).eval()
+        self.processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        cfg = self.vae.config
+        latents = latents.to(self.device, self.vae.dtype)
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents)
+        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        frames = self.processor.postprocess_video(video, output_type="np")[0]  # (F, H, W, C) in [0, 1]
+        return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def initial_state(
+    spec: ModelSpec, params: RenderParams, conditioning: Conditioning, *, device: str = "cpu"
+) -> DenoiseState:
+    """The job's state before step 0: schedule set, noise drawn from the seed."""
+    layout = ModelLayout.read(spec.path)
+    return prepare_state(
+        make_scheduler(spec, params.scheduler),
+        conditioning,
+        latent_shape=layout.latent_shape(params, spec.num_frames(params.seconds)),
+        num_steps=params.steps,
+        seed=params.seed,
+        guidance_scale=spec.guidance_scale,
+        guidance_scale_2=spec.guidance_scale_2,
+        boundary_ratio=layout.boundary_ratio,
+        device=device,
+    )

@@ -1,0 +1,193 @@
+"""Tiny random-weight Wan-family models, built offline and saved with ``save_pretrained``.
+
+The build machines have no model hub, so tests and the demo use models this module
+makes. They are real diffusers/transformers classes at toy sizes, saved in the same
+layout as ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, and loaded by the same
+``from_pretrained`` path real weights take. Real weights are a config change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from farm.render.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+# Text the byte-level BPE learns merges from. Bytes cover every character anyway;
+# the corpus only makes common English and Japanese pieces single tokens.
+_TOKENIZER_CORPUS = [
+    "a cat walks along a sunny beach at golden hour, cinematic, 4k",
+    "a red fox runs through fresh snow in a quiet forest",
+    "timelapse of clouds over a mountain lake, soft light",
+    "a robot paints a portrait in a busy studio, handheld camera",
+    "city street at night with neon signs and rain reflections",
+    "桜の花びらが舞う京都の古い路地を猫が歩く、映画のような映像",
+    "夕焼けの海辺を走る犬、スローモーション",
+    "雪の降る森の中を赤いキツネが走る",
+    "東京の夜の街、ネオンと雨の反射、シネマティック",
+    "山の湖の上を流れる雲のタイムラプス、柔らかい光",
+    "ロボットが忙しいアトリエで肖像画を描く",
+]
+TINY_VOCAB_SIZE = 1024
+TINY_FPS = 8
+
+# One source for the tiny shapes, so tests and docs agree with the builder.
+TINY_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+TINY_VAE = dict(
+    base_dim=3,
+    z_dim=16,
+    dim_mult=[1, 1, 1, 1],
+    num_res_blocks=1,
+    temperal_downsample=[False, True, True],
+)
+TWO_EXPERT_BOUNDARY_RATIO = 0.875  # Wan 2.2 A14B T2V
+
+
+def _build_tokenizer():
+    """A byte-level BPE trained on the fly: handles any UTF-8, Japanese included."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
+    # UMT5 appends </s>, as the real Wan tokenizer does.
+    from tokenizers import processors
+
+    eos_id = core.token_to_id("</s>")
+    core.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", eos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
+
+
+def _build_text_encoder(vocab_size: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def _build_scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    # The Wan default: multistep UniPC over shifted flow-matching sigmas.
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+    )
+
+
+def build_tiny_wan(out_dir: Path, *, experts: int = 1, seed: int = 0) -> Path:
+    """Build a tiny Wan T2V pipeline (``experts=2``: Wan 2.2 A14B layout) into ``out_dir``.
+
+    The folder is written next to its destination and renamed into place, so a
+    crash never leaves a half-written model that later loads.
+    """
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+
+    if experts not in (1, 2):
+        raise ValueError(f"experts must be 1 or 2, got {experts}")
+    import torch
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = _build_tokenizer()
+    text_encoder = _build_text_encoder(len(tokenizer))
+    vae = AutoencoderKLWan(**TINY_VAE).eval()
+    transformer = WanTransformer3DModel(**TINY_TRANSFORMER).eval()
+    extra = {}
+    if experts == 2:
+        extra = dict(
+            transformer_2=WanTransformer3DModel(**TINY_TRANSFORMER).eval(),
+            boundary_ratio=TWO_EXPERT_BOUNDARY_RATIO,
+        )
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=_build_scheduler(),
+        **extra,
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        pipe.save_pretrained(staging)
+        (staging / "videofarm.json").write_text(
+            json.dumps({"family": "wan", "variant": "tiny", "experts": experts, "fps": TINY_FPS, "seed": seed}, indent=2)
+        )
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    log.info("built tiny wan (%d expert(s)) at %s", experts, out_dir)
+    return out_dir
+
+
+def is_built(path: Path) -> bool:
+    """True when ``path`` holds a complete saved pipeline."""
+    return (Path(path) / "model_index.json").is_file() and (Path(path) / "videofarm.json").is_file()
+
+
+TINY_MODEL_IDS = {1: "wan-tiny", 2: "wan-tiny-2x"}
+
+
+def tiny_spec(path: Path | str, experts: int = 1) -> ModelSpec:
+    """The registry entry for a tiny model: small sizes, 8 fps, few steps."""
+    return ModelSpec(
+        id=TINY_MODEL_IDS[experts],
+        path=str(path),
+        fps=TINY_FPS,
+        sizes=["64x64", "128x128", "256x256", "128x96", "96x128"],
+        seconds=[1, 2, 3, 4],
+        default_steps=8,
+        max_steps=50,
+        guidance_scale=5.0,
+        guidance_scale_2=3.0 if experts == 2 else None,
+        max_sequence_length=64,
+    )
