@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from farm.finish.media import encode_mp4, write_spritesheet, write_thumbnail
+from farm.finish.media import encode_mp4, frame_rate, write_spritesheet, write_thumbnail
 from farm.finish.provenance import ProvenanceInfo, SignerConfig, ensure_dev_credentials, sign_mp4
 from farm.finish.watermark import WatermarkConfig, apply_watermark
 
@@ -126,7 +126,7 @@ def finish_clip(
 
         # 4. C2PA manifest over the finished media bytes.
         info = meta.provenance(
-            width=width, height=height, frames=count, fps=Fraction(fps).limit_denominator(1001)
+            width=width, height=height, frames=count, fps=frame_rate(fps)
         )
         signed = sign_mp4(unsigned, work / VIDEO_NAME, info, signing)
 

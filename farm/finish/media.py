@@ -47,9 +47,13 @@ def _check_frames(frames: np.ndarray) -> None:
         raise ValueError(f"frames must be non-empty, got shape {frames.shape}")
 
 
-def _as_rate(fps: float | int | Fraction) -> Fraction:
+def frame_rate(fps: float | int | Fraction) -> Fraction:
+    """fps as an exact Fraction, validated."""
     # 1001 keeps NTSC rates such as 30000/1001 exact while rejecting float noise.
-    rate = Fraction(fps).limit_denominator(1001)
+    try:
+        rate = Fraction(fps).limit_denominator(1001)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise ValueError(f"fps must be a finite number, got {fps!r}") from exc
     if rate <= 0 or rate > 1000:
         raise ValueError(f"fps must be in (0, 1000], got {fps!r}")
     return rate
@@ -78,7 +82,7 @@ def encode_mp4(
         )
     if not 0 <= crf <= 51:
         raise ValueError(f"crf must be in [0, 51], got {crf}")
-    rate = _as_rate(fps)
+    rate = frame_rate(fps)
     path = Path(path)
 
     # bitexact keeps library version strings and timestamps out of the file, so the
