@@ -1,0 +1,40 @@
+# Two commands for a newcomer: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Everything the farm writes (S3 data, models, signing keys, renders) stays in the checkout.
+export FARM_HOME ?= $(CURDIR)/.farm
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+
+DEMO_PROMPT ?= 桜の花びらが舞う京都の古い路地を猫が歩く、映画のような映像
+DEMO_OUT ?= out/demo.mp4
+
+.PHONY: demo test install bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: 2.13.0 is a local CPU wheel here; anything else downloads gigabytes.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	@test -f $(FARM_HOME)/models/wan-tiny/model_index.json || $(BIN)/farm model init tiny --out $(FARM_HOME)/models/wan-tiny
+	$(BIN)/farm storage start
+	$(BIN)/farm render "$(DEMO_PROMPT)" --size 128x128 --seconds 2 --steps 8 --seed 42 --shard-steps 3 --out $(DEMO_OUT)
+	$(BIN)/farm verify $(DEMO_OUT)
+	@echo "The embedded S3 server keeps running; stop it with: $(BIN)/farm storage stop"
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/bench_shards.py
+
+clean:
+	-$(BIN)/farm storage stop
+	rm -rf $(FARM_HOME) out

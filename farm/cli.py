@@ -1,0 +1,279 @@
+"""The ``farm`` command line: build models, run the embedded store, render clips.
+
+Bad input ends with one line naming the value and what is allowed, exit status 2,
+and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+
+from farm import __version__
+
+log = logging.getLogger("farm")
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+# Commands --------------------------------------------------------------------
+def cmd_model_init(args: argparse.Namespace) -> int:
+    from farm.render.tiny import build_tiny_wan
+
+    if args.kind != "tiny":
+        raise CliError(f"model kind {args.kind!r} is not buildable here; allowed: tiny")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out: {out} exists and is not a folder")
+    path = build_tiny_wan(out, experts=args.experts, seed=args.seed)
+    print(path)
+    return 0
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    from farm.render.tiny import is_built
+
+    settings = _settings(args)
+    for spec in settings.models:
+        local = Path(spec.path)
+        where = ("built" if is_built(local) else "not built") if local.is_absolute() else "remote"
+        print(f"{spec.id}\t{spec.path}\t{where}\tsizes={','.join(spec.sizes)}\tseconds={spec.seconds}")
+    return 0
+
+
+def cmd_storage(args: argparse.Namespace) -> int:
+    from farm.storage.connect import embedded_server, running_embedded
+
+    settings = _settings(args)
+    if settings.storage.mode != "embedded":
+        raise CliError("storage: the configured store is external; there is nothing to start or stop here")
+    if args.action == "start":
+        server = embedded_server(settings)
+        server.start()
+        print(server.settings().endpoint_url)
+    elif args.action == "stop":
+        running = running_embedded(settings)
+        if running is None:
+            print("not running")
+        else:
+            running.stop()
+            print("stopped")
+    else:
+        running = running_embedded(settings)
+        print(f"running at {running.settings().endpoint_url}" if running else "not running")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from farm.render.registry import validate_request
+
+    settings = _settings(args)
+    try:
+        spec = settings.model(args.model)
+        size = args.size or settings.render.default_size
+        seconds = settings.render.default_seconds if args.seconds is None else args.seconds
+        seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+        params = validate_request(
+            spec, prompt=args.prompt, size=size, seconds=seconds, steps=args.steps, seed=seed, scheduler=args.scheduler
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.shard_steps is not None and not 1 <= args.shard_steps <= params.steps:
+        raise CliError(f"--shard-steps: {args.shard_steps} is out of range; allowed: 1..{params.steps}")
+    out = _checked_out_path(args.out) if args.out else None
+
+    # Everything the user typed is valid: only now start services or write files.
+    from farm.jobs.local import render_clip
+    from farm.storage.connect import open_store
+
+    _ensure_model(settings, spec)
+    store = open_store(settings)
+    with _TqdmProgress(params.steps, enabled=not args.quiet) as progress:
+        result = render_clip(settings, spec, params, store, shard_steps=args.shard_steps, out=out, progress=progress)
+    print(f"video_id: {result.video_id}")
+    print(f"seed:     {params.seed}")
+    print(f"s3:       {result.uris['video']}")
+    print(f"local:    {result.local_video}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check a clip as a viewer would: it decodes, and its C2PA manifest validates."""
+    from farm.finish.media import probe_mp4
+    from farm.finish.provenance import ensure_dev_credentials, verify
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise CliError(f"file: {path} does not exist")
+    settings = _settings(args)
+    try:
+        info = probe_mp4(path)
+    except Exception as exc:  # PyAV raises several types for unreadable media
+        raise CliError(f"file: {path} is not a playable MP4 ({_one_line(exc)})") from None
+    anchors = Path(args.trust_anchors).read_text() if args.trust_anchors else None
+    if anchors is None and not settings.signer.has_credentials:
+        anchors = ensure_dev_credentials(settings.state_dir / "c2pa").ca_cert.read_text()
+    result = verify(path, anchors)
+    print(f"video: {info.frames} frames {info.width}x{info.height} @ {float(info.fps):g} fps, {info.codec}/{info.pix_fmt}")
+    print(f"c2pa:  {result.state}")
+    for failure in result.failures:
+        print(f"       {failure}")
+    return 0 if result.state == "Trusted" else 1
+
+
+# Helpers ---------------------------------------------------------------------
+def _settings(args: argparse.Namespace):
+    from farm.config import load_settings
+
+    try:
+        return load_settings(Path(args.config) if args.config else None)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"config: {_one_line(exc)}") from None
+
+
+def _ensure_model(settings, spec) -> None:
+    """Build an embedded tiny model on first use; real weights are never built here."""
+    from farm.render.tiny import TINY_MODEL_IDS, build_tiny_wan, is_built
+
+    path = Path(spec.path)
+    if is_built(path) or not path.is_absolute():
+        return
+    experts = {v: k for k, v in TINY_MODEL_IDS.items()}.get(spec.id)
+    if experts is None or path.parent != settings.models_dir:
+        raise CliError(f"model {spec.id!r}: no saved pipeline at {path}")
+    print(f"building tiny model {spec.id} at {path} …", file=sys.stderr)
+    build_tiny_wan(path, experts=experts)
+
+
+def _checked_out_path(value: str) -> Path:
+    out = Path(value).expanduser()
+    if out.suffix.lower() != ".mp4":
+        raise CliError(f"--out: {value!r} must end in .mp4")
+    if out.is_dir():
+        raise CliError(f"--out: {value!r} is a folder; give a file path ending in .mp4")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CliError(f"--out: folder {str(parent)!r} does not exist")
+    try:  # the only reliable writability check (root ignores mode bits, read-only mounts do not)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".farm-probe-"):
+            pass
+    except OSError as exc:
+        raise CliError(f"--out: cannot write to folder {str(parent)!r} ({exc.strerror})") from None
+    return out.resolve()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+class _TqdmProgress:
+    """Progress bar over denoising steps, its label naming the current stage."""
+
+    def __init__(self, steps: int, enabled: bool) -> None:
+        self.steps = steps
+        self.enabled = enabled
+        self.bar = None
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.steps, unit="step", disable=not self.enabled, file=sys.stderr, leave=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def stage(self, name: str) -> None:
+        self.bar.set_description(f"{name:>8}")
+
+    def step(self, index: int, total: int) -> None:
+        self.bar.update(1)
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farm", description="videofarm: a text-to-video render farm on Ray.")
+    parser.add_argument("--version", action="version", version=f"videofarm {__version__}")
+    parser.add_argument("--config", help="YAML settings file (default: $FARM_CONFIG, else built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="build or list models").add_subparsers(dest="action", required=True)
+    init = model.add_parser("init", help="build a tiny random-weight model with save_pretrained")
+    init.add_argument("kind", help="what to build: tiny")
+    init.add_argument("--out", required=True, help="folder to save the pipeline into")
+    init.add_argument("--experts", type=int, choices=(1, 2), default=1, help="2: the Wan 2.2 two-expert layout")
+    init.add_argument("--seed", type=_whole_number, default=0, help="seed for the random weights")
+    init.set_defaults(func=cmd_model_init)
+    listing = model.add_parser("list", help="the model registry")
+    listing.set_defaults(func=cmd_model_list)
+
+    storage = sub.add_parser("storage", help="the embedded SeaweedFS S3 server")
+    storage.add_argument("action", choices=("start", "stop", "status"))
+    storage.set_defaults(func=cmd_storage)
+
+    render = sub.add_parser("render", help="render one clip in this process and upload it")
+    render.add_argument("prompt", help="what to render (any language; Japanese works)")
+    render.add_argument("--model", help="model id (default: the registry's first)")
+    render.add_argument("--size", help="WIDTHxHEIGHT, one the model supports")
+    render.add_argument("--seconds", type=_whole_number, help="clip length in seconds")
+    render.add_argument("--steps", type=_whole_number, help="denoising steps")
+    render.add_argument("--seed", type=_whole_number, help="random seed (default: random, printed)")
+    render.add_argument("--shard-steps", type=_whole_number, help="steps per shard (default from settings)")
+    render.add_argument("--scheduler", default="unipc", help="unipc (default) or flow-euler")
+    render.add_argument("--out", help="also copy the MP4 here")
+    render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    render.set_defaults(func=cmd_render)
+
+    check = sub.add_parser("verify", help="check that an MP4 decodes and its C2PA manifest is trusted")
+    check.add_argument("file", help="the MP4 to check")
+    check.add_argument("--trust-anchors", help="PEM file of trusted root CAs (default: the dev CA)")
+    check.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"farm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("farm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers draw their own loading bars; the CLI has one bar of its own."""
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Typed settings: one schema for YAML files, Python callers and the CLI.
+
+Each concern has its own small model (storage, watermark, signing, rendering);
+components receive only the section they need, never the whole tree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from farm import env
+from farm.finish.provenance import SignerConfig
+from farm.finish.watermark import WatermarkConfig
+from farm.render.registry import ModelSpec
+from farm.render.tiny import tiny_spec
+from farm.storage.s3 import S3Settings
+
+
+class StorageSettings(BaseModel):
+    """Where clips go: the embedded SeaweedFS server, or any S3 endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["embedded", "external"] = Field(
+        default="embedded",
+        description="'embedded' starts a SeaweedFS S3 server under the state folder; "
+        "'external' uses the endpoint and credentials in 's3'.",
+    )
+    bucket: str = Field(default="videofarm", description="Bucket that holds videos/{id}/ objects.")
+    s3: S3Settings | None = Field(default=None, description="Connection settings for mode 'external'.")
+
+    @model_validator(mode="after")
+    def _external_needs_s3(self) -> "StorageSettings":
+        if self.mode == "external" and self.s3 is None:
+            raise ValueError("storage.s3 must be set when storage.mode is 'external'")
+        return self
+
+
+class RenderSettings(BaseModel):
+    """How jobs are rendered, independent of any one model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shard_steps: int = Field(
+        default=4, ge=1, le=1000, description="Steps per shard: the preemption and checkpoint granularity."
+    )
+    default_seconds: int = Field(default=2, ge=1, description="Clip length when a request names none.")
+    default_size: str = Field(default="128x128", description="Clip size when a request names none.")
+
+
+class FarmSettings(BaseModel):
+    """The whole farm's settings. Sections are handed to components one by one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state_dir: Path = Field(description="Folder for embedded S3 data, signing credentials, built models, renders.")
+    models: list[ModelSpec] = Field(description="The model registry; the first entry is the default model.")
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
+    signer: SignerConfig = Field(default_factory=SignerConfig)
+    render: RenderSettings = Field(default_factory=RenderSettings)
+
+    @model_validator(mode="after")
+    def _unique_model_ids(self) -> "FarmSettings":
+        if not self.models:
+            raise ValueError("models must list at least one model")
+        ids = [m.id for m in self.models]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            raise ValueError(f"model ids must be unique; repeated: {duplicated}")
+        return self
+
+    def model(self, model_id: str | None) -> ModelSpec:
+        """Look a model up by id (None: the default); ValueError lists the known ids."""
+        if model_id is None:
+            return self.models[0]
+        for spec in self.models:
+            if spec.id == model_id:
+                return spec
+        raise ValueError(f"model: {model_id!r} is not served here; available: {', '.join(m.id for m in self.models)}")
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def seaweed_dir(self) -> Path:
+        return self.state_dir / "seaweedfs"
+
+
+def embedded_models(state_dir: Path) -> list[ModelSpec]:
+    """The models a fresh install serves: tiny Wan models built under the state folder."""
+    models = state_dir / "models"
+    return [tiny_spec(models / "wan-tiny", experts=1), tiny_spec(models / "wan-tiny-2x", experts=2)]
+
+
+def load_settings(path: Path | None = None) -> FarmSettings:
+    """Defaults, overlaid with a YAML file (``path`` or ``FARM_CONFIG``) when one is given."""
+    path = path or env.config_file()
+    data: dict = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of settings at the top level")
+        data = loaded or {}
+    state_dir = Path(data.get("state_dir") or env.state_dir())
+    data["state_dir"] = state_dir
+    data.setdefault("models", [m.model_dump() for m in embedded_models(state_dir)])
+    return FarmSettings.model_validate(data)

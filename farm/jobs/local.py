@@ -1,0 +1,155 @@
+"""One job, every stage, in this process: the skeleton the farm distributes.
+
+``render_clip`` reads top to bottom like a diffusers pipeline: encode the prompt,
+prepare the latents, run the denoising shards (serializing the state between
+them, as a process boundary would), decode, finish, upload.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from farm import __version__
+from farm.config import FarmSettings
+from farm.finish.chain import ClipMeta, finish_clip
+from farm.render.denoise import plan_shards, roundtrip
+from farm.render.engine import DecoderStage, DenoiserStage, TextEncoderStage, configure_torch, initial_state
+from farm.render.registry import ModelSpec, RenderParams
+from farm.storage.s3 import ObjectStore, upload_clip
+
+log = logging.getLogger(__name__)
+
+STAGES = ("load", "encode", "denoise", "decode", "finish", "upload")
+
+
+class Progress:
+    """Receives progress; the CLI draws bars from it, the farm will update the job store."""
+
+    def stage(self, name: str) -> None:
+        """A stage (one of ``STAGES``) begins."""
+
+    def step(self, index: int, total: int) -> None:
+        """Denoising step ``index`` (0-based) of ``total`` finished."""
+
+
+@dataclass
+class RenderResult:
+    video_id: str
+    uris: dict[str, str]
+    local_video: Path
+    record: dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def new_video_id() -> str:
+    return f"video_{uuid.uuid4().hex}"
+
+
+class _Timer:
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable):
+        self.progress.stage(name)
+        started = time.perf_counter()
+        result = fn()
+        self.timings[name] = round(time.perf_counter() - started, 4)
+        return result
+
+
+def render_clip(
+    settings: FarmSettings,
+    spec: ModelSpec,
+    params: RenderParams,
+    store: ObjectStore,
+    *,
+    shard_steps: int | None = None,
+    out: Path | None = None,
+    progress: Progress | None = None,
+) -> RenderResult:
+    """Render, finish and upload one clip; returns its S3 URIs and a local copy's path."""
+    configure_torch()
+    progress = progress or Progress()
+    timer = _Timer(progress)
+    video_id = new_video_id()
+    shard_steps = shard_steps or settings.render.shard_steps
+    created = dt.datetime.now(dt.timezone.utc)
+
+    # 0. Load each stage's weights through from_pretrained (a replica does this once).
+    encoder, denoiser, decoder = timer.run(
+        "load", lambda: (TextEncoderStage(spec), DenoiserStage(spec), DecoderStage(spec))
+    )
+
+    # 1. Prompt → embeddings.
+    conditioning = timer.run("encode", lambda: encoder.encode(params.prompt))
+
+    # 2. Noise from the seed, schedule set; 3. the denoising shards, state serialized between them.
+    def _denoise():
+        state = initial_state(spec, params, conditioning, device=denoiser.device)
+        plans = plan_shards(state, shard_steps)
+        for plan in plans:
+            state = denoiser.run(state, plan.start, plan.end, on_step=progress.step)
+            if not state.done:
+                state = roundtrip(state)
+        return state, len(plans)
+
+    state, shard_count = timer.run("denoise", _denoise)
+
+    # 4. Latents → frames.
+    frames = timer.run("decode", lambda: decoder.decode(state.latents))
+
+    # 5. Watermark, MP4, thumbnail, spritesheet, C2PA.
+    work = settings.state_dir / "renders" / video_id
+    meta = ClipMeta(
+        title=f"{spec.id}: {params.prompt[:80]}",
+        model_id=spec.id,
+        seed=params.seed,
+        steps=params.steps,
+        prompt=params.prompt,
+        guidance_scale=spec.guidance_scale,
+        job_id=video_id,
+    )
+    clip = timer.run(
+        "finish",
+        lambda: finish_clip(frames, spec.fps, work, meta, settings.watermark, settings.signer, settings.state_dir),
+    )
+
+    # 6. Upload: media first, the JSON record last (it marks the clip complete).
+    record = {
+        "id": video_id,
+        "created_at": created.isoformat(),
+        "prompt": params.prompt,
+        "model": spec.id,
+        "model_path": spec.path,
+        "parameters": params.model_dump(),
+        "seed": params.seed,
+        "fps": spec.fps,
+        "num_frames": int(frames.shape[0]),
+        "shard_steps": shard_steps,
+        "shards": shard_count,
+        "generator": {"name": "videofarm", "version": __version__},
+        "bytes": {"video": clip.video_bytes, "thumbnail": clip.thumbnail_bytes, "spritesheet": clip.spritesheet_bytes},
+    }
+
+    def _upload():
+        record["timings_s"] = dict(timer.timings)
+        files = {"video": clip.video, "thumbnail": clip.thumbnail, "spritesheet": clip.spritesheet}
+        return upload_clip(store, video_id, files, record)
+
+    uris = timer.run("upload", _upload)
+
+    local_video = clip.video
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(clip.video, out)
+        local_video = out
+    log.info("rendered %s in %.2fs: %s", video_id, sum(timer.timings.values()), uris.get("video"))
+    return RenderResult(video_id, uris, local_video, record, timer.timings)
