@@ -52,6 +52,39 @@ class RenderSettings(BaseModel):
     default_size: str = Field(default="128x128", description="Clip size when a request names none.")
 
 
+class PoolSettings(BaseModel):
+    """One denoiser pool: replicas holding one model's expert(s)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Model id from the registry.")
+    experts: list[Literal["transformer", "transformer_2"]] = Field(
+        default_factory=lambda: ["transformer"],
+        description="Experts each replica holds; a two-expert model gets one pool per expert.",
+    )
+    replicas: int = Field(default=1, ge=1, le=1024, description="Replicas in the pool.")
+    num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per replica (0 on CPU).")
+    num_cpus: float = Field(default=0.25, gt=0.0, description="CPUs Ray reserves per replica.")
+
+
+class ServeSettings(BaseModel):
+    """The farm on Ray Serve: HTTP, limits, and the size of every pool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="Address the HTTP proxy binds.")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the /v1 API.")
+    max_queued: int = Field(default=200, ge=1, description="Queued jobs beyond which creates get 429.")
+    poll_after_ms: int = Field(default=500, ge=0, description="The openai-poll-after-ms hint sent to clients.")
+    max_active_jobs: int = Field(default=4, ge=1, description="Jobs the dispatcher drives at once.")
+    gateway_replicas: int = Field(default=1, ge=1, description="Gateway (HTTP ingress) replicas.")
+    encoder_replicas: int = Field(default=1, ge=1, description="Text-encoder replicas.")
+    finisher_replicas: int = Field(default=1, ge=1, description="Finisher (decode, encode, sign, upload) replicas.")
+    pools: list[PoolSettings] = Field(
+        default_factory=list, description="Denoiser pools; empty: one pool per expert of every model, 1 replica each."
+    )
+
+
 class FarmSettings(BaseModel):
     """The whole farm's settings. Sections are handed to components one by one."""
 
@@ -63,6 +96,18 @@ class FarmSettings(BaseModel):
     watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
     signer: SignerConfig = Field(default_factory=SignerConfig)
     render: RenderSettings = Field(default_factory=RenderSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    database_url: str = Field(
+        default="", description="SQLAlchemy URL of the job store; empty: a SQLite file in the state folder."
+    )
+
+    @model_validator(mode="after")
+    def _check_pools(self) -> "FarmSettings":
+        known = {m.id for m in self.models}
+        for pool in self.serve.pools:
+            if pool.model not in known:
+                raise ValueError(f"serve.pools: model {pool.model!r} is not in models; known: {sorted(known)}")
+        return self
 
     @model_validator(mode="after")
     def _unique_model_ids(self) -> "FarmSettings":
@@ -82,6 +127,13 @@ class FarmSettings(BaseModel):
             if spec.id == model_id:
                 return spec
         raise ValueError(f"model: {model_id!r} is not served here; available: {', '.join(m.id for m in self.models)}")
+
+    def job_store_url(self) -> str:
+        """The job store's URL; by default a SQLite file in the state folder (created if missing)."""
+        if self.database_url:
+            return self.database_url
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.state_dir / 'jobs.sqlite'}"
 
     @property
     def models_dir(self) -> Path:

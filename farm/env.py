@@ -41,3 +41,11 @@ def weed_binary() -> Path | None:
     """
     value = os.environ.get("FARM_WEED_BINARY")
     return Path(value).expanduser() if value else None
+
+
+def postgres_test_url() -> str | None:
+    """A PostgreSQL server for the job-store tests (``FARM_TEST_POSTGRES_URL``).
+
+    ``scripts/ci-postgres.sh DIR`` starts one and prints its URL; None skips those tests.
+    """
+    return os.environ.get("FARM_TEST_POSTGRES_URL") or None

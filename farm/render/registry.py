@@ -33,6 +33,9 @@ class ModelSpec(BaseModel):
         "'Wan-AI/Wan2.1-T2V-1.3B-Diffusers' (needs network access on the workers)."
     )
     family: Literal["wan"] = Field(default="wan", description="Pipeline family; decides the denoising loop.")
+    experts: Literal[1, 2] = Field(
+        default=1, description="1, or 2 for Wan 2.2 A14B-style high-noise/low-noise experts (one pool each)."
+    )
     fps: int = Field(default=16, ge=1, le=60, description="Frames per second of the output clip.")
     sizes: list[str] = Field(description="Allowed output sizes as 'WIDTHxHEIGHT'.")
     seconds: list[int] = Field(description="Allowed clip durations in whole seconds.")

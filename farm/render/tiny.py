@@ -181,6 +181,7 @@ def tiny_spec(path: Path | str, experts: int = 1) -> ModelSpec:
     """The registry entry for a tiny model: small sizes, 8 fps, few steps."""
     return ModelSpec(
         id=TINY_MODEL_IDS[experts],
+        experts=experts,
         path=str(path),
         fps=TINY_FPS,
         sizes=["64x64", "128x128", "256x256", "128x96", "96x128"],

@@ -82,7 +82,9 @@ class SeaweedPorts:
         for role in _ROLES:
             port = getattr(self, role)
             if not 1 <= port <= 65535 - GRPC_OFFSET:
-                raise ValueError(f"{role} port {port} must be within 1..{65535 - GRPC_OFFSET} (gRPC = port + {GRPC_OFFSET})")
+                raise ValueError(
+                    f"{role} port {port} must be within 1..{65535 - GRPC_OFFSET} (gRPC = port + {GRPC_OFFSET})"
+                )
         named = self.named()
         if len(set(named.values())) != len(named):
             raise ValueError(f"ports collide (gRPC ports are http + {GRPC_OFFSET}): {named}")
@@ -224,7 +226,9 @@ def _read_credentials(data_dir: Path) -> tuple[str, str] | None:
         cred = json.loads(path.read_text())["identities"][0]["credentials"][0]
         return cred["accessKey"], cred["secretKey"]
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise SeaweedError(f"{path} holds no admin credential ({exc!r}); delete it to generate a new key pair") from exc
+        raise SeaweedError(
+            f"{path} holds no admin credential ({exc!r}); delete it to generate a new key pair"
+        ) from exc
 
 
 def _pid_alive(pid: int) -> bool:
@@ -238,6 +242,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError, IndexError):
+        # A zombie has exited; only its parent (maybe another process) can reap it.
+        if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+            return False
     return True
 
 
@@ -252,6 +260,12 @@ def _is_our_weed(pid: int, data_dir: Path) -> bool:
     except OSError:
         return False
     return f"-config_dir={data_dir}".encode() in args
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
 
 
 def _probe_client(endpoint_url: str, credentials: tuple[str, str] | None) -> Any:
@@ -354,17 +368,22 @@ class EmbeddedSeaweed:
         """SIGTERM the server's process group, SIGKILL after ``timeout`` s; True if one was running.
 
         Works from any process: the pid comes from the pidfile when this object did not start it.
-        SeaweedFS drains its filer for ~15 s on SIGTERM; its files are crash-safe, so the
-        SIGKILL fallback loses nothing that was acknowledged.
+        On SIGTERM weed 4.x closes its volume server (usually within a second) and drains the
+        filer's gRPC streams for 15 s, in either order, and may linger after both; so once the
+        volume server is down (plus a second) stop() sends SIGKILL without waiting out
+        ``timeout``. Either way nothing acknowledged is lost: volume files and the filer's
+        leveldb journal are crash-safe.
         """
         timeout = self.config.stop_timeout if timeout is None else timeout
+        if not self.data_dir.is_dir():
+            return False
         with self._lock():
             runtime = self._runtime or self._read_runtime(self.data_dir)
             pid = self._proc.pid if self._proc is not None else (runtime.pid if runtime else self._read_pid())
             stopped = False
             if pid is not None and (self._proc is not None or _is_our_weed(pid, self.data_dir)):
                 stopped = not self._exited(pid)
-                self._terminate(pid, timeout)
+                self._terminate(pid, timeout, runtime.ports.volume if runtime else None)
                 logger.info("stopped SeaweedFS (pid %d, data %s)", pid, self.data_dir)
             for name in (self.PID_FILE, self.RUNTIME_FILE):
                 (self.data_dir / name).unlink(missing_ok=True)
@@ -397,9 +416,10 @@ class EmbeddedSeaweed:
 
     def settings(self, **overrides: Any) -> S3Settings:
         """S3Settings for the running server; ``overrides`` replace any field (validated)."""
+        endpoint_url = self.runtime.endpoint_url
         access, secret = self.credentials()
         fields: dict[str, Any] = {
-            "endpoint_url": self.runtime.endpoint_url, "region": "us-east-1", "bucket": self.config.bucket,
+            "endpoint_url": endpoint_url, "region": "us-east-1", "bucket": self.config.bucket,
             "access_key_id": access, "secret_access_key": secret, "addressing_style": "path",
         }
         return S3Settings(**(fields | overrides))
@@ -557,7 +577,7 @@ class EmbeddedSeaweed:
                 )
             time.sleep(0.1)
 
-    def _terminate(self, pid: int, grace: float) -> None:
+    def _terminate(self, pid: int, grace: float, volume_port: int | None = None) -> None:
         def send(sig: signal.Signals) -> None:
             with contextlib.suppress(ProcessLookupError):
                 # start_new_session made weed a group leader: signal the group, never our own.
@@ -566,18 +586,25 @@ class EmbeddedSeaweed:
                 else:
                     os.kill(pid, sig)
 
-        def gone_within(seconds: float) -> bool:
-            end = time.monotonic() + seconds
+        def gone_within(seconds: float, volume_port: int | None = None) -> bool:
+            end, volumes_closed = time.monotonic() + seconds, None
             while time.monotonic() < end:
                 if self._exited(pid):
                     return True
+                # weed 4.x does not exit on SIGTERM for 15-30 s (its filer drains, then lingers).
+                # The part worth waiting for is the volume server closing its files and then
+                # its port; a second after that, waiting longer gains nothing.
+                if volume_port is not None and volumes_closed is None and not _port_open(volume_port):
+                    volumes_closed = time.monotonic()
+                if volumes_closed is not None and time.monotonic() - volumes_closed > 1.0:
+                    return False
                 time.sleep(0.05)
             return self._exited(pid)
 
         send(signal.SIGTERM)
-        if gone_within(grace):
+        if gone_within(grace, volume_port):
             return
-        logger.info("SeaweedFS pid %d still running %.1f s after SIGTERM; sending SIGKILL", pid, grace)
+        logger.info("SeaweedFS pid %d still running after SIGTERM; sending SIGKILL", pid)
         send(signal.SIGKILL)
         if not gone_within(10):
             raise SeaweedError(f"SeaweedFS pid {pid} survived SIGKILL")

@@ -1,0 +1,443 @@
+"""The HTTP gateway: OpenAI-compatible ``/v1/videos`` routes over the job store and S3.
+
+``create_app(deps)`` builds a plain FastAPI app; the Ray Serve ingress mounts it. The gateway
+validates, records jobs in the store (the source of truth), wakes the dispatcher, and
+streams finished clips from the object store. It never imports torch or diffusers.
+Store and S3 calls are blocking, so they run in the thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from farm import __version__
+from farm.api.errors import (
+    ERROR_RESPONSES,
+    Conflict,
+    ErrorResponse,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    Unprocessable,
+    VideoNotReady,
+    install_error_handlers,
+)
+from farm.api.schemas import (
+    VARIANTS,
+    Health,
+    Order,
+    Variant,
+    VideoDeleted,
+    VideoList,
+    VideoObject,
+    create_body_schemas,
+    read_create_request,
+)
+from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, IdempotencyConflict, QueueFull
+from farm.render.registry import ModelSpec, validate_request
+from farm.storage.s3 import ClipLayout, ObjectNotFound, delete_clip
+
+if TYPE_CHECKING:
+    from farm.jobs.store import Job, JobStore
+    from farm.storage.s3 import ObjectStore
+
+log = logging.getLogger(__name__)
+
+_PARAM_PREFIX = re.compile(r"^([a-z_]+):")
+_RANGE = re.compile(r"^bytes=(\d{1,18})-(\d{0,18})$")
+# OpenAPI links: what a created video's id opens (lets fuzzers walk create → read → delete).
+_VIDEO_LINKS = {
+    name: {"operationId": op, "parameters": {"video_id": "$response.body#/id"}}
+    for name, op in [("retrieve", "retrieveVideo"), ("cancel", "cancelVideo"),
+                     ("content", "downloadVideoContent"), ("delete", "deleteVideo")]
+}
+
+
+class GatewayMetrics(Protocol):
+    """Optional observer; the farm's Prometheus metrics implement it."""
+
+    def request_finished(self, method: str, route: str, status: int, seconds: float) -> None: ...
+
+    def video_created(self, model: str, priority: str) -> None: ...
+
+
+@dataclass
+class GatewayDeps:
+    """What the gateway talks to, and its limits."""
+
+    store: JobStore
+    objects: ObjectStore | Callable[[], ObjectStore]  # a factory defers the boto3 client
+    models: list[ModelSpec]
+    max_queued: int | None = None  # queued jobs beyond which creates get 429
+    poll_after_ms: int = 1000  # the openai-poll-after-ms hint the SDK's poll() honours
+    on_created: Callable[[str], Awaitable[None] | None] | None = None  # wakes the dispatcher
+    owner_of: Callable[[Request], str | None] | None = None  # tenant of a request; None: single tenant
+    metrics: GatewayMetrics | None = None
+    max_prompt_chars: int = 4000
+    max_body_bytes: int = 8 * 1024 * 1024
+    _objects: ObjectStore | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("GatewayDeps.models must list at least one model")
+        ids = [m.id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"GatewayDeps.models: model ids must be unique, got {ids}")
+        for name in ("poll_after_ms", "max_prompt_chars", "max_body_bytes"):
+            if getattr(self, name) < (0 if name == "poll_after_ms" else 1):
+                raise ValueError(f"GatewayDeps.{name} must be positive, got {getattr(self, name)}")
+        if self.max_queued is not None and self.max_queued < 1:
+            raise ValueError(f"GatewayDeps.max_queued must be >= 1 or None, got {self.max_queued}")
+
+    def object_store(self) -> ObjectStore:
+        with self._lock:
+            if self._objects is None:
+                self._objects = self.objects() if callable(self.objects) else self.objects
+            return self._objects
+
+    def model(self, model_id: str | None) -> ModelSpec:
+        if model_id is None:
+            return self.models[0]
+        for spec in self.models:
+            if spec.id == model_id:
+                return spec
+        available = ", ".join(m.id for m in self.models)
+        raise InvalidRequest(f"model: {model_id!r} is not served here; available: {available}", param="model",
+                             code="model_not_found")
+
+
+# -- middleware ----------------------------------------------------------------------------
+
+
+class _BodyLimit:
+    """413 for bodies over ``limit``: by Content-Length up front, else by counting the stream."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            exc = PayloadTooLarge(f"request body of {int(length)} bytes exceeds the limit of {self.limit} bytes")
+            return await _send_json(send, exc.status_code, exc.body())
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # raised inside the route, so the error handlers answer it
+                raise PayloadTooLarge(f"request body exceeds the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+class _Timing:
+    """Reports each request's route template, status and duration to ``GatewayMetrics``."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")  # a template, so labels stay few
+            try:
+                self.metrics.request_finished(scope["method"], route, status, time.perf_counter() - start)
+            except Exception:  # a broken metrics hook must not break requests
+                log.exception("metrics hook failed")
+
+
+# -- request parsing -----------------------------------------------------------------------
+
+
+def _param_of(message: str) -> str | None:
+    match = _PARAM_PREFIX.match(message)
+    return match.group(1) if match else None
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """An inclusive byte range from a single-range ``Range`` header; None means the whole object."""
+    match = _RANGE.match(header.strip()) if header else None
+    if not match:
+        return None  # absent, multi-range or suffix ranges: RFC 9110 allows sending it whole
+    first = int(match.group(1))
+    last = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+    if first >= size or last < first:
+        raise _RangeNotSatisfiable(size)
+    return first, last
+
+
+class _RangeNotSatisfiable(InvalidRequest):
+    status_code = 416
+    default_code = "range_not_satisfiable"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"Range: not satisfiable for an object of {size} bytes",
+                         headers={"Content-Range": f"bytes */{size}"})
+
+
+# -- the routes ----------------------------------------------------------------------------
+
+
+def _router(deps: GatewayDeps) -> APIRouter:
+    router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+
+    def owner(request: Request) -> str | None:
+        return deps.owner_of(request) if deps.owner_of else None
+
+    def video(job: Job) -> dict[str, Any]:
+        # cancel_requested tells a client that a running job will stop at its next shard.
+        return {**job.to_openai(), "cancel_requested": job.cancel_requested}
+
+    async def get_job(video_id: str, who: str | None) -> Job:
+        job = await run_in_threadpool(deps.store.get, video_id, owner=who)
+        if job is None:
+            raise NotFound(f"video {video_id!r} not found", param="video_id")
+        return job
+
+    @router.post(
+        "/videos", response_model=VideoObject, summary="Create a video job", operation_id="createVideo",
+        responses={200: {"links": _VIDEO_LINKS}, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
+                   422: {"model": ErrorResponse, "description": "Idempotency-Key reused for a different request."},
+                   429: {"model": ErrorResponse, "description": "Queue full; retry after Retry-After seconds."}},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/CreateVideoRequest"}},
+            "multipart/form-data": {"schema": {"$ref": "#/components/schemas/CreateVideoForm"}},
+        }}},
+    )
+    async def create_video(request: Request, response: Response) -> dict[str, Any]:
+        who = owner(request)
+        body, has_file = await read_create_request(request)
+        spec = deps.model(body.model)
+        if has_file or body.input_reference is not None:
+            raise InvalidRequest(f"input_reference is not supported by model {spec.id!r}: it renders from text only",
+                                 param="input_reference", code="unsupported_parameter")
+        if len(body.prompt) > deps.max_prompt_chars:
+            raise InvalidRequest(f"prompt: {len(body.prompt)} characters is too long; allowed: at most "
+                                 f"{deps.max_prompt_chars}", param="prompt")
+        size = body.size or spec.sizes[0]
+        seconds = body.seconds if body.seconds is not None else spec.seconds[0]
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**63)  # recorded: reruns reproduce
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+            raise InvalidRequest(f"Idempotency-Key: {len(idempotency_key)} characters; allowed: 1..255",
+                                 param="Idempotency-Key")
+        try:
+            params = validate_request(spec, prompt=body.prompt, size=size, seconds=seconds, steps=body.steps,
+                                      seed=seed, scheduler=body.scheduler)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
+        try:
+            job = await run_in_threadpool(
+                lambda: deps.store.create(
+                    model=spec.id, prompt=params.prompt, size=size, seconds=seconds,
+                    params={"seed": params.seed, "steps": params.steps, "scheduler": params.scheduler},
+                    priority=PRIORITY_BULK if body.priority == "bulk" else PRIORITY_INTERACTIVE,
+                    owner=who, max_queued=deps.max_queued,
+                    idempotency_key=idempotency_key,
+                )
+            )
+        except QueueFull as exc:
+            raise RateLimited(f"the render queue is full ({exc.queued} jobs waiting, limit {exc.max_queued}); "
+                              "nothing was created, retry later", retry_after_s=exc.retry_after_s) from None
+        except IdempotencyConflict as exc:
+            raise Unprocessable(str(exc), param="Idempotency-Key", code="idempotency_key_reused") from None
+        except ValueError as exc:  # the store's own checks; ours ran first, so this is rare
+            raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
+        await _notify(deps, job.id)
+        if deps.metrics:
+            deps.metrics.video_created(spec.id, body.priority)
+        response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
+        return video(job)
+
+    @router.get("/videos", response_model=VideoList, summary="List videos", operation_id="listVideos",
+                responses={404: {"model": ErrorResponse, "description": "No video with the `after` id."}})
+    async def list_videos(
+        request: Request,
+        after: str | None = Query(None, max_length=256, description="Id of the last video of the previous page."),
+        limit: int = Query(20, ge=1, le=100, description="Videos per page."),
+        order: Order = Query("desc", description="By creation time: 'desc' newest first, 'asc' oldest first."),
+    ) -> dict[str, Any]:
+        who = owner(request)
+        try:
+            jobs, has_more = await run_in_threadpool(
+                lambda: deps.store.list(owner=who, after=after, limit=limit, order=order)
+            )
+        except ValueError as exc:  # an `after` id that does not exist (for this caller)
+            raise NotFound(str(exc), param="after") from None
+        data = [video(j) for j in jobs]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+    @router.get("/videos/{video_id}", response_model=VideoObject, summary="Retrieve a video job",
+                operation_id="retrieveVideo")
+    async def retrieve_video(video_id: str, request: Request, response: Response) -> dict[str, Any]:
+        job = await get_job(video_id, owner(request))
+        response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
+        return video(job)
+
+    @router.delete("/videos/{video_id}", response_model=VideoDeleted, summary="Delete a video and its assets",
+                   operation_id="deleteVideo",
+                   responses={409: {"model": ErrorResponse, "description": "The video is still rendering."}})
+    async def delete_video(video_id: str, request: Request) -> dict[str, Any]:
+        who = owner(request)
+        job = await get_job(video_id, who)
+        if job.status == "in_progress":
+            raise Conflict(f"video {video_id!r} is in_progress; cancel it (POST /v1/videos/{video_id}/cancel) "
+                           "or wait until it finishes", param="video_id", code="video_in_progress")
+        # Objects first: if this fails the row survives and a retried delete finishes the job.
+        await run_in_threadpool(delete_clip, deps.object_store(), video_id)
+        if await run_in_threadpool(lambda: deps.store.delete(video_id, owner=who)) is None:
+            raise NotFound(f"video {video_id!r} not found", param="video_id")
+        return {"id": video_id, "object": "video.deleted", "deleted": True}
+
+    @router.post("/videos/{video_id}/cancel", response_model=VideoObject, summary="Ask to cancel a video job",
+                 operation_id="cancelVideo")
+    async def cancel_video(video_id: str, request: Request) -> dict[str, Any]:
+        who = owner(request)
+        job = await run_in_threadpool(lambda: deps.store.request_cancel(video_id, owner=who))
+        if job is None:
+            raise NotFound(f"video {video_id!r} not found", param="video_id")
+        return video(job)
+
+    @router.get(
+        "/videos/{video_id}/content", summary="Download a finished video or a preview",
+        operation_id="downloadVideoContent",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"video/mp4": {}, "image/webp": {}, "image/jpeg": {}},
+                         "description": "The bytes of the requested variant."},
+                   206: {"description": "The requested byte range."},
+                   416: {"model": ErrorResponse, "description": "The byte range is outside the object."}},
+    )
+    async def download_content(
+        video_id: str, request: Request,
+        variant: Variant = Query("video", description=f"Which asset: {', '.join(VARIANTS)}."),
+    ) -> StreamingResponse:
+        job = await get_job(video_id, owner(request))
+        status = job.status
+        if status in ("failed", "cancelled"):
+            raise NotFound(f"video {video_id!r} is {status}; it has no content", param="video_id",
+                           code=f"video_{status}")
+        if status != "completed":
+            raise VideoNotReady(f"video {video_id!r} is not ready yet (status {status}); download it once it is "
+                                "completed", param="video_id")
+        return await _stream(deps, ClipLayout(video_id), variant, request.headers.get("range"))
+
+    return router
+
+
+async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_header: str | None) -> StreamingResponse:
+    objects, key = deps.object_store(), layout.key(variant)
+    byte_range = None
+    try:
+        if range_header:
+            info = await run_in_threadpool(objects.head, key)
+            if info is None:
+                raise ObjectNotFound(f"{key} does not exist")
+            byte_range = _parse_range(range_header, info.size)
+        body = await run_in_threadpool(lambda: objects.stream(key, byte_range=byte_range))
+    except ObjectNotFound:
+        raise NotFound(f"variant {variant!r} of video {layout.video_id!r} is not stored", param="variant") from None
+    headers = {"Content-Length": str(body.content_length), "Accept-Ranges": "bytes"}
+    if byte_range is not None and body.content_range:
+        headers["Content-Range"] = body.content_range
+    # A sync iterator: Starlette pulls it in the thread pool, one chunk at a time.
+    return StreamingResponse(iter(body), status_code=206 if byte_range else 200,
+                             media_type=layout.content_type(variant), headers=headers)
+
+
+async def _notify(deps: GatewayDeps, video_id: str) -> None:
+    """Wake the dispatcher. The job is already durable, so a failure here is logged, not raised."""
+    if deps.on_created is None:
+        return
+    try:
+        result = deps.on_created(video_id)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.exception("on_created(%s) failed; the dispatcher will find the job on its next scan", video_id)
+
+
+# -- assembly ------------------------------------------------------------------------------
+
+
+def _openapi(app: FastAPI, deps: GatewayDeps) -> dict[str, Any]:
+    """FastAPI's schema plus the create body (read by hand, so declared here) with this farm's limits."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    # FastAPI documents its 422 validation errors; this gateway answers them as 400s.
+    for path in schema["paths"].values():
+        for operation in path.values():
+            response = operation.get("responses", {}).get("422", {})
+            if "HTTPValidationError" in json.dumps(response):
+                del operation["responses"]["422"]
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    components.update(create_body_schemas(deps.models, deps.max_prompt_chars))
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app(deps: GatewayDeps) -> FastAPI:
+    """The gateway app; no work happens until it serves a request."""
+    app = FastAPI(
+        title="videofarm", version=__version__,
+        description="OpenAI-compatible text-to-video API of a videofarm render farm.",
+    )
+    install_error_handlers(app)
+    app.include_router(_router(deps))
+
+    @app.get("/healthz", response_model=Health, summary="Liveness", operation_id="healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "models": [m.id for m in deps.models]}
+
+    app.openapi = lambda: _openapi(app, deps)  # type: ignore[method-assign]
+    app.add_middleware(_BodyLimit, limit=deps.max_body_bytes)
+    if deps.metrics is not None:
+        app.add_middleware(_Timing, metrics=deps.metrics)
+    app.state.deps = deps
+    return app
+
+
+__all__ = ["GatewayDeps", "GatewayMetrics", "create_app"]

@@ -1,0 +1,221 @@
+"""Request and response models of the ``/v1/videos`` API, wire-compatible with OpenAI's.
+
+Field names and types follow the ``openai`` SDK's ``Video``, ``VideoCreateParams``,
+``VideoDeleteResponse`` and cursor page. Farm extensions (``seed``, ``steps``, ``priority``,
+``scheduler``) are optional request fields that OpenAI clients can send with ``extra_body``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from farm.api.errors import InvalidRequest, UnsupportedMediaType, from_pydantic
+
+if TYPE_CHECKING:
+    from farm.render.registry import ModelSpec
+
+Priority = Literal["interactive", "bulk"]
+Scheduler = Literal["unipc", "flow-euler"]
+# "cancelled" is a farm extension: OpenAI's clients treat an unknown status as final.
+Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+Variant = Literal["video", "thumbnail", "spritesheet"]
+Order = Literal["asc", "desc"]
+
+VARIANTS: tuple[str, ...] = ("video", "thumbnail", "spritesheet")
+_WHOLE = re.compile(r"^\s*-?[0-9]{1,20}\s*$")
+
+
+def _whole_number(name: str, value: Any) -> Any:
+    """Accept ints and decimal strings (multipart sends every field as a string); reject the rest."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str) and _WHOLE.match(value):
+        return int(value)
+    raise ValueError(f"{name}: must be a whole number, got {value!r}")
+
+
+# Clients send seconds as "4" (the SDK's type) or 4; the schema says so.
+_SecondsField = Annotated[
+    int,
+    WithJsonSchema({
+        "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^[0-9]{1,9}$"}],
+        "description": "Clip duration in whole seconds, as a string ('4') or an integer.",
+    }),
+]
+
+
+class ImageReference(BaseModel):
+    """The JSON form of ``input_reference``: an uploaded file id or an image URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file_id: str | None = Field(default=None, description="Id of an uploaded file.")
+    image_url: str | None = Field(default=None, description="A URL or base64 data URL of an image.")
+
+
+class CreateVideoRequest(BaseModel):
+    """``POST /v1/videos``: as JSON or as multipart/form-data (what the SDK sends)."""
+
+    model_config = ConfigDict(extra="forbid", title="CreateVideoRequest")
+
+    prompt: str = Field(
+        min_length=1, description="What to render; any language the text encoder covers.",
+        # Documents what _prompt enforces (a pydantic pattern would word its error less clearly).
+        json_schema_extra={"pattern": r"^[^\x00]*\S[^\x00]*$"},
+    )
+    model: str | None = Field(default=None, description="Model id; defaults to the farm's first model.")
+    seconds: _SecondsField | None = Field(default=None, description="Clip duration; defaults to the model's first.")
+    size: str | None = Field(
+        default=None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
+        description="Output resolution 'WIDTHxHEIGHT'; defaults to the model's first size.",
+    )
+    input_reference: ImageReference | None = Field(
+        default=None, description="An image that guides generation (multipart: a file part).",
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=2**63 - 1, description="Farm extension: random seed; random when omitted.",
+    )
+    steps: int | None = Field(
+        default=None, ge=1, le=10_000, description="Farm extension: denoising steps; the model's default when omitted.",
+    )
+    priority: Priority = Field(
+        default="interactive", description="Farm extension: 'bulk' jobs yield to 'interactive' ones.",
+    )
+    scheduler: Scheduler = Field(default="unipc", description="Farm extension: the denoising solver.")
+
+    @field_validator("seconds", "seed", "steps", mode="before")
+    @classmethod
+    def _numbers(cls, value: Any, info: Any) -> Any:
+        return _whole_number(info.field_name, value)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt: must not be empty or only whitespace")
+        if "\x00" in value:  # PostgreSQL text cannot hold NUL
+            raise ValueError("prompt: must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("prompt: must be valid Unicode text (it holds a lone surrogate)") from None
+        return value
+
+
+class VideoError(BaseModel):
+    """Why a video failed."""
+
+    code: str | None = Field(default=None, description="A machine-readable error code.")
+    message: str | None = Field(default=None, description="A human-readable description.")
+
+
+class VideoObject(BaseModel):
+    """One video job, the ``Video`` object of the OpenAI API plus farm extensions."""
+
+    id: str = Field(description="Unique identifier for the video job.")
+    object: Literal["video"] = "video"
+    created_at: int = Field(description="Unix seconds when the job was created.")
+    completed_at: int | None = Field(default=None, description="Unix seconds when the job finished, if it has.")
+    expires_at: int | None = Field(default=None, description="Unix seconds when the assets expire, if set.")
+    error: VideoError | None = Field(default=None, description="Why generation failed, if it did.")
+    model: str = Field(description="The model that renders the job.")
+    progress: int = Field(ge=0, le=100, description="Approximate completion percentage.")
+    prompt: str | None = Field(default=None, description="The prompt of the job.")
+    remixed_from_video_id: str | None = Field(default=None, description="Source video of a remix.")
+    seconds: str = Field(description="Clip duration in seconds.")
+    size: str = Field(description="Resolution 'WIDTHxHEIGHT'.")
+    status: Status = Field(description="queued, in_progress, completed, failed or (farm extension) cancelled.")
+    priority: Priority | None = Field(default=None, description="Farm extension: scheduling class.")
+    seed: int | None = Field(default=None, description="Farm extension: the seed the clip renders with.")
+    cancel_requested: bool | None = Field(default=None, description="Farm extension: a cancel was asked for.")
+
+
+class VideoList(BaseModel):
+    """A cursor page of videos; pass ``last_id`` as ``after`` for the next one."""
+
+    object: Literal["list"] = "list"
+    data: list[VideoObject]
+    first_id: str | None = Field(description="Id of the first video on this page.")
+    last_id: str | None = Field(description="Id of the last video on this page.")
+    has_more: bool = Field(description="Whether more videos follow this page.")
+
+
+class VideoDeleted(BaseModel):
+    """Confirmation that a video and its stored assets are gone."""
+
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    models: list[str] = Field(description="Ids of the models this gateway accepts.")
+
+
+# -- reading the create request off the wire -------------------------------------------------
+
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+async def read_create_request(request: Request) -> tuple[CreateVideoRequest, bool]:
+    """Parse a JSON or form body; also says whether an ``input_reference`` file was uploaded."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    has_file = False
+    if media in _FORM_TYPES:
+        data: Any = {}
+        async with request.form(max_files=4, max_fields=64) as form:
+            for key, value in form.multi_items():
+                if key in data:
+                    raise InvalidRequest(f"{key}: given more than once", param=key)
+                if isinstance(value, UploadFile) or key.startswith("input_reference["):
+                    if not key.startswith("input_reference"):
+                        raise InvalidRequest(f"{key}: file uploads are only accepted for input_reference", param=key)
+                    has_file = True  # the SDK sends a reference image as a file part
+                    continue
+                data[key] = value
+    elif media and media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type {media!r} is not accepted; send application/json or "
+                                   "multipart/form-data")
+    else:
+        raw = await request.body()
+        try:
+            data = json.loads(raw) if raw else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    try:
+        return CreateVideoRequest.model_validate(data), has_file
+    except ValidationError as exc:
+        raise from_pydantic(exc, allowed=tuple(CreateVideoRequest.model_fields)) from None
+
+
+def create_body_schemas(models: Sequence[ModelSpec], max_prompt_chars: int) -> dict[str, Any]:
+    """OpenAPI components for the create body (JSON and multipart), with this farm's allowed values."""
+    body = CreateVideoRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = body.pop("$defs", {})
+    props = body["properties"]
+    sizes = sorted({s for m in models for s in m.sizes})
+    seconds = sorted({s for m in models for s in m.seconds})
+    props["prompt"]["maxLength"] = max_prompt_chars
+    props["model"] = {"type": "string", "enum": [m.id for m in models], "description": props["model"]["description"]}
+    props["size"] = {"type": "string", "enum": sizes, "description": props["size"]["description"]}
+    props["seconds"] = {
+        "anyOf": [{"type": "integer", "enum": seconds}, {"type": "string", "enum": [str(s) for s in seconds]}],
+        "description": props["seconds"]["description"],
+    }
+    form = copy.deepcopy(body)
+    form["title"] = "CreateVideoForm"
+    form["properties"]["input_reference"] = {
+        "type": "string", "format": "binary", "description": "An image file that guides generation.",
+    }
+    return components | {"CreateVideoRequest": body, "CreateVideoForm": form}

@@ -1,0 +1,55 @@
+"""Alembic environment for the job store.
+
+``JobStore.migrate()`` hands over an open connection, already inside a transaction
+that holds the migration lock; the ``alembic`` command line (``sqlalchemy.url`` set
+in an ini file or via ``farm.jobs.store.alembic_config(url)``) opens its own.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+from sqlalchemy.engine import Connection
+
+from farm.jobs.store import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _run(connection: Connection) -> None:
+    # Batch mode lets later revisions ALTER tables on SQLite (copy-and-move).
+    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True, compare_type=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_offline() -> None:
+    context.configure(
+        url=config.get_main_option("sqlalchemy.url"),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run(connection)
+        return
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("no connection given and no sqlalchemy.url set; use farm.jobs.store.alembic_config(url)")
+    engine = create_engine(url, poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        _run(connection)
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()

@@ -1,0 +1,157 @@
+"""Ray Serve deployments: the render stages as replica pools, and the dispatcher.
+
+Each replica loads its weights once in ``__init__``. Denoiser replicas take one
+shard at a time (``max_ongoing_requests=1``): the dispatcher sends no more shards
+than a pool has replicas, so queued work waits in the dispatcher, in priority order,
+not inside Serve. States travel as Ray objects between replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from ray import serve
+
+from farm.jobs.dispatcher import ShardOutcome
+from farm.render.registry import ModelSpec, RenderParams
+
+log = logging.getLogger(__name__)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (tests calling the class directly)
+        return "local"
+
+
+# One request at a time per replica: torch runs one thread per replica here, and
+# concurrent first imports inside diffusers' lazy modules are not thread-safe.
+@serve.deployment(max_ongoing_requests=1)
+class Encoder:
+    """Prompt → conditioning → the job's initial denoise state, for every served model."""
+
+    def __init__(self, models: list[dict]) -> None:
+        from farm.render.engine import TextEncoderStage, configure_torch
+
+        configure_torch()
+        self.specs = {m["id"]: ModelSpec(**m) for m in models}
+        self.stages = {mid: TextEncoderStage(spec) for mid, spec in self.specs.items()}
+
+    def prepare(self, model_id: str, params: RenderParams):
+        from farm.render.engine import initial_state
+
+        spec = self.specs[model_id]
+        conditioning = self.stages[model_id].encode(params.prompt)
+        return initial_state(spec, params, conditioning)
+
+
+@serve.deployment(max_ongoing_requests=1)
+class Denoiser:
+    """One pool per (model, expert): holds that expert resident, runs step ranges."""
+
+    def __init__(self, model: dict, experts: list[str]) -> None:
+        from farm.render.engine import DenoiserStage, configure_torch
+
+        configure_torch()
+        self.stage = DenoiserStage(ModelSpec(**model), tuple(experts))
+
+    def run_shard(self, state, start: int, end: int) -> ShardOutcome:
+        started = time.perf_counter()
+        new_state = self.stage.run(state, start, end)
+        return ShardOutcome(new_state, _replica_id(), time.perf_counter() - started)
+
+
+@serve.deployment(max_ongoing_requests=1)
+class Finisher:
+    """Decode, watermark, MP4, thumbnail, spritesheet, C2PA, then upload to S3."""
+
+    def __init__(self, settings: dict) -> None:
+        from farm.config import FarmSettings
+        from farm.render.engine import configure_torch
+        from farm.storage.connect import open_store
+
+        configure_torch()
+        self.settings = FarmSettings.model_validate(settings)
+        from farm.render.engine import DecoderStage
+
+        self.store = open_store(self.settings, start=False)
+        self.decoders = {spec.id: DecoderStage(spec) for spec in self.settings.models}
+
+    def finish(self, job_id: str, model_id: str, params: RenderParams, latents) -> dict[str, str]:
+        from farm.finish.chain import ClipMeta, finish_clip
+        from farm.storage.s3 import ClipLayout, upload_clip
+
+        spec = self.settings.model(model_id)
+        frames = self.decoders[model_id].decode(latents)
+        meta = ClipMeta(
+            title=f"{spec.id}: {params.prompt[:80]}", model_id=spec.id, seed=params.seed, steps=params.steps,
+            prompt=params.prompt, guidance_scale=spec.guidance_scale, job_id=job_id,
+        )
+        with tempfile.TemporaryDirectory(prefix="finish-") as tmp:
+            clip = finish_clip(frames, spec.fps, Path(tmp), meta, self.settings.watermark, self.settings.signer,
+                               self.settings.state_dir)
+            record = {"id": job_id, "model": spec.id, "parameters": params.model_dump(), "fps": spec.fps,
+                      "num_frames": int(frames.shape[0])}
+            upload_clip(self.store, job_id, {"video": clip.video, "thumbnail": clip.thumbnail,
+                                             "spritesheet": clip.spritesheet}, record)
+        layout = ClipLayout(job_id)
+        return {v: layout.key(v) for v in ("video", "thumbnail", "spritesheet")}
+
+
+class ServeStages:
+    """StageClients over Serve handles: what the dispatcher calls on a cluster."""
+
+    def __init__(self, encoder, pools: dict[tuple[str, str], object], finisher) -> None:
+        self.encoder = encoder
+        self.pools = pools
+        self.finisher = finisher
+
+    async def prepare(self, model_id, params):
+        return await self.encoder.prepare.remote(model_id, params)
+
+    async def run_shard(self, model_id, expert, state, start, end):
+        return await self.pools[(model_id, expert)].run_shard.remote(state, start, end)
+
+    async def finish(self, job_id, model_id, params, latents):
+        return await self.finisher.finish.remote(job_id, model_id, params, latents)
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=16)
+class DispatcherDeployment:
+    """Hosts the dispatcher loop; the gateway wakes it when a job is created."""
+
+    def __init__(self, settings: dict, encoder, pools: list[tuple[str, str, object]], finisher, max_active: int) -> None:
+        from farm.config import FarmSettings
+        from farm.jobs.dispatcher import Dispatcher
+        from farm.jobs.store import JobStore
+        from farm.storage.connect import open_store
+
+        self.settings = FarmSettings.model_validate(settings)
+        store = JobStore(self.settings.job_store_url())
+        store.migrate()
+        stages = ServeStages(encoder, {(m, e): h for m, e, h in pools}, finisher)
+        self.dispatcher = Dispatcher(
+            store, stages, self.settings.models, objects=open_store(self.settings, start=False),
+            max_active=max_active, shard_steps=self.settings.render.shard_steps,
+        )
+        self._task = asyncio.get_running_loop().create_task(self.dispatcher.run())
+
+    def wake(self) -> None:
+        self.dispatcher.wake()
+
+    def status(self) -> dict:
+        return self.dispatcher.status()
+
+    def shard_history(self, job_id: str) -> list[dict]:
+        return [vars(r) for r in self.dispatcher.shards.get(job_id, [])]
+
+    def final_latents(self, job_id: str):
+        return self.dispatcher.final_latents.get(job_id)
+
+    async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
+        await self.dispatcher.stop()

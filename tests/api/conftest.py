@@ -1,0 +1,119 @@
+"""Gateway fixtures: a real job store on SQLite, a real SeaweedFS for content and deletes."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from farm.api.app import GatewayDeps, create_app
+from farm.jobs.store import JobStore
+from farm.render.registry import ModelSpec
+from farm.storage import ClipLayout, ObjectStore, upload_clip
+from tests.storage.conftest import seaweed  # noqa: F401  (the session's real SeaweedFS server)
+
+FINISHER = "test-finisher"
+
+
+@pytest.fixture
+def models() -> list[ModelSpec]:
+    # Paths are never opened: the gateway reads only the limits.
+    return [
+        ModelSpec(id="wan-tiny", path="/models/wan-tiny", sizes=["128x128", "96x160"], seconds=[1, 2],
+                  default_steps=4, max_steps=50),
+        ModelSpec(id="wan-tiny-2x", path="/models/wan-tiny-2x", sizes=["128x128"], seconds=[2],
+                  default_steps=6, max_steps=20),
+    ]
+
+
+@pytest.fixture
+def jobs(tmp_path: Path) -> Iterator[JobStore]:
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    store.migrate()
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def objects(seaweed) -> Iterator[ObjectStore]:  # noqa: F811
+    """A fresh bucket on the real SeaweedFS server, emptied and removed afterwards."""
+    store = ObjectStore(seaweed.settings(bucket=f"api-{uuid.uuid4().hex[:12]}"))
+    store.ensure_bucket()
+    yield store
+    for key in store.list_keys():
+        store.delete(key)
+    store.client.delete_bucket(Bucket=store.bucket)
+
+
+def _no_object_store() -> ObjectStore:
+    raise RuntimeError("this test runs without an object store; use the s3 fixtures")
+
+
+@pytest.fixture
+def make_app(jobs: JobStore, models: list[ModelSpec]) -> Callable[..., FastAPI]:
+    """``make_app(**GatewayDeps overrides)``; by default without S3 (content/delete need ``objects``)."""
+
+    def make(**overrides) -> FastAPI:
+        kwargs = {"store": jobs, "objects": _no_object_store, "models": models, "poll_after_ms": 250} | overrides
+        return create_app(GatewayDeps(**kwargs))
+
+    return make
+
+
+@pytest.fixture
+def client(make_app) -> Iterator[TestClient]:
+    with TestClient(make_app()) as c:
+        yield c
+
+
+@pytest.fixture
+def s3_client(make_app, objects: ObjectStore) -> Iterator[TestClient]:
+    with TestClient(make_app(objects=objects)) as c:
+        yield c
+
+
+def finish_job(jobs: JobStore, objects: ObjectStore, video_id: str, media: dict[str, bytes], tmp: Path) -> None:
+    """Do what the farm's finisher does: claim the job, upload its clip, mark it completed."""
+    claimed = jobs.claim_next(FINISHER, lease_s=60)
+    if claimed is None or claimed.id != video_id:
+        raise RuntimeError(f"expected to claim {video_id}, claimed {claimed and claimed.id}")
+    files = {}
+    for variant, data in media.items():
+        path = tmp / f"{video_id}-{variant}"
+        path.write_bytes(data)
+        files[variant] = path
+    uris = upload_clip(objects, video_id, files, {"id": video_id})
+    layout = ClipLayout(video_id)
+    if not jobs.complete(video_id, FINISHER, {v: layout.key(v) for v in media}):
+        raise RuntimeError(f"complete({video_id}) was refused")
+    if set(uris) != set(media) | {"record"}:
+        raise RuntimeError(f"upload_clip stored {sorted(uris)}")
+
+
+class LiveServer:
+    """The app under a real uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
