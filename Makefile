@@ -25,6 +25,7 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	@test -f $(FARM_HOME)/models/wan-tiny/model_index.json || $(BIN)/farm model init tiny --out $(FARM_HOME)/models/wan-tiny
 	$(BIN)/farm storage start
+	@mkdir -p $(dir $(DEMO_OUT))
 	$(BIN)/farm render "$(DEMO_PROMPT)" --size 128x128 --seconds 2 --steps 8 --seed 42 --shard-steps 3 --out $(DEMO_OUT)
 	$(BIN)/farm verify $(DEMO_OUT)
 	@echo "The embedded S3 server keeps running; stop it with: $(BIN)/farm storage stop"

@@ -60,7 +60,9 @@ if [[ ! -f "$DATA/PG_VERSION" ]]; then
   as_pg "$BIN/initdb" -D "$DATA" -U postgres -E UTF8 --auth-local=trust --auth-host=scram-sha-256 >/dev/null
 fi
 
-if ! running; then
+if running; then
+  PORT="$(sed -n 4p "$DATA/postmaster.pid")"  # the port it was started with
+else
   opts="-c listen_addresses=127.0.0.1 -p $PORT -k $DIR -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   as_pg "$BIN/pg_ctl" -D "$DATA" -l "$DIR/postgres.log" -o "$opts" -w -t 60 start >/dev/null || {
     echo "PostgreSQL did not start (port $PORT taken? set FARM_PG_PORT); log follows:"; tail -n 20 "$DIR/postgres.log"; exit 1; }

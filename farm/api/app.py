@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -218,8 +218,8 @@ class _RangeNotSatisfiable(InvalidRequest):
 # -- the routes ----------------------------------------------------------------------------
 
 
-def _router(deps: GatewayDeps) -> APIRouter:
-    router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
+    # Routes go on the app itself, not an included router, so a 405 can list every method of a path.
 
     def owner(request: Request) -> str | None:
         return deps.owner_of(request) if deps.owner_of else None
@@ -234,8 +234,8 @@ def _router(deps: GatewayDeps) -> APIRouter:
             raise NotFound(f"video {video_id!r} not found", param="video_id")
         return job
 
-    @router.post(
-        "/videos", response_model=VideoObject, summary="Create a video job", operation_id="createVideo",
+    @app.post(
+        "/v1/videos", response_model=VideoObject, summary="Create a video job", operation_id="createVideo",
         responses={200: {"links": _VIDEO_LINKS}, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
                    422: {"model": ErrorResponse, "description": "Idempotency-Key reused for a different request."},
                    429: {"model": ErrorResponse, "description": "Queue full; retry after Retry-After seconds."}},
@@ -289,7 +289,7 @@ def _router(deps: GatewayDeps) -> APIRouter:
         response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
         return video(job)
 
-    @router.get("/videos", response_model=VideoList, summary="List videos", operation_id="listVideos",
+    @app.get("/v1/videos", response_model=VideoList, summary="List videos", operation_id="listVideos",
                 responses={404: {"model": ErrorResponse, "description": "No video with the `after` id."}})
     async def list_videos(
         request: Request,
@@ -308,14 +308,14 @@ def _router(deps: GatewayDeps) -> APIRouter:
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
-    @router.get("/videos/{video_id}", response_model=VideoObject, summary="Retrieve a video job",
+    @app.get("/v1/videos/{video_id}", response_model=VideoObject, summary="Retrieve a video job",
                 operation_id="retrieveVideo")
     async def retrieve_video(video_id: str, request: Request, response: Response) -> dict[str, Any]:
         job = await get_job(video_id, owner(request))
         response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
         return video(job)
 
-    @router.delete("/videos/{video_id}", response_model=VideoDeleted, summary="Delete a video and its assets",
+    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, summary="Delete a video and its assets",
                    operation_id="deleteVideo",
                    responses={409: {"model": ErrorResponse, "description": "The video is still rendering."}})
     async def delete_video(video_id: str, request: Request) -> dict[str, Any]:
@@ -330,7 +330,7 @@ def _router(deps: GatewayDeps) -> APIRouter:
             raise NotFound(f"video {video_id!r} not found", param="video_id")
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
-    @router.post("/videos/{video_id}/cancel", response_model=VideoObject, summary="Ask to cancel a video job",
+    @app.post("/v1/videos/{video_id}/cancel", response_model=VideoObject, summary="Ask to cancel a video job",
                  operation_id="cancelVideo")
     async def cancel_video(video_id: str, request: Request) -> dict[str, Any]:
         who = owner(request)
@@ -339,8 +339,8 @@ def _router(deps: GatewayDeps) -> APIRouter:
             raise NotFound(f"video {video_id!r} not found", param="video_id")
         return video(job)
 
-    @router.get(
-        "/videos/{video_id}/content", summary="Download a finished video or a preview",
+    @app.get(
+        "/v1/videos/{video_id}/content", summary="Download a finished video or a preview",
         operation_id="downloadVideoContent",
         response_class=StreamingResponse,
         responses={200: {"content": {"video/mp4": {}, "image/webp": {}, "image/jpeg": {}},
@@ -362,7 +362,6 @@ def _router(deps: GatewayDeps) -> APIRouter:
                                 "completed", param="video_id")
         return await _stream(deps, ClipLayout(video_id), variant, request.headers.get("range"))
 
-    return router
 
 
 async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_header: str | None) -> StreamingResponse:
@@ -423,10 +422,10 @@ def create_app(deps: GatewayDeps) -> FastAPI:
     """The gateway app; no work happens until it serves a request."""
     app = FastAPI(
         title="videofarm", version=__version__,
-        description="OpenAI-compatible text-to-video API of a videofarm render farm.",
+        description="OpenAI-compatible text-to-video API of a videofarm render farm.", responses=ERROR_RESPONSES,
     )
     install_error_handlers(app)
-    app.include_router(_router(deps))
+    _add_routes(app, deps)
 
     @app.get("/healthz", response_model=Health, summary="Liveness", operation_id="healthz")
     async def healthz() -> dict[str, Any]:

@@ -103,10 +103,6 @@ class CreateVideoRequest(BaseModel):
             raise ValueError("prompt: must not be empty or only whitespace")
         if "\x00" in value:  # PostgreSQL text cannot hold NUL
             raise ValueError("prompt: must not contain NUL characters")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("prompt: must be valid Unicode text (it holds a lone surrogate)") from None
         return value
 
 
@@ -202,11 +198,16 @@ async def read_create_request(request: Request) -> tuple[CreateVideoRequest, boo
 def create_body_schemas(models: Sequence[ModelSpec], max_prompt_chars: int) -> dict[str, Any]:
     """OpenAPI components for the create body (JSON and multipart), with this farm's allowed values."""
     body = CreateVideoRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    components = body.pop("$defs", {})
+    body.pop("$defs", None)
     props = body["properties"]
+    # No served model takes a reference image yet: the field is refused with a clear 400, not advertised.
+    del props["input_reference"]
     sizes = sorted({s for m in models for s in m.sizes})
     seconds = sorted({s for m in models for s in m.seconds})
     props["prompt"]["maxLength"] = max_prompt_chars
+    for option in props["steps"]["anyOf"]:
+        if option.get("type") == "integer":
+            option["maximum"] = max(m.max_steps for m in models)
     props["model"] = {"type": "string", "enum": [m.id for m in models], "description": props["model"]["description"]}
     props["size"] = {"type": "string", "enum": sizes, "description": props["size"]["description"]}
     props["seconds"] = {
@@ -215,7 +216,9 @@ def create_body_schemas(models: Sequence[ModelSpec], max_prompt_chars: int) -> d
     }
     form = copy.deepcopy(body)
     form["title"] = "CreateVideoForm"
-    form["properties"]["input_reference"] = {
-        "type": "string", "format": "binary", "description": "An image file that guides generation.",
-    }
-    return components | {"CreateVideoRequest": body, "CreateVideoForm": form}
+    for name, prop in form["properties"].items():
+        # A form field cannot be null, only absent: "null" would arrive as a string.
+        options = [o for o in prop.get("anyOf", ()) if o.get("type") != "null"]
+        if len(options) == 1:
+            form["properties"][name] = {k: v for k, v in prop.items() if k not in ("anyOf", "default")} | options[0]
+    return {"CreateVideoRequest": body, "CreateVideoForm": form}

@@ -33,9 +33,10 @@ import json
 import logging
 import math
 import re
+import sqlite3
+import time
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,9 +183,6 @@ class Job:
     """
 
     id: str
-    owner: str | None
-    status: str
-    progress: int
     model: str
     prompt: str
     size: str
@@ -192,21 +190,25 @@ class Job:
     params: dict[str, Any]
     priority: int
     created_at: dt.datetime
-    started_at: dt.datetime | None
-    completed_at: dt.datetime | None
-    expires_at: dt.datetime | None
     updated_at: dt.datetime
-    error_code: str | None
-    error_message: str | None
-    attempts: int
-    step_index: int
-    num_steps: int
-    checkpoint_key: str | None
-    objects: dict[str, str]
-    lease_owner: str | None
-    lease_expires_at: dt.datetime | None
-    cancel_requested: bool
-    idempotency_key: str | None
+    # Defaults: a new, queued job.
+    owner: str | None = None
+    status: str = "queued"
+    progress: int = 0
+    started_at: dt.datetime | None = None
+    completed_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    attempts: int = 0
+    step_index: int = 0
+    num_steps: int = 0
+    checkpoint_key: str | None = None
+    objects: dict[str, str] = dataclasses.field(default_factory=dict)
+    lease_owner: str | None = None
+    lease_expires_at: dt.datetime | None = None
+    cancel_requested: bool = False
+    idempotency_key: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -273,11 +275,14 @@ def alembic_config(url: str | None = None):  # -> alembic.config.Config
 class JobStore:
     """Jobs in a SQL database; thread-safe, and safe to share between processes."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, clock: Callable[[], dt.datetime] | None = None) -> None:
+        """``clock`` (timezone-aware UTC now) is for tests that move time forward."""
         parsed = sa.make_url(url)
         backend = parsed.get_backend_name()
         if backend not in ("sqlite", "postgresql"):
-            raise ValueError(f"job store url: backend {backend!r} is not supported; use sqlite:///PATH or postgresql+psycopg://...")
+            raise ValueError(
+                f"job store url: backend {backend!r} is not supported; use sqlite:///PATH or postgresql+psycopg://..."
+            )
         self.url = parsed
         self._sqlite = backend == "sqlite"
         connect_args = {"timeout": _SQLITE_BUSY_S} if self._sqlite else {}
@@ -286,6 +291,7 @@ class JobStore:
             _install_sqlite_hooks(self._engine)
         # Same pool; the option tells the SQLite begin hook to take the write lock up front.
         self._writer = self._engine.execution_options(farm_write=True)
+        self._clock = clock or _now
 
     def __repr__(self) -> str:
         return f"JobStore({self.url.render_as_string(hide_password=True)!r})"
@@ -328,27 +334,33 @@ class JobStore:
         IdempotencyConflict when the key was used for a different request, and
         ValueError naming any bad argument.
         """
-        values = _new_row(model, prompt, size, seconds, params, priority, owner, idempotency_key, expires_in_s)
+        job = _new_job(
+            model, prompt, size, seconds, params, priority, owner, idempotency_key, expires_in_s, self._clock()
+        )
         if max_queued is not None and (not isinstance(max_queued, int) or max_queued < 0):
             raise ValueError(f"max_queued: {max_queued!r} must be a non-negative integer or None")
         with self._writer.begin() as conn:
             if max_queued is not None or idempotency_key is not None:
                 self._pg_lock(conn, _LOCK_CREATE)
             if idempotency_key is not None:
-                row = conn.execute(
-                    sa.select(_V).where(
-                        sa.func.coalesce(_C.owner, "") == (owner or ""), _C.idempotency_key == idempotency_key
+                row = (
+                    conn.execute(
+                        sa.select(_V).where(
+                            sa.func.coalesce(_C.owner, "") == (owner or ""), _C.idempotency_key == idempotency_key
+                        )
                     )
-                ).mappings().first()
+                    .mappings()
+                    .first()
+                )
                 if row is not None:
-                    return _replay(Job.from_row(row), values)
+                    return _replay(Job.from_row(row), job)
             if max_queued is not None:
                 queued = conn.scalar(sa.select(sa.func.count()).select_from(_V).where(_C.status == "queued"))
                 if queued >= max_queued:
-                    retry = self._retry_after(conn, queued - max_queued + 1, values["created_at"])
+                    retry = self._retry_after(conn, queued - max_queued + 1, job.created_at)
                     raise QueueFull(retry, queued=queued, max_queued=max_queued)
-            conn.execute(sa.insert(_V).values(**values))
-        return Job(**values)
+            conn.execute(sa.insert(_V).values(**dataclasses.asdict(job)))
+        return job
 
     def get(self, id: str, owner: str | None = None) -> Job | None:
         """The job, or None when it does not exist or belongs to another owner.
@@ -394,7 +406,7 @@ class JobStore:
     def request_cancel(self, id: str, owner: str | None = None) -> Job | None:
         """Cancel a queued job now, or flag a running one for its worker; finished jobs are
         returned unchanged. None when the job does not exist or is not the owner's."""
-        now = _now()
+        now = self._clock()
         with self._writer.begin() as conn:
             row = conn.execute(sa.select(_V).where(_owned(id, owner)).with_for_update()).mappings().first()
             if row is None:
@@ -421,7 +433,7 @@ class JobStore:
         """
         _check_worker(worker)
         lease = _lease(lease_s)
-        now = _now()
+        now = self._clock()
         expired = sa.and_(_C.status == "in_progress", _C.lease_expires_at < now)
         with self._writer.begin() as conn:
             self._settle(conn, sa.and_(expired, _C.cancel_requested.is_(True)), _finished("cancelled", now))
@@ -452,7 +464,7 @@ class JobStore:
     def renew(self, id: str, worker: str, lease_s: float) -> bool:
         """Extend the lease; False when it is no longer ours (reclaimed, deleted, finished)
         or cancellation was requested (``get`` tells which; then ``finish_cancelled``)."""
-        now = _now()
+        now = self._clock()
         changes = {"lease_expires_at": now + _lease(lease_s), "updated_at": now}
         return self._write_held(id, worker, changes, _C.cancel_requested.is_(False))
 
@@ -481,7 +493,7 @@ class JobStore:
             "progress": sa.case((_C.progress < progress, progress), else_=_C.progress),
             "step_index": sa.case((_C.step_index < step_index, step_index), else_=_C.step_index),
             "num_steps": num_steps,
-            "updated_at": _now(),
+            "updated_at": self._clock(),
         }
         if checkpoint_key is not None:
             changes["checkpoint_key"] = sa.case((_C.step_index <= step_index, checkpoint_key), else_=_C.checkpoint_key)
@@ -489,19 +501,19 @@ class JobStore:
 
     def complete(self, id: str, worker: str, objects: Mapping[str, str]) -> bool:
         """Mark done with its stored objects (variant → S3 key); False unless we hold the lease."""
-        changes = _finished("completed", _now())
+        changes = _finished("completed", self._clock())
         changes.update(progress=100, objects=dict(objects))
         return self._write_held(id, worker, changes)
 
     def fail(self, id: str, worker: str, code: str, message: str) -> bool:
         """Mark failed with an OpenAI-style error; False unless we hold the lease."""
-        changes = _finished("failed", _now())
+        changes = _finished("failed", self._clock())
         changes.update(error_code=code, error_message=message)
         return self._write_held(id, worker, changes)
 
     def finish_cancelled(self, id: str, worker: str) -> bool:
         """The worker stopped a job whose cancellation was requested; False unless we hold the lease."""
-        return self._write_held(id, worker, _finished("cancelled", _now()))
+        return self._write_held(id, worker, _finished("cancelled", self._clock()))
 
     def requeue(self, id: str, worker: str, reason: str) -> bool:
         """Give the job back to the queue (shutdown, preemption), keeping its checkpoint.
@@ -509,7 +521,7 @@ class JobStore:
         A voluntary release does not count as an attempt. A job whose cancellation was
         requested is cancelled instead. False unless we hold the lease.
         """
-        now = _now()
+        now = self._clock()
         with self._writer.begin() as conn:
             row = conn.execute(sa.select(_V).where(_held(id, worker)).with_for_update()).mappings().first()
             if row is None:
@@ -586,7 +598,7 @@ def _install_sqlite_hooks(engine: sa.Engine) -> None:
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(_SQLITE_BUSY_S * 1000)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _enable_wal(cursor)
         cursor.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode
         cursor.close()
 
@@ -594,6 +606,27 @@ def _install_sqlite_hooks(engine: sa.Engine) -> None:
     def _on_begin(conn: Connection) -> None:
         write = conn.get_execution_options().get("farm_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch the file to WAL (a persistent setting), waiting out other connections.
+
+    The switch needs an exclusive lock and SQLite fails it at once, without calling
+    the busy handler, while another connection is mid-transaction: retry until the
+    busy timeout.
+    """
+    deadline = time.monotonic() + _SQLITE_BUSY_S
+    while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+            continue
+        if mode.lower() != "wal":  # an in-memory database: one connection, nothing to share
+            log.warning("SQLite journal_mode is %r, not WAL: other processes cannot share this store", mode)
+            return
 
 
 def _now() -> dt.datetime:
@@ -634,7 +667,7 @@ def _as_priority(value: int) -> int:
         return value
 
 
-def _new_row(
+def _new_job(
     model: str,
     prompt: str,
     size: str,
@@ -644,8 +677,9 @@ def _new_row(
     owner: str | None,
     idempotency_key: str | None,
     expires_in_s: float,
-) -> dict[str, Any]:
-    """Validate ``create``'s arguments into a full row; ValueError names the bad one."""
+    now: dt.datetime,
+) -> Job:
+    """Validate ``create``'s arguments into a new job; ValueError names the bad one."""
     if not isinstance(model, str) or not model:
         raise ValueError(f"model: {model!r} must be a non-empty string")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -655,7 +689,8 @@ def _new_row(
     if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds < 1:
         raise ValueError(f"seconds: {seconds!r} must be a positive integer")
     if isinstance(priority, bool) or priority not in set(Priority):
-        raise ValueError(f"priority: {priority!r} is not known; allowed: {', '.join(f'{p.value} ({p.name.lower()})' for p in Priority)}")
+        allowed = ", ".join(f"{p.value} ({p.name.lower()})" for p in Priority)
+        raise ValueError(f"priority: {priority!r} is not known; allowed: {allowed}")
     if not isinstance(params, Mapping):
         raise ValueError(f"params: {params!r} must be a mapping")
     try:
@@ -668,41 +703,27 @@ def _new_row(
     if not isinstance(expires_in_s, (int, float)) or not math.isfinite(expires_in_s) or expires_in_s <= 0:
         raise ValueError(f"expires_in_s: {expires_in_s!r} must be a positive number of seconds")
     steps = params.get("steps")
-    now = _now()
-    return {
-        "id": new_video_id(),
-        "owner": owner,
-        "status": "queued",
-        "progress": 0,
-        "model": model,
-        "prompt": prompt,
-        "size": size,
-        "seconds": seconds,
-        "params": params,
-        "priority": int(priority),
-        "created_at": now,
-        "started_at": None,
-        "completed_at": None,
-        "expires_at": now + dt.timedelta(seconds=expires_in_s),
-        "updated_at": now,
-        "error_code": None,
-        "error_message": None,
-        "attempts": 0,
-        "step_index": 0,
-        "num_steps": steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else 0,
-        "checkpoint_key": None,
-        "objects": {},
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "cancel_requested": False,
-        "idempotency_key": idempotency_key,
-    }
+    return Job(
+        id=new_video_id(),
+        owner=owner,
+        model=model,
+        prompt=prompt,
+        size=size,
+        seconds=seconds,
+        params=params,
+        priority=int(priority),
+        created_at=now,
+        updated_at=now,
+        expires_at=now + dt.timedelta(seconds=expires_in_s),
+        num_steps=steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else 0,
+        idempotency_key=idempotency_key,
+    )
 
 
-def _replay(existing: Job, request: Mapping[str, Any]) -> Job:
+def _replay(existing: Job, request: Job) -> Job:
     """Same key, same request: the earlier job. Same key, another request: a conflict."""
     fields = ("model", "prompt", "size", "seconds", "params", "priority")
-    differing = [name for name in fields if getattr(existing, name) != request[name]]
+    differing = [name for name in fields if getattr(existing, name) != getattr(request, name)]
     if differing:
         raise IdempotencyConflict(
             f"idempotency_key {existing.idempotency_key!r} was already used for video {existing.id} "

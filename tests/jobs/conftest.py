@@ -7,6 +7,7 @@ or its own PostgreSQL schema (selected through the URL's ``search_path``).
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterator
 
@@ -39,10 +40,28 @@ def store_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         admin.dispose()
 
 
+class Clock:
+    """Real time plus an offset that a test moves forward, e.g. to expire leases."""
+
+    def __init__(self) -> None:
+        self.offset = dt.timedelta()
+
+    def __call__(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += dt.timedelta(seconds=seconds)
+
+
 @pytest.fixture
-def store(store_url: str) -> Iterator[JobStore]:
-    """A migrated store on a fresh database."""
-    jobs = JobStore(store_url)
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(store_url: str, clock: Clock) -> Iterator[JobStore]:
+    """A migrated store on a fresh database, on the test's clock."""
+    jobs = JobStore(store_url, clock=clock)
     jobs.migrate()
     try:
         yield jobs

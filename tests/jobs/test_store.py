@@ -9,7 +9,6 @@ import pickle
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,9 +26,10 @@ from farm.jobs.store import (
     Video,
     alembic_config,
 )
+from tests.jobs.conftest import Clock
 
 REPO = Path(__file__).resolve().parents[2]
-SHORT_LEASE_S = 0.05
+LEASE_S = 60.0
 
 
 def make(store: JobStore, prompt: str = "a cat", **overrides) -> Job:
@@ -38,18 +38,18 @@ def make(store: JobStore, prompt: str = "a cat", **overrides) -> Job:
     return store.create(**kwargs)
 
 
-def expire_leases() -> None:
-    time.sleep(SHORT_LEASE_S * 3)
-
-
 def spawn(code: str, *args: str, setup: str = "") -> subprocess.Popen:
     """A Python child that runs ``setup``, prints 'ready', waits for a line on stdin, then runs ``code``."""
     prelude = "import sys, json\nfrom farm.jobs.store import JobStore\n" + setup
     prelude += "\nprint('ready', flush=True)\nsys.stdin.readline()\n"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(
         [sys.executable, "-c", prelude + code, *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
     assert proc.stdout.readline().strip() == "ready"
     return proc
@@ -328,12 +328,12 @@ def test_concurrent_claims_never_double_claim(store: JobStore, store_url: str) -
     assert all(job.attempts == 1 for job in store.list(limit=total)[0])
 
 
-def test_expired_lease_is_reclaimed_and_stale_writes_refused(store: JobStore) -> None:
+def test_expired_lease_is_reclaimed_and_stale_writes_refused(store: JobStore, clock: Clock) -> None:
     job = make(store)
-    first = store.claim_next("w1", SHORT_LEASE_S)
+    first = store.claim_next("w1", LEASE_S)
     assert first.id == job.id
     assert store.claim_next("w2", 60) is None  # the lease still holds
-    expire_leases()
+    clock.advance(LEASE_S + 1)
     reclaimed = store.claim_next("w2", 60)
     assert (reclaimed.id, reclaimed.lease_owner, reclaimed.attempts) == (job.id, "w2", 2)
     assert reclaimed.started_at == first.started_at
@@ -347,14 +347,19 @@ def test_expired_lease_is_reclaimed_and_stale_writes_refused(store: JobStore) ->
     assert store.renew(job.id, "w2", 60)
     assert store.complete(job.id, "w2", {"video": "videos/a.mp4"})
     done = store.get(job.id)
-    assert (done.status, done.progress, done.objects, done.lease_owner) == ("completed", 100, {"video": "videos/a.mp4"}, None)
+    assert (done.status, done.progress, done.objects, done.lease_owner) == (
+        "completed",
+        100,
+        {"video": "videos/a.mp4"},
+        None,
+    )
     assert not store.complete(job.id, "w2", {"video": "again"})  # nothing runs to completion twice
 
 
-def test_lost_workers_exhaust_attempts(store: JobStore) -> None:
+def test_lost_workers_exhaust_attempts(store: JobStore, clock: Clock) -> None:
     job = make(store)
-    store.claim_next("w1", SHORT_LEASE_S)
-    expire_leases()
+    store.claim_next("w1", LEASE_S)
+    clock.advance(LEASE_S + 1)
     assert store.claim_next("w2", 60, max_attempts=1) is None
     failed = store.get(job.id)
     assert (failed.status, failed.error_code) == ("failed", "worker_lost")
@@ -422,11 +427,11 @@ def test_cancel_flow(store: JobStore) -> None:
     assert store.request_cancel(running.id).status == "cancelled"  # finished jobs stay as they are
 
 
-def test_cancelled_job_of_a_dead_worker_is_settled(store: JobStore) -> None:
+def test_cancelled_job_of_a_dead_worker_is_settled(store: JobStore, clock: Clock) -> None:
     job = make(store)
-    store.claim_next("w1", SHORT_LEASE_S)
+    store.claim_next("w1", LEASE_S)
     store.request_cancel(job.id)
-    expire_leases()
+    clock.advance(LEASE_S + 1)
     assert store.claim_next("w2", 60) is None
     assert store.get(job.id).status == "cancelled"
 
