@@ -39,6 +39,8 @@ def _whole_number(name: str, value: Any) -> Any:
         return value
     if isinstance(value, str) and _WHOLE.match(value):
         return int(value)
+    if isinstance(value, float) and value.is_integer():  # JSON Schema counts 4.0 as an integer
+        return int(value)
     raise ValueError(f"{name}: must be a whole number, got {value!r}")
 
 
@@ -208,10 +210,12 @@ def create_body_schemas(models: Sequence[ModelSpec], max_prompt_chars: int) -> d
     for option in props["steps"]["anyOf"]:
         if option.get("type") == "integer":
             option["maximum"] = max(m.max_steps for m in models)
-    props["model"] = {"type": "string", "enum": [m.id for m in models], "description": props["model"]["description"]}
-    props["size"] = {"type": "string", "enum": sizes, "description": props["size"]["description"]}
+    null = {"type": "null"}  # JSON may send null for "the default"
+    props["model"] = {"anyOf": [{"type": "string", "enum": [m.id for m in models]}, null],
+                      "description": props["model"]["description"]}
+    props["size"] = {"anyOf": [{"type": "string", "enum": sizes}, null], "description": props["size"]["description"]}
     props["seconds"] = {
-        "anyOf": [{"type": "integer", "enum": seconds}, {"type": "string", "enum": [str(s) for s in seconds]}],
+        "anyOf": [{"type": "integer", "enum": seconds}, {"type": "string", "enum": [str(s) for s in seconds]}, null],
         "description": props["seconds"]["description"],
     }
     form = copy.deepcopy(body)
@@ -219,6 +223,7 @@ def create_body_schemas(models: Sequence[ModelSpec], max_prompt_chars: int) -> d
     for name, prop in form["properties"].items():
         # A form field cannot be null, only absent: "null" would arrive as a string.
         options = [o for o in prop.get("anyOf", ()) if o.get("type") != "null"]
-        if len(options) == 1:
-            form["properties"][name] = {k: v for k, v in prop.items() if k not in ("anyOf", "default")} | options[0]
+        if options:
+            rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+            form["properties"][name] = rest | (options[0] if len(options) == 1 else {"anyOf": options})
     return {"CreateVideoRequest": body, "CreateVideoForm": form}

@@ -308,7 +308,8 @@ def test_healthz_and_openapi_describe_the_api(client):
     assert set(create_op["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
     assert {"200", "400", "413", "429"} <= set(create_op["responses"])
     schemas = spec["components"]["schemas"]
-    assert schemas["CreateVideoRequest"]["properties"]["model"]["enum"] == ["wan-tiny", "wan-tiny-2x"]
+    model = schemas["CreateVideoRequest"]["properties"]["model"]["anyOf"]
+    assert model == [{"type": "string", "enum": ["wan-tiny", "wan-tiny-2x"]}, {"type": "null"}]
     form = schemas["CreateVideoForm"]["properties"]
     assert form["seed"]["type"] == "integer" and "null" not in json.dumps(form)  # no nulls in a form
     content = spec["paths"]["/v1/videos/{video_id}/content"]["get"]

@@ -1,0 +1,1 @@
+"""Alembic migrations of the job store (a package so that wheels ship them)."""
