@@ -64,7 +64,8 @@ if running; then
   PORT="$(sed -n 4p "$DATA/postmaster.pid")"  # the port it was started with
 else
   opts="-c listen_addresses=127.0.0.1 -p $PORT -k $DIR -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-  as_pg "$BIN/pg_ctl" -D "$DATA" -l "$DIR/postgres.log" -o "$opts" -w -t 60 start >/dev/null || {
+  # 3>&-: the server must not inherit the stdout pipe, or $(this script) never sees EOF.
+  as_pg "$BIN/pg_ctl" -D "$DATA" -l "$DIR/postgres.log" -o "$opts" -w -t 60 start >/dev/null 3>&- || {
     echo "PostgreSQL did not start (port $PORT taken? set FARM_PG_PORT); log follows:"; tail -n 20 "$DIR/postgres.log"; exit 1; }
 fi
 

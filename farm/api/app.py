@@ -107,6 +107,7 @@ class GatewayDeps:
             raise ValueError(f"GatewayDeps.max_queued must be >= 1 or None, got {self.max_queued}")
 
     def object_store(self) -> ObjectStore:
+        """The object store, built by the factory on first use (blocking: call it off the event loop)."""
         with self._lock:
             if self._objects is None:
                 self._objects = self.objects() if callable(self.objects) else self.objects
@@ -285,12 +286,15 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
         await _notify(deps, job.id)
         if deps.metrics:
-            deps.metrics.video_created(spec.id, body.priority)
+            try:
+                deps.metrics.video_created(spec.id, body.priority)
+            except Exception:  # the job exists; a broken metrics hook must not turn that into an error
+                log.exception("metrics hook failed")
         response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
         return video(job)
 
     @app.get("/v1/videos", response_model=VideoList, summary="List videos", operation_id="listVideos",
-                responses={404: {"model": ErrorResponse, "description": "No video with the `after` id."}})
+             responses={404: {"model": ErrorResponse, "description": "No video with the `after` id."}})
     async def list_videos(
         request: Request,
         after: str | None = Query(None, max_length=256, description="Id of the last video of the previous page."),
@@ -309,15 +313,15 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
                 "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
     @app.get("/v1/videos/{video_id}", response_model=VideoObject, summary="Retrieve a video job",
-                operation_id="retrieveVideo")
+             operation_id="retrieveVideo")
     async def retrieve_video(video_id: str, request: Request, response: Response) -> dict[str, Any]:
         job = await get_job(video_id, owner(request))
         response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
         return video(job)
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, summary="Delete a video and its assets",
-                   operation_id="deleteVideo",
-                   responses={409: {"model": ErrorResponse, "description": "The video is still rendering."}})
+                operation_id="deleteVideo",
+                responses={409: {"model": ErrorResponse, "description": "The video is still rendering."}})
     async def delete_video(video_id: str, request: Request) -> dict[str, Any]:
         who = owner(request)
         job = await get_job(video_id, who)
@@ -325,13 +329,13 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             raise Conflict(f"video {video_id!r} is in_progress; cancel it (POST /v1/videos/{video_id}/cancel) "
                            "or wait until it finishes", param="video_id", code="video_in_progress")
         # Objects first: if this fails the row survives and a retried delete finishes the job.
-        await run_in_threadpool(delete_clip, deps.object_store(), video_id)
+        await run_in_threadpool(lambda: delete_clip(deps.object_store(), video_id))
         if await run_in_threadpool(lambda: deps.store.delete(video_id, owner=who)) is None:
             raise NotFound(f"video {video_id!r} not found", param="video_id")
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
     @app.post("/v1/videos/{video_id}/cancel", response_model=VideoObject, summary="Ask to cancel a video job",
-                 operation_id="cancelVideo")
+              operation_id="cancelVideo")
     async def cancel_video(video_id: str, request: Request) -> dict[str, Any]:
         who = owner(request)
         job = await run_in_threadpool(lambda: deps.store.request_cancel(video_id, owner=who))
@@ -363,9 +367,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         return await _stream(deps, ClipLayout(video_id), variant, request.headers.get("range"))
 
 
-
 async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_header: str | None) -> StreamingResponse:
-    objects, key = deps.object_store(), layout.key(variant)
+    objects, key = await run_in_threadpool(deps.object_store), layout.key(variant)
     byte_range = None
     try:
         if range_header:

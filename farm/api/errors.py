@@ -171,7 +171,9 @@ def _message_of(err: Mapping[str, Any], param: str | None) -> str:
         return msg
     shown = err.get("input")
     if isinstance(shown, (str, int, float, bool)) or shown is None:
-        return f"{param or 'request'}: {msg} (got {shown!r})"
+        got = repr(shown)
+        got = got if len(got) <= 80 else got[:77] + "..."  # never echo a whole oversized value
+        return f"{param or 'request'}: {msg} (got {got})"
     return f"{param or 'request'}: {msg}"
 
 

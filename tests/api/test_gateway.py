@@ -10,7 +10,6 @@ import threading
 import warnings
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
@@ -23,7 +22,7 @@ THUMB = b"RIFF\x10\x00\x00\x00WEBPVP8 " + os.urandom(64)
 SPRITES = b"\xff\xd8\xff\xe0" + os.urandom(256)
 
 
-def error_of(response: httpx.Response, status: int) -> dict:
+def error_of(response, status: int) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -161,6 +160,30 @@ def test_on_created_wakes_the_dispatcher_sync_or_async_and_its_failure_is_not_th
         raise RuntimeError("dispatcher away")
 
     assert create(TestClient(make_app(on_created=broken)))["status"] == "queued"
+
+
+def test_metrics_hooks_see_route_templates_statuses_and_creations(make_app):
+    from fastapi.testclient import TestClient
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.requests: list[tuple] = []
+            self.created: list[tuple] = []
+
+        def request_finished(self, method, route, status, seconds):
+            self.requests.append((method, route, status))
+
+        def video_created(self, model, priority):
+            self.created.append((model, priority))
+
+    metrics = Recorder()
+    client = TestClient(make_app(metrics=metrics))
+    video = create(client, priority="bulk")
+    client.get(f"/v1/videos/{video['id']}")
+    client.get("/v1/videos/video_nope")
+    assert metrics.created == [("wan-tiny", "bulk")]
+    assert metrics.requests == [("POST", "/v1/videos", 200), ("GET", "/v1/videos/{video_id}", 200),
+                                ("GET", "/v1/videos/{video_id}", 404)]
 
 
 # -- read, list, cancel ---------------------------------------------------------------------
