@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from ray import serve
 from ray.serve import Application
 
 from farm.config import FarmSettings, PoolSettings, load_settings

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from farm import env
 from farm.finish.provenance import SignerConfig
 from farm.finish.watermark import WatermarkConfig
-from farm.render.registry import ModelSpec
+from farm.render.registry import ModelSpec, find_model
 from farm.render.tiny import tiny_spec
 from farm.storage.s3 import S3Settings
 
@@ -121,12 +121,7 @@ class FarmSettings(BaseModel):
 
     def model(self, model_id: str | None) -> ModelSpec:
         """Look a model up by id (None: the default); ValueError lists the known ids."""
-        if model_id is None:
-            return self.models[0]
-        for spec in self.models:
-            if spec.id == model_id:
-                return spec
-        raise ValueError(f"model: {model_id!r} is not served here; available: {', '.join(m.id for m in self.models)}")
+        return find_model(self.models, model_id)
 
     def job_store_url(self) -> str:
         """The job store's URL; by default a SQLite file in the state folder (created if missing)."""

@@ -50,7 +50,7 @@ from farm.api.schemas import (
     read_create_request,
 )
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, IdempotencyConflict, QueueFull
-from farm.render.registry import ModelSpec, validate_request
+from farm.render.registry import ModelSpec, find_model, validate_request
 from farm.storage.s3 import ClipLayout, ObjectNotFound, delete_clip
 
 if TYPE_CHECKING:
@@ -114,14 +114,10 @@ class GatewayDeps:
             return self._objects
 
     def model(self, model_id: str | None) -> ModelSpec:
-        if model_id is None:
-            return self.models[0]
-        for spec in self.models:
-            if spec.id == model_id:
-                return spec
-        available = ", ".join(m.id for m in self.models)
-        raise InvalidRequest(f"model: {model_id!r} is not served here; available: {available}", param="model",
-                             code="model_not_found")
+        try:
+            return find_model(self.models, model_id)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="model", code="model_not_found") from None
 
 
 # -- middleware ----------------------------------------------------------------------------

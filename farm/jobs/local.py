@@ -16,13 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from farm import __version__
 from farm.config import FarmSettings
-from farm.finish.chain import ClipMeta, finish_clip
+from farm.jobs.publish import clip_record, finish_frames, upload_finished
 from farm.render.denoise import plan_shards, roundtrip
 from farm.render.engine import DecoderStage, DenoiserStage, TextEncoderStage, configure_torch, initial_state
 from farm.render.registry import ModelSpec, RenderParams
-from farm.storage.s3 import ObjectStore, upload_clip
+from farm.storage.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -108,41 +107,17 @@ def render_clip(
 
     # 5. Watermark, MP4, thumbnail, spritesheet, C2PA.
     work = settings.state_dir / "renders" / video_id
-    meta = ClipMeta(
-        title=f"{spec.id}: {params.prompt[:80]}",
-        model_id=spec.id,
-        seed=params.seed,
-        steps=params.steps,
-        prompt=params.prompt,
-        guidance_scale=spec.guidance_scale,
-        job_id=video_id,
-    )
-    clip = timer.run(
-        "finish",
-        lambda: finish_clip(frames, spec.fps, work, meta, settings.watermark, settings.signer, settings.state_dir),
-    )
+    clip = timer.run("finish", lambda: finish_frames(settings, spec, params, frames, video_id, work))
 
     # 6. Upload: media first, the JSON record last (it marks the clip complete).
-    record = {
-        "id": video_id,
-        "created_at": created.isoformat(),
-        "prompt": params.prompt,
-        "model": spec.id,
-        "model_path": spec.path,
-        "parameters": params.model_dump(),
-        "seed": params.seed,
-        "fps": spec.fps,
-        "num_frames": int(frames.shape[0]),
-        "shard_steps": shard_steps,
-        "shards": shard_count,
-        "generator": {"name": "videofarm", "version": __version__},
-        "bytes": {"video": clip.video_bytes, "thumbnail": clip.thumbnail_bytes, "spritesheet": clip.spritesheet_bytes},
-    }
+    record = clip_record(
+        video_id, spec, params, int(frames.shape[0]), clip,
+        created_at=created.isoformat(), shard_steps=shard_steps, shards=shard_count,
+    )
 
     def _upload():
         record["timings_s"] = dict(timer.timings)
-        files = {"video": clip.video, "thumbnail": clip.thumbnail, "spritesheet": clip.spritesheet}
-        return upload_clip(store, video_id, files, record)
+        return upload_finished(store, video_id, clip, record)
 
     uris = timer.run("upload", _upload)
 

@@ -82,6 +82,16 @@ class ModelSpec(BaseModel):
         return seconds * self.fps + 1
 
 
+def find_model(models: list[ModelSpec], model_id: str | None) -> ModelSpec:
+    """Look a model up by id (None: the default, the first); ValueError lists the served ids."""
+    if model_id is None:
+        return models[0]
+    for spec in models:
+        if spec.id == model_id:
+            return spec
+    raise ValueError(f"model: {model_id!r} is not served here; available: {', '.join(m.id for m in models)}")
+
+
 class RenderParams(BaseModel):
     """A validated request for one clip, independent of transport (CLI, HTTP)."""
 

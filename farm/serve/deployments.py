@@ -83,24 +83,14 @@ class Finisher:
         self.decoders = {spec.id: DecoderStage(spec) for spec in self.settings.models}
 
     def finish(self, job_id: str, model_id: str, params: RenderParams, latents) -> dict[str, str]:
-        from farm.finish.chain import ClipMeta, finish_clip
-        from farm.storage.s3 import ClipLayout, upload_clip
+        from farm.jobs.publish import clip_keys, clip_record, finish_frames, upload_finished
 
         spec = self.settings.model(model_id)
         frames = self.decoders[model_id].decode(latents)
-        meta = ClipMeta(
-            title=f"{spec.id}: {params.prompt[:80]}", model_id=spec.id, seed=params.seed, steps=params.steps,
-            prompt=params.prompt, guidance_scale=spec.guidance_scale, job_id=job_id,
-        )
         with tempfile.TemporaryDirectory(prefix="finish-") as tmp:
-            clip = finish_clip(frames, spec.fps, Path(tmp), meta, self.settings.watermark, self.settings.signer,
-                               self.settings.state_dir)
-            record = {"id": job_id, "model": spec.id, "parameters": params.model_dump(), "fps": spec.fps,
-                      "num_frames": int(frames.shape[0])}
-            upload_clip(self.store, job_id, {"video": clip.video, "thumbnail": clip.thumbnail,
-                                             "spritesheet": clip.spritesheet}, record)
-        layout = ClipLayout(job_id)
-        return {v: layout.key(v) for v in ("video", "thumbnail", "spritesheet")}
+            clip = finish_frames(self.settings, spec, params, frames, job_id, Path(tmp))
+            upload_finished(self.store, job_id, clip, clip_record(job_id, spec, params, int(frames.shape[0]), clip))
+        return clip_keys(job_id)
 
 
 class ServeStages:
