@@ -26,13 +26,14 @@ class FarmAppArgs(BaseModel):
 
 def resolve_settings(args: FarmAppArgs) -> FarmSettings:
     base = load_settings(args.config).model_dump(mode="json")
-    return FarmSettings.model_validate(_merge(base, args.settings))
+    return FarmSettings.model_validate(merge_settings(base, args.settings))
 
 
-def _merge(base: dict, override: dict) -> dict:
+def merge_settings(base: dict, override: dict) -> dict:
+    """Deep-merge two settings mappings; ``override`` wins, section by section."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_settings(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -57,7 +58,9 @@ def build_app(args: FarmAppArgs | dict) -> Application:
     models = [m.model_dump(mode="json") for m in settings.models]
     ss = settings.serve
 
-    encoder = Encoder.options(num_replicas=ss.encoder_replicas, ray_actor_options={"num_cpus": 0.25}).bind(models)
+    encoder = Encoder.options(
+        num_replicas=ss.encoder_replicas, ray_actor_options={"num_cpus": 0.25, "num_gpus": ss.encoder_num_gpus}
+    ).bind(models)
     finisher = Finisher.options(num_replicas=ss.finisher_replicas, ray_actor_options={"num_cpus": 0.25}).bind(plain)
     pools = []
     for pool in ss.pools or default_pools(settings):

@@ -103,6 +103,64 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _farm_settings_with_ray(args: argparse.Namespace):
+    """Settings, with Ray's auth token in place before anything imports ray."""
+    from farm import env
+
+    settings = _settings(args)
+    env.use_ray_token(settings.state_dir)
+    return settings
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = _farm_settings_with_ray(args)
+    from farm import cluster
+
+    deployment = Path(args.deployment) if args.deployment else cluster.default_deployment_file()
+    try:
+        runtime = cluster.up(settings, deployment, address=args.address, port=args.port, metrics_port=args.metrics_port)
+    except (cluster.FarmError, ValueError) as exc:
+        raise CliError(_one_line(exc)) from None
+    print(f"farm is up: {runtime.http_url}/v1  (OpenAI base_url)")
+    if runtime.metrics_url:
+        print(f"metrics:    {runtime.metrics_url}")
+    print("stop it with: farm down")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    settings = _farm_settings_with_ray(args)
+    from farm import cluster
+
+    print("farm stopped" if cluster.down(settings) else "no farm was up")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    settings = _farm_settings_with_ray(args)
+    from farm import cluster
+
+    try:
+        report = cluster.status(settings)
+    except cluster.FarmError as exc:
+        raise CliError(_one_line(exc)) from None
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"app {report['app']}: {report['app_status']}   http {report['http']}   metrics {report['metrics']}")
+    for name, dep in sorted(report["deployments"].items()):
+        replicas = ", ".join(f"{k.lower()}={v}" for k, v in dep["replicas"].items())
+        print(f"  {name:<40} {dep['status']:<10} {replicas}")
+    farm = report["dispatcher"]
+    depths = ", ".join(f"{k}={v}" for k, v in farm["queue_depths"].items())
+    print(f"queue: {depths}   active: {len(farm['active'])}/{farm['max_active']}   jobs: {farm['counts']}")
+    for job in farm["recent"]:
+        print(f"  {job['id']}  {job['model']:<12} {job['status']:<12} {job['progress']:>3}%")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check a clip as a viewer would: it decodes, and its C2PA manifest validates."""
     from farm.finish.media import probe_mp4
@@ -236,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--out", help="also copy the MP4 here")
     render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     render.set_defaults(func=cmd_render)
+
+    up = sub.add_parser("up", help="start Ray (or join one), S3 and the job store, and deploy the farm")
+    up.add_argument("--address", help="join this Ray cluster (host:port) instead of starting one")
+    up.add_argument("--deployment", help="Serve config file (default: deployments/local.yaml)")
+    up.add_argument("--port", type=_whole_number, help="HTTP port (default: the deployment file's)")
+    up.add_argument("--metrics-port", type=_whole_number, help="Prometheus port of Ray's metrics export")
+    up.set_defaults(func=cmd_up)
+    down = sub.add_parser("down", help="stop what `farm up` started")
+    down.set_defaults(func=cmd_down)
+    stat = sub.add_parser("status", help="pools, replicas, queue depths and recent jobs")
+    stat.add_argument("--json", action="store_true", help="machine-readable output")
+    stat.set_defaults(func=cmd_status)
 
     check = sub.add_parser("verify", help="check that an MP4 decodes and its C2PA manifest is trusted")
     check.add_argument("file", help="the MP4 to check")

@@ -72,13 +72,12 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = Field(default="127.0.0.1", description="Address the HTTP proxy binds.")
-    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the /v1 API.")
     max_queued: int = Field(default=200, ge=1, description="Queued jobs beyond which creates get 429.")
     poll_after_ms: int = Field(default=500, ge=0, description="The openai-poll-after-ms hint sent to clients.")
     max_active_jobs: int = Field(default=4, ge=1, description="Jobs the dispatcher drives at once.")
     gateway_replicas: int = Field(default=1, ge=1, description="Gateway (HTTP ingress) replicas.")
     encoder_replicas: int = Field(default=1, ge=1, description="Text-encoder replicas.")
+    encoder_num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per text-encoder replica.")
     finisher_replicas: int = Field(default=1, ge=1, description="Finisher (decode, encode, sign, upload) replicas.")
     pools: list[PoolSettings] = Field(
         default_factory=list, description="Denoiser pools; empty: one pool per expert of every model, 1 replica each."

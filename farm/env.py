@@ -49,3 +49,25 @@ def postgres_test_url() -> str | None:
     ``scripts/ci-postgres.sh DIR`` starts one and prints its URL; None skips those tests.
     """
     return os.environ.get("FARM_TEST_POSTGRES_URL") or None
+
+
+def use_ray_token(state: Path) -> None:
+    """Make this process and its children authenticate to Ray with the farm's own token.
+
+    Ray requires a token on every connection and reads these variables when ``ray`` is
+    first imported, so call this before that import. The token file is generated once
+    (0600) under the state folder so `farm up`, `farm status` and `farm down` agree on it;
+    a token the operator already set (``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH``) wins.
+    """
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    token_file = state / "ray_auth_token"
+    if not token_file.is_file():
+        import secrets
+
+        state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)

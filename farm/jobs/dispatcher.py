@@ -20,7 +20,7 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Protocol
 
-from farm.jobs.store import Job, JobStore
+from farm.jobs.store import Job, JobStore, Priority
 from farm.render.denoise import DenoiseState, plan_shards
 from farm.render.registry import ModelSpec, RenderParams, parse_size
 
@@ -92,6 +92,7 @@ class Dispatcher:
         lease_s: float = 120.0,
         poll_s: float = 0.5,
         worker: str | None = None,
+        metrics=None,
     ) -> None:
         self.store = store
         self.clients = clients
@@ -101,7 +102,10 @@ class Dispatcher:
         self.shard_steps = shard_steps
         self.lease_s = lease_s
         self.poll_s = poll_s
+        # A stable name lets a restarted dispatcher take its own running jobs straight back.
         self.worker = worker or f"dispatcher-{uuid.uuid4().hex[:8]}"
+        self.metrics = metrics  # a FarmMetrics, or None outside Ray
+        self._depth_at = 0.0
         # Recent history for `farm status` and tests: shards per job, final latents.
         self.shards: dict[str, list[ShardRecord]] = defaultdict(list)
         self.final_latents: OrderedDict[str, object] = OrderedDict()
@@ -116,12 +120,17 @@ class Dispatcher:
     async def run(self) -> None:
         """Claim and drive jobs until :meth:`stop`."""
         log.info("dispatcher %s started (max_active=%d)", self.worker, self.max_active)
+        for job_id in await asyncio.to_thread(self.store.held_by, self.worker):
+            # Ours from before a restart: back to the queue, to resume from its checkpoint.
+            await asyncio.to_thread(self.store.requeue, job_id, self.worker, "dispatcher restarted")
         while not self._stopping:
+            await self._report_depth()
             claimed = False
             if len(self._active) < self.max_active:
                 job = await asyncio.to_thread(self.store.claim_next, self.worker, self.lease_s)
                 if job is not None:
                     claimed = True
+                    self._observe_claim(job)
                     task = asyncio.create_task(self._drive(job), name=job.id)
                     self._active[job.id] = task
                     task.add_done_callback(lambda _t, jid=job.id: self._done(jid))
@@ -131,6 +140,18 @@ class Dispatcher:
                     await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
                 except asyncio.TimeoutError:
                     pass
+
+    async def _report_depth(self) -> None:
+        if self.metrics is None or time.monotonic() - self._depth_at < 1.0:
+            return
+        self._depth_at = time.monotonic()
+        for priority, depth in (await asyncio.to_thread(self.store.queue_depths)).items():
+            self.metrics.queue_depth.set(depth, tags={"priority": _priority_name(priority)})
+
+    def _observe_claim(self, job: Job) -> None:
+        if self.metrics is not None and job.attempts == 1 and job.started_at is not None:
+            wait = (job.started_at - job.created_at).total_seconds()
+            self.metrics.queue_wait.observe(max(wait, 0.0), tags={"model": job.model, "priority": _priority_name(job.priority)})
 
     def _done(self, job_id: str) -> None:
         self._active.pop(job_id, None)
@@ -165,7 +186,11 @@ class Dispatcher:
             state = await self._resume_or_prepare(job, spec, params)
             for plan in plan_shards(state, self.shard_steps):
                 await self._check_cancel(job)
+                sent = time.perf_counter()
                 outcome = await self.clients.run_shard(spec.id, plan.expert, state, plan.start, plan.end)
+                if self.metrics is not None:
+                    handoff = max(time.perf_counter() - sent - outcome.seconds, 0.0)
+                    self.metrics.shard_handoff.observe(handoff, tags={"pool": f"{spec.id}:{plan.expert}"})
                 state = outcome.state
                 self.shards[job.id].append(ShardRecord(plan.start, plan.end, plan.expert, outcome.replica, outcome.seconds))
                 await self._after_shard(job, state)
@@ -174,6 +199,12 @@ class Dispatcher:
             objects = await self.clients.finish(job.id, spec.id, params, state.latents)
             if not await asyncio.to_thread(self.store.complete, job.id, self.worker, objects):
                 log.warning("job %s: lease lost before completion; another worker owns it", job.id)
+            elif self.metrics is not None:
+                self.metrics.jobs_completed.inc(1, tags={"model": job.model})
+                done = await asyncio.to_thread(self.store.get, job.id)
+                if done is not None and done.completed_at is not None:
+                    latency = (done.completed_at - done.created_at).total_seconds()
+                    self.metrics.job_latency.observe(latency, tags={"model": job.model})
             await self._drop_checkpoint(job)
         except JobCancelled:
             await asyncio.to_thread(self.store.finish_cancelled, job.id, self.worker)
@@ -225,7 +256,16 @@ class Dispatcher:
             await asyncio.to_thread(self.objects.delete_prefix, f"checkpoints/{job.id}/")
 
     async def _fail(self, job: Job, code: str, message: str) -> None:
-        await asyncio.to_thread(self.store.fail, job.id, self.worker, code, message[:500])
+        failed = await asyncio.to_thread(self.store.fail, job.id, self.worker, code, message[:500])
+        if failed and self.metrics is not None:
+            self.metrics.jobs_failed.inc(1, tags={"model": job.model, "reason": code})
+
+
+def _priority_name(priority: int) -> str:
+    try:
+        return Priority(priority).name.lower()
+    except ValueError:
+        return str(priority)
 
 
 def _error_code(exc: Exception) -> str:

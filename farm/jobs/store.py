@@ -540,6 +540,13 @@ class JobStore:
         log.info("requeued %s from %s: %s", id, worker, reason)
         return True
 
+    def held_by(self, worker: str) -> builtins.list[str]:
+        """Ids of running jobs whose lease names ``worker`` (a restarted worker takes them back)."""
+        _check_worker(worker)
+        with self._engine.connect() as conn:
+            query = sa.select(_C.id).where(_C.status == "in_progress", _C.lease_owner == worker)
+            return list(conn.scalars(query.order_by(_C.priority, _C.created_at)).all())
+
     # -- operators -------------------------------------------------------------------
 
     def queue_depths(self) -> dict[int, int]:

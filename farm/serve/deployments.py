@@ -55,15 +55,22 @@ class Denoiser:
     """One pool per (model, expert): holds that expert resident, runs step ranges."""
 
     def __init__(self, model: dict, experts: list[str]) -> None:
+        from farm.metrics import FarmMetrics
         from farm.render.engine import DenoiserStage, configure_torch
 
         configure_torch()
         self.stage = DenoiserStage(ModelSpec(**model), tuple(experts))
+        self.pool = f"{model['id']}:{'+'.join(experts)}"
+        self.metrics = FarmMetrics()
 
     def run_shard(self, state, start: int, end: int) -> ShardOutcome:
         started = time.perf_counter()
         new_state = self.stage.run(state, start, end)
-        return ShardOutcome(new_state, _replica_id(), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        tags = {"pool": self.pool}
+        self.metrics.shard_latency.observe(seconds, tags=tags)
+        self.metrics.step_latency.observe(seconds / (end - start), tags=tags)
+        return ShardOutcome(new_state, _replica_id(), seconds)
 
 
 @serve.deployment(max_ongoing_requests=1)
@@ -79,17 +86,28 @@ class Finisher:
         self.settings = FarmSettings.model_validate(settings)
         from farm.render.engine import DecoderStage
 
+        from farm.metrics import FarmMetrics
+
         self.store = open_store(self.settings, start=False)
         self.decoders = {spec.id: DecoderStage(spec) for spec in self.settings.models}
+        self.metrics = FarmMetrics()
 
     def finish(self, job_id: str, model_id: str, params: RenderParams, latents) -> dict[str, str]:
         from farm.jobs.publish import clip_keys, clip_record, finish_frames, upload_finished
 
         spec = self.settings.model(model_id)
+        started = time.perf_counter()
         frames = self.decoders[model_id].decode(latents)
         with tempfile.TemporaryDirectory(prefix="finish-") as tmp:
             clip = finish_frames(self.settings, spec, params, frames, job_id, Path(tmp))
+            finished = time.perf_counter()
             upload_finished(self.store, job_id, clip, clip_record(job_id, spec, params, int(frames.shape[0]), clip))
+        tags = {"model": model_id}
+        self.metrics.finish_latency.observe(finished - started, tags=tags)
+        self.metrics.upload_latency.observe(time.perf_counter() - finished, tags=tags)
+        for variant, size in (("video", clip.video_bytes), ("thumbnail", clip.thumbnail_bytes),
+                              ("spritesheet", clip.spritesheet_bytes)):
+            self.metrics.upload_bytes.inc(size, tags={"variant": variant})
         return clip_keys(job_id)
 
 
@@ -119,6 +137,7 @@ class DispatcherDeployment:
         from farm.config import FarmSettings
         from farm.jobs.dispatcher import Dispatcher
         from farm.jobs.store import JobStore
+        from farm.metrics import FarmMetrics
         from farm.storage.connect import open_store
 
         self.settings = FarmSettings.model_validate(settings)
@@ -128,6 +147,7 @@ class DispatcherDeployment:
         self.dispatcher = Dispatcher(
             store, stages, self.settings.models, objects=open_store(self.settings, start=False),
             max_active=max_active, shard_steps=self.settings.render.shard_steps,
+            worker="dispatcher", metrics=FarmMetrics(),
         )
         self._task = asyncio.get_running_loop().create_task(self.dispatcher.run())
 
@@ -135,7 +155,15 @@ class DispatcherDeployment:
         self.dispatcher.wake()
 
     def status(self) -> dict:
-        return self.dispatcher.status()
+        store = self.dispatcher.store
+        return self.dispatcher.status() | {
+            "queue_depths": {_name(p): n for p, n in store.queue_depths().items()},
+            "counts": store.counts_by_status(),
+            "recent": [
+                {"id": j.id, "model": j.model, "status": j.status, "progress": j.progress}
+                for j in store.recent(10)
+            ],
+        }
 
     def shard_history(self, job_id: str) -> list[dict]:
         return [vars(r) for r in self.dispatcher.shards.get(job_id, [])]
@@ -145,3 +173,9 @@ class DispatcherDeployment:
 
     async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
         await self.dispatcher.stop()
+
+
+def _name(priority: int) -> str:
+    from farm.jobs.store import Priority
+
+    return Priority(priority).name.lower()

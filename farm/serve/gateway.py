@@ -22,6 +22,7 @@ class Gateway:
 
     def __serve_build_asgi_app__(self):
         from farm.api.app import GatewayDeps, create_app
+        from farm.metrics import FarmMetrics
         from farm.storage.connect import open_store
 
         settings = self.settings
@@ -36,5 +37,6 @@ class Gateway:
             max_queued=settings.serve.max_queued,
             poll_after_ms=settings.serve.poll_after_ms,
             on_created=wake,
+            metrics=FarmMetrics(),
         )
         return create_app(deps)

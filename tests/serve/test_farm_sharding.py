@@ -41,7 +41,6 @@ def farm(tmp_path_factory, tiny_spec, tiny_spec_2x):
         "models": [tiny_spec.model_dump(mode="json"), tiny_spec_2x.model_dump(mode="json")],
         "render": {"shard_steps": SHARD_STEPS},
         "serve": {
-            "port": _free_port(),
             "max_active_jobs": 4,
             "pools": [
                 {"model": "wan-tiny", "experts": ["transformer"], "replicas": 2},
@@ -52,7 +51,7 @@ def farm(tmp_path_factory, tiny_spec, tiny_spec_2x):
     }
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": settings["serve"]["port"]})
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
         serve.run(build_app(FarmAppArgs(settings=settings)), name="videofarm", route_prefix="/")
         store = JobStore(f"sqlite:///{state / 'jobs.sqlite'}")
         store.migrate()

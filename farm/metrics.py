@@ -1,0 +1,122 @@
+"""Every metric the farm exports, defined in one place.
+
+Metrics are Ray metrics (``ray.util.metrics``): each replica records its own, and
+Ray's metrics agent serves all of them — every actor on every node — at one
+Prometheus endpoint per node (``farm up`` sets its port; ``farm status`` prints
+it). Ray prefixes every name with ``ray_``, so ``videofarm_jobs_completed_total``
+is scraped as ``ray_videofarm_jobs_completed_total``.
+
+Objects are created on first use inside a Ray process, never at import time.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+# Buckets in seconds: shard and step latencies are milliseconds on GPUs, seconds on CPU.
+_FAST = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+_SLOW = [0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800]
+_BYTES = [1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9]
+
+
+class FarmMetrics:
+    """The farm's metric families; any stage uses the ones it records."""
+
+    @cached_property
+    def _m(self):
+        from ray.util import metrics
+
+        return metrics
+
+    # Gateway ------------------------------------------------------------------------
+    @cached_property
+    def requests(self):
+        return self._m.Histogram(
+            "videofarm_http_request_seconds", description="Gateway request latency.",
+            boundaries=_FAST, tag_keys=("method", "route", "status"),
+        )
+
+    @cached_property
+    def jobs_created(self):
+        return self._m.Counter(
+            "videofarm_jobs_created_total", description="Jobs accepted by the gateway.", tag_keys=("model", "priority")
+        )
+
+    def request_finished(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.observe(seconds, tags={"method": method, "route": route, "status": str(status)})
+
+    def video_created(self, model: str, priority: str) -> None:
+        self.jobs_created.inc(1, tags={"model": model, "priority": str(priority)})
+
+    # Dispatcher ---------------------------------------------------------------------
+    @cached_property
+    def jobs_completed(self):
+        return self._m.Counter("videofarm_jobs_completed_total", description="Jobs completed.", tag_keys=("model",))
+
+    @cached_property
+    def jobs_failed(self):
+        return self._m.Counter(
+            "videofarm_jobs_failed_total", description="Jobs failed, by error code.", tag_keys=("model", "reason")
+        )
+
+    @cached_property
+    def queue_depth(self):
+        return self._m.Gauge("videofarm_queue_depth", description="Queued jobs.", tag_keys=("priority",))
+
+    @cached_property
+    def queue_wait(self):
+        return self._m.Histogram(
+            "videofarm_queue_wait_seconds", description="Time from creation to first claim.",
+            boundaries=_SLOW, tag_keys=("model", "priority"),
+        )
+
+    @cached_property
+    def job_latency(self):
+        return self._m.Histogram(
+            "videofarm_job_seconds", description="End-to-end job latency, creation to completed.",
+            boundaries=_SLOW, tag_keys=("model",),
+        )
+
+    @cached_property
+    def shard_handoff(self):
+        return self._m.Histogram(
+            "videofarm_shard_handoff_seconds",
+            description="Shard round trip minus compute: routing and moving the state through the object store.",
+            boundaries=_FAST, tag_keys=("pool",),
+        )
+
+    # Denoiser pools -----------------------------------------------------------------
+    @cached_property
+    def shard_latency(self):
+        return self._m.Histogram(
+            "videofarm_shard_seconds", description="Compute time of one shard on a replica.",
+            boundaries=_SLOW, tag_keys=("pool",),
+        )
+
+    @cached_property
+    def step_latency(self):
+        return self._m.Histogram(
+            "videofarm_step_seconds", description="Compute time of one denoising step.",
+            boundaries=_FAST, tag_keys=("pool",),
+        )
+
+    # Finisher -----------------------------------------------------------------------
+    @cached_property
+    def finish_latency(self):
+        return self._m.Histogram(
+            "videofarm_finish_seconds", description="Decode, watermark, encode and sign one clip.",
+            boundaries=_SLOW, tag_keys=("model",),
+        )
+
+    @cached_property
+    def upload_latency(self):
+        return self._m.Histogram(
+            "videofarm_upload_seconds", description="Upload of one clip's objects to S3.",
+            boundaries=_FAST, tag_keys=("model",),
+        )
+
+    @cached_property
+    def upload_bytes(self):
+        return self._m.Counter(
+            "videofarm_upload_bytes_total", description="Bytes uploaded to S3, by variant.", tag_keys=("variant",)
+        )
