@@ -1,0 +1,137 @@
+"""The farm as a user runs it: `farm up`, the unmodified openai SDK, metrics, status, `farm down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+FAMILIES = [
+    "videofarm_jobs_created_total", "videofarm_jobs_completed_total", "videofarm_jobs_failed_total",
+    "videofarm_queue_depth", "videofarm_queue_wait_seconds", "videofarm_step_seconds", "videofarm_shard_seconds",
+    "videofarm_shard_handoff_seconds", "videofarm_job_seconds", "videofarm_finish_seconds",
+    "videofarm_upload_seconds", "videofarm_upload_bytes_total", "videofarm_http_request_seconds",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _farm(*args: str, env: dict, timeout: float = 400) -> subprocess.CompletedProcess:
+    farm = Path(sys.executable).parent / "farm"
+    return subprocess.run([str(farm), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _farm_processes(home: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()
+            if re.search(r"raylet|gcs_server|ray::|default_worker", line) or str(home) in line]
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    home = tmp_path_factory.mktemp("farm-up")
+    port, metrics_port = _free_port(), _free_port()
+    env = {**os.environ, "FARM_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    started = _farm("up", "--port", str(port), "--metrics-port", str(metrics_port), env=env)
+    assert started.returncode == 0, started.stderr[-3000:]
+    try:
+        yield {"home": home, "env": env, "port": port, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+    finally:
+        stopped = _farm("down", env=env)
+        assert stopped.returncode == 0, stopped.stderr[-2000:]
+        time.sleep(1)
+        # `farm down` leaves no process behind: no Ray, no SeaweedFS.
+        assert _farm_processes(home) == []
+
+
+@pytest.fixture
+def client(farm):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{farm['port']}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_sdk_end_to_end(farm, client):
+    import openai
+
+    from farm.finish.media import probe_mp4
+    from farm.finish.provenance import ensure_dev_credentials, verify
+
+    video = client.videos.create_and_poll(
+        model="wan-tiny", prompt="夕焼けの海辺を走る犬、スローモーション", seconds="1", size="64x64",
+        extra_body={"steps": 4, "seed": 11},
+    )
+    assert video.status == "completed" and video.progress == 100, video
+    assert client.videos.retrieve(video.id).status == "completed"
+    assert video.id in [v.id for v in client.videos.list(limit=10)]
+
+    clip = farm["home"] / "sdk.mp4"
+    clip.write_bytes(client.videos.download_content(video.id, variant="video").read())
+    info = probe_mp4(clip)
+    assert (info.frames, info.width, info.height) == (9, 64, 64)
+    anchors = ensure_dev_credentials(farm["home"] / "c2pa").ca_cert.read_text()
+    assert verify(clip, anchors).state == "Trusted"
+    assert client.videos.download_content(video.id, variant="thumbnail").read()[8:12] == b"WEBP"
+    assert client.videos.download_content(video.id, variant="spritesheet").read()[:3] == b"\xff\xd8\xff"
+
+    assert client.videos.delete(video.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(video.id)
+
+
+def test_status_shows_pools_replicas_and_queues(farm):
+    done = _farm("status", "--json", env=farm["env"], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert report["app_status"] == "RUNNING"
+    assert report["deployments"]["Denoiser:wan-tiny:transformer"]["replicas"] == {"RUNNING": 2}
+    assert {"Denoiser:wan-tiny-2x:transformer", "Denoiser:wan-tiny-2x:transformer_2"} <= set(report["deployments"])
+    assert set(report["dispatcher"]["queue_depths"]) == {"interactive", "bulk"}
+
+
+def _scrape(url: str) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("ray_videofarm_") and not line.startswith("#"):
+                name = line.split("{")[0].split(" ")[0].removeprefix("ray_")
+                family = re.sub(r"_(bucket|count|sum)$", "", name)
+                if name.endswith("_bucket"):
+                    continue
+                totals[family] = totals.get(family, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def test_one_scrape_endpoint_covers_every_stage(farm, client):
+    from farm.jobs.store import JobStore
+
+    # A two-expert job (both expert pools), and a job whose model left the registry: it fails.
+    client.videos.create_and_poll(model="wan-tiny-2x", prompt="雪の森のキツネ", seconds="1", size="64x64",
+                                  extra_body={"steps": 4, "seed": 3})
+    store = JobStore(f"sqlite:///{farm['home'] / 'jobs.sqlite'}")
+    orphan = store.create(model="retired-model", prompt="x", size="64x64", seconds=1, params={"steps": 2, "seed": 1})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = store.get(orphan.id)
+        totals = _scrape(farm["metrics"])
+        if job.status == "failed" and all(totals.get(f, 0) > 0 or f == "videofarm_queue_depth" for f in FAMILIES):
+            break
+        time.sleep(2)
+    assert store.get(orphan.id).error_code == "model_unavailable"
+    missing = [f for f in FAMILIES if f not in totals]
+    assert not missing, f"families missing from {farm['metrics']}: {missing}"
+    empty = [f for f in FAMILIES if totals[f] <= 0 and f != "videofarm_queue_depth"]
+    assert not empty, f"families with no samples: {empty}"
