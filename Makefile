@@ -23,12 +23,11 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	@test -f $(FARM_HOME)/models/wan-tiny/model_index.json || $(BIN)/farm model init tiny --out $(FARM_HOME)/models/wan-tiny
-	$(BIN)/farm storage start
+	$(BIN)/farm up
 	@mkdir -p $(dir $(DEMO_OUT))
-	$(BIN)/farm render "$(DEMO_PROMPT)" --size 128x128 --seconds 2 --steps 8 --seed 42 --shard-steps 3 --out $(DEMO_OUT)
+	$(BIN)/farm submit "$(DEMO_PROMPT)" --size 128x128 --seconds 2 --steps 8 --seed 42 --wait --out $(DEMO_OUT)
 	$(BIN)/farm verify $(DEMO_OUT)
-	@echo "The embedded S3 server keeps running; stop it with: $(BIN)/farm storage stop"
+	@echo "The farm keeps running: OpenAI base_url http://127.0.0.1:8000/v1, 'farm status' to look, '$(BIN)/farm down' to stop."
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
@@ -37,5 +36,5 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_shards.py
 
 clean:
-	-$(BIN)/farm storage stop
+	-$(BIN)/farm down
 	rm -rf $(FARM_HOME) out

@@ -161,6 +161,59 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Send one prompt to the running farm through its OpenAI-style API, as any client would."""
+    import time
+
+    import openai
+
+    from farm.runtime import running_farm
+
+    settings = _settings(args)
+    runtime = running_farm(settings)
+    if runtime is None:
+        raise CliError(f"no farm is up for {settings.state_dir}; start one with `farm up`")
+    out = _checked_out_path(args.out) if args.out else None
+    client = openai.OpenAI(base_url=f"{runtime.http_url}/v1", api_key=args.api_key or "local", max_retries=2)
+    body = {k: v for k, v in (("seed", args.seed), ("steps", args.steps), ("priority", args.priority)) if v is not None}
+    request = {"prompt": args.prompt, "extra_body": body}
+    for field in ("model", "size"):
+        if getattr(args, field):
+            request[field] = getattr(args, field)
+    if args.seconds is not None:
+        request["seconds"] = str(args.seconds)
+    try:
+        video = client.videos.create(**request)
+    except openai.APIStatusError as exc:
+        raise CliError(_api_error(exc)) from None
+    print(f"video_id: {video.id}")
+    if not args.wait:
+        return 0
+    with _TqdmProgress(100, enabled=not args.quiet, unit="%") as bar:
+        while video.status in ("queued", "in_progress"):
+            bar.stage(video.status)
+            bar.advance_to(video.progress or 0)
+            time.sleep(0.5)
+            video = client.videos.retrieve(video.id)
+        bar.advance_to(100 if video.status == "completed" else video.progress or 0)
+    if video.status != "completed":
+        error = video.error.message if video.error else "no error message"
+        raise CliError(f"video {video.id} ended {video.status}: {error}")
+    print(f"s3:       s3://{settings.storage.bucket}/videos/{video.id}/video.mp4")
+    if out is not None:
+        out.write_bytes(client.videos.download_content(video.id, variant="video").read())
+        print(f"local:    {out}")
+    return 0
+
+
+def _api_error(exc) -> str:
+    """The gateway's OpenAI-shaped error already names the field and what is allowed."""
+    try:
+        return exc.response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"the farm answered HTTP {exc.status_code}"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check a clip as a viewer would: it decodes, and its C2PA manifest validates."""
     from farm.finish.media import probe_mp4
@@ -233,15 +286,16 @@ def _one_line(exc: BaseException) -> str:
 class _TqdmProgress:
     """Progress bar over denoising steps, its label naming the current stage."""
 
-    def __init__(self, steps: int, enabled: bool) -> None:
+    def __init__(self, steps: int, enabled: bool, unit: str = "step") -> None:
         self.steps = steps
+        self.unit = unit
         self.enabled = enabled
         self.bar = None
 
     def __enter__(self):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=self.steps, unit="step", disable=not self.enabled, file=sys.stderr, leave=True)
+        self.bar = tqdm(total=self.steps, unit=self.unit, disable=not self.enabled, file=sys.stderr, leave=True)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -252,6 +306,10 @@ class _TqdmProgress:
 
     def step(self, index: int, total: int) -> None:
         self.bar.update(1)
+
+    def advance_to(self, value: int) -> None:
+        if value > self.bar.n:
+            self.bar.update(value - self.bar.n)
 
 
 def _whole_number(text: str) -> int:
@@ -306,6 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
     stat = sub.add_parser("status", help="pools, replicas, queue depths and recent jobs")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
     stat.set_defaults(func=cmd_status)
+
+    submit = sub.add_parser("submit", help="send a prompt to the running farm (POST /v1/videos)")
+    submit.add_argument("prompt", help="what to render")
+    submit.add_argument("--model", help="model id (default: the farm's first)")
+    submit.add_argument("--size", help="WIDTHxHEIGHT")
+    submit.add_argument("--seconds", type=_whole_number, help="clip length in seconds")
+    submit.add_argument("--steps", type=_whole_number, help="denoising steps")
+    submit.add_argument("--seed", type=_whole_number, help="random seed")
+    submit.add_argument("--priority", choices=("interactive", "bulk"), help="queue priority")
+    submit.add_argument("--wait", action="store_true", help="poll until done, with a progress bar")
+    submit.add_argument("--out", help="with --wait: download the MP4 here")
+    submit.add_argument("--api-key", help="API key sent as Authorization: Bearer")
+    submit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    submit.set_defaults(func=cmd_submit)
 
     check = sub.add_parser("verify", help="check that an MP4 decodes and its C2PA manifest is trusted")
     check.add_argument("file", help="the MP4 to check")

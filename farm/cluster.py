@@ -11,49 +11,25 @@ knows where to look.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from farm.builders import FarmAppArgs, build_app, merge_settings
 from farm.config import FarmSettings
+from farm.runtime import RUNTIME_FILE, FarmRuntime, healthy
 
 log = logging.getLogger(__name__)
 
-RUNTIME_FILE = "farm.json"
-
-
 class FarmError(RuntimeError):
     """A lifecycle step failed; the message says which and why."""
-
-
-@dataclass
-class FarmRuntime:
-    """What ``farm up`` started, as saved in ``farm.json``."""
-
-    app_name: str
-    ray_address: str
-    started_ray: bool
-    http_url: str
-    metrics_url: str | None
-    deployment_file: str
-
-    def save(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        (state_dir / RUNTIME_FILE).write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, state_dir: Path) -> "FarmRuntime | None":
-        path = state_dir / RUNTIME_FILE
-        return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -129,8 +105,13 @@ def up(
 
     app = read_deployment(deployment_file)
     port = port or app.port
-    if FarmRuntime.load(settings.state_dir) is not None:
-        raise FarmError(f"a farm is already up for {settings.state_dir} (farm.json exists); run `farm down` first")
+    existing = FarmRuntime.load(settings.state_dir)
+    if existing is not None:
+        if healthy(existing.http_url):
+            log.info("the farm for %s is already up at %s", settings.state_dir, existing.http_url)
+            return existing
+        log.warning("farm.json names a farm that does not answer; cleaning it up before starting anew")
+        down(settings)
 
     # 1. The parts the farm stands on: models, object storage, job store.
     _ensure_models(settings)
@@ -163,7 +144,7 @@ def up(
         ray.init(address=address, namespace="videofarm", log_to_driver=False)
         serve.start(http_options={"host": app.host, "port": port})
         serve.run(build_app(args), name=app.name, route_prefix=app.route_prefix)
-        _wait_healthy(runtime.http_url, timeout_s)
+        _waithealthy(runtime.http_url, timeout_s)
     except BaseException:
         ray.shutdown()
         down(settings)
@@ -172,7 +153,7 @@ def up(
     return runtime
 
 
-def _wait_healthy(http_url: str, timeout_s: float) -> None:
+def _waithealthy(http_url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
