@@ -193,6 +193,9 @@ def _serve_shutdown(runtime: FarmRuntime, delete_only: bool = False) -> None:
 
     try:
         ray.init(address=runtime.ray_address, namespace="videofarm", log_to_driver=False)
+        # Drain first: running jobs go back to the queue at once, with their checkpoints.
+        dispatcher = serve.get_deployment_handle("DispatcherDeployment", app_name=runtime.app_name)
+        dispatcher.drain.remote().result(timeout_s=60)
         if delete_only:
             serve.delete(runtime.app_name)
         else:

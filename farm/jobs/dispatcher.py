@@ -161,10 +161,12 @@ class Dispatcher:
         """Stop claiming; give running jobs back to the queue (they resume from their checkpoint)."""
         self._stopping = True
         self._wake.set()
-        for job_id, task in list(self._active.items()):
-            task.cancel()
+        active = dict(self._active)
+        for task in active.values():
+            task.cancel()  # interrupts at the next await: a shard boundary or a store call
+        await asyncio.gather(*active.values(), return_exceptions=True)
+        for job_id in active:
             await asyncio.to_thread(self.store.requeue, job_id, self.worker, "dispatcher stopping")
-        await asyncio.gather(*self._active.values(), return_exceptions=True)
 
     def _remember(self, job_id: str, latents) -> None:
         self.final_latents[job_id] = latents

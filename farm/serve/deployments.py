@@ -154,6 +154,10 @@ class DispatcherDeployment:
     def wake(self) -> None:
         self.dispatcher.wake()
 
+    async def drain(self) -> None:
+        """Stop claiming and hand running jobs back to the queue (first step of `farm down`)."""
+        await self.dispatcher.stop()
+
     def status(self) -> dict:
         store = self.dispatcher.store
         return self.dispatcher.status() | {
