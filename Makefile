@@ -34,6 +34,7 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_shards.py
+	$(BIN)/python bench/bench_farm.py
 
 clean:
 	-$(BIN)/farm down

@@ -74,7 +74,3 @@ def build_app(args: FarmAppArgs | dict) -> Application:
         plain, encoder, pools, finisher, ss.max_active_jobs
     )
     return Gateway.options(num_replicas=ss.gateway_replicas, ray_actor_options={"num_cpus": 0.1}).bind(plain, dispatcher)
-
-
-# Serve's import_path may name an Application builder directly.
-app_builder = build_app

@@ -11,7 +11,9 @@ knows where to look.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from farm import env
 from farm.builders import FarmAppArgs, build_app, merge_settings
 from farm.config import FarmSettings
 from farm.runtime import RUNTIME_FILE, FarmRuntime, healthy
@@ -122,12 +125,14 @@ def up(
 
     # 2. Ray: start a head node here, or join the given cluster.
     started_ray = address is None
-    metrics_url = None
+    metrics_url = ray_temp_dir = None
     if started_ray:
         ray_port, metrics_port = _free_port(), metrics_port or _free_port()
+        ray_temp_dir = ray_temp_dir_for(settings)
         cmd = [_ray_bin(), "start", "--head", f"--port={ray_port}", f"--metrics-export-port={metrics_port}",
-               "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+               "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+               f"--temp-dir={ray_temp_dir}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env.ray_head_env())
         if done.returncode != 0:
             raise FarmError(f"`ray start` failed: {done.stderr.strip()[-800:]}")
         address = f"127.0.0.1:{ray_port}"
@@ -138,7 +143,7 @@ def up(
     if args.config is None:
         args = args.model_copy(update={"settings": merge_settings(settings.model_dump(mode="json"), args.settings)})
     runtime = FarmRuntime(app.name, address, started_ray, f"http://{app.host}:{port}", metrics_url,
-                          str(deployment_file))
+                          str(deployment_file), ray_temp_dir)
     runtime.save(settings.state_dir)
     try:
         ray.init(address=address, namespace="videofarm", log_to_driver=False)
@@ -176,8 +181,10 @@ def down(settings: FarmSettings, *, grace_s: int = 15) -> bool:
         if runtime.started_ray:
             # Serve's graceful shutdown lets the dispatcher requeue its running jobs first.
             _serve_shutdown(runtime)
-            subprocess.run([_ray_bin(), "stop", f"--grace-period={grace_s}"], capture_output=True, timeout=120)
-            subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, timeout=60)
+            if runtime.ray_temp_dir:
+                _stop_ray_processes(runtime.ray_temp_dir, grace_s)
+            else:  # a farm.json from before temp dirs were recorded
+                subprocess.run([_ray_bin(), "stop", f"--grace-period={grace_s}"], capture_output=True, timeout=120)
         else:
             _serve_shutdown(runtime, delete_only=True)
         (settings.state_dir / RUNTIME_FILE).unlink(missing_ok=True)
@@ -185,6 +192,47 @@ def down(settings: FarmSettings, *, grace_s: int = 15) -> bool:
     if server is not None:
         server.stop()
     return runtime is not None or server is not None
+
+
+def ray_temp_dir_for(settings: FarmSettings) -> str:
+    """A short per-farm Ray temp dir (Unix socket paths cap at ~107 bytes), stable for a state folder."""
+    digest = hashlib.sha256(str(settings.state_dir).encode()).hexdigest()[:10]
+    return f"/tmp/videofarm-ray-{digest}"
+
+
+def _stop_ray_processes(temp_dir: str, grace_s: float) -> None:
+    """Stop only this farm's Ray: its daemons name ``temp_dir`` on their command lines; workers are their children.
+
+    ``ray stop`` would end every Ray cluster on the machine, other farms' included.
+    """
+    import psutil
+
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                roots.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    victims = {p.pid: p for p in roots}
+    for root in roots:
+        try:
+            victims.update({c.pid: c for c in root.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            continue
+    for proc in victims.values():
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(victims.values()), timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _serve_shutdown(runtime: FarmRuntime, delete_only: bool = False) -> None:

@@ -71,3 +71,13 @@ def use_ray_token(state: Path) -> None:
             handle.write(secrets.token_hex(32))
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)
+
+
+def ray_head_env() -> dict[str, str]:
+    """Environment for the Ray head that `farm up` starts.
+
+    Ray runs workers at nice 15 by default, below everything else on the machine; here the
+    workers are the farm, so they run at the same priority as the S3 store and job store
+    they depend on (``RAY_worker_niceness`` is Ray's own knob).
+    """
+    return {**os.environ, "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}

@@ -24,6 +24,7 @@ class FarmRuntime:
     http_url: str
     metrics_url: str | None
     deployment_file: str
+    ray_temp_dir: str | None = None  # marks the Ray processes this farm started (and only those)
 
     def save(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)

@@ -240,10 +240,10 @@ class Dispatcher:
             num_steps=state.num_steps,
             progress=progress,
             checkpoint_key=key,
+            lease_s=self.lease_s,
         )
         if not held:
             raise JobCancelled() if await self._cancel_requested(job) else RuntimeError("lease lost")
-        await asyncio.to_thread(self.store.renew, job.id, self.worker, self.lease_s)
 
     async def _cancel_requested(self, job: Job) -> bool:
         current = await asyncio.to_thread(self.store.get, job.id)

@@ -477,8 +477,11 @@ class JobStore:
         num_steps: int,
         progress: int,
         checkpoint_key: str | None = None,
+        lease_s: float | None = None,
     ) -> bool:
         """Record a finished shard; False (nothing written) unless ``worker`` holds the lease.
+
+        With ``lease_s`` the same write also extends the lease (one write per shard, not two).
 
         ``progress`` and ``step_index`` never go backwards; a checkpoint older than the
         recorded step does not replace a newer one.
@@ -497,6 +500,8 @@ class JobStore:
         }
         if checkpoint_key is not None:
             changes["checkpoint_key"] = sa.case((_C.step_index <= step_index, checkpoint_key), else_=_C.checkpoint_key)
+        if lease_s is not None:
+            changes["lease_expires_at"] = self._clock() + _lease(lease_s)
         return self._write_held(id, worker, changes)
 
     def complete(self, id: str, worker: str, objects: Mapping[str, str]) -> bool:

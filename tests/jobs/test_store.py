@@ -383,6 +383,17 @@ def test_progress_never_goes_backwards(store: JobStore) -> None:
             store.record_progress(job.id, "w1", **kwargs)
 
 
+def test_recording_progress_can_extend_the_lease(store: JobStore) -> None:
+    job = make(store)
+    claimed = store.claim_next("w1", 5)
+    assert store.record_progress(job.id, "w1", step_index=2, num_steps=8, progress=25, lease_s=600)
+    extended = store.get(job.id).lease_expires_at
+    assert (extended - claimed.lease_expires_at).total_seconds() > 500
+    assert store.record_progress(job.id, "w1", step_index=3, num_steps=8, progress=30)  # no lease_s: unchanged
+    assert store.get(job.id).lease_expires_at == extended
+    assert not store.record_progress(job.id, "w2", step_index=4, num_steps=8, progress=40, lease_s=600)
+
+
 def test_failure_is_reported_in_openai_shape(store: JobStore) -> None:
     job = make(store)
     store.claim_next("w1", 60)

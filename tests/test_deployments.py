@@ -1,0 +1,83 @@
+"""The Serve config files validate with the same typed config the farm runs on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from farm.builders import FarmAppArgs, build_app, default_pools, resolve_settings
+from farm.cluster import FarmError, read_deployment
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _deployments(app) -> dict:
+    """Name → Deployment of every node in a built (not deployed) application graph."""
+    found, todo = {}, [app._bound_deployment]
+    while todo:
+        node = todo.pop()
+        found[node.name] = node
+        todo += [a._bound_deployment for a in list(node.init_args) + list(node.init_kwargs.values())
+                 if hasattr(a, "_bound_deployment")]
+        for arg in node.init_args:
+            if isinstance(arg, list):
+                todo += [x[2]._bound_deployment for x in arg if isinstance(x, tuple) and len(x) == 3]
+    return found
+
+
+def test_local_yaml_is_a_valid_serve_config_and_builds():
+    app = read_deployment(ROOT / "deployments" / "local.yaml")
+    assert app.import_path == "farm.builders:build_app" and (app.host, app.port) == ("127.0.0.1", 8000)
+    settings = resolve_settings(app.args)
+    assert [p.replicas for p in settings.serve.pools if p.model == "wan-tiny"] == [2]
+    nodes = _deployments(build_app(app.args))
+    assert {"Gateway", "DispatcherDeployment", "Encoder", "Finisher", "Denoiser:wan-tiny:transformer",
+            "Denoiser:wan-tiny-2x:transformer", "Denoiser:wan-tiny-2x:transformer_2"} <= set(nodes)
+
+
+def test_gpu_yaml_describes_one_pool_per_expert_on_gpus():
+    app = read_deployment(ROOT / "deployments" / "gpu.yaml")
+    settings = resolve_settings(app.args)
+    assert {m.id: m.path for m in settings.models} == {
+        "wan2.1-t2v-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        "wan2.2-t2v-a14b": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    }
+    assert settings.model("wan2.2-t2v-a14b").experts == 2
+    assert settings.storage.mode == "external" and settings.database_url.startswith("postgresql+psycopg://")
+    pools = {(p.model, tuple(p.experts)): p for p in settings.serve.pools}
+    assert set(pools) == {("wan2.1-t2v-1.3b", ("transformer",)), ("wan2.2-t2v-a14b", ("transformer",)),
+                          ("wan2.2-t2v-a14b", ("transformer_2",))}
+    assert all(p.num_gpus >= 1 for p in pools.values())
+    nodes = _deployments(build_app(app.args))
+    high = nodes["Denoiser:wan2.2-t2v-a14b:transformer"]
+    assert high.ray_actor_options["num_gpus"] == 1 and high.num_replicas == 4
+
+
+def test_default_pools_give_each_expert_its_own_pool():
+    settings = resolve_settings(FarmAppArgs())
+    assert [(p.model, p.experts) for p in default_pools(settings)] == [
+        ("wan-tiny", ["transformer"]), ("wan-tiny-2x", ["transformer"]), ("wan-tiny-2x", ["transformer_2"])]
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"serve": {"pools": [{"model": "nope", "experts": ["transformer"]}]}}, "model 'nope' is not in models"),
+        ({"serve": {"pools": [{"model": "wan-tiny", "experts": ["transformer_3"]}]}}, "transformer_3"),
+        ({"serve": {"max_queued": 0}}, "max_queued"),
+        ({"serve": {"replicas_typo": 2}}, "replicas_typo"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_field(patch, needle):
+    with pytest.raises(ValueError, match=needle):
+        resolve_settings(FarmAppArgs(settings=patch))
+
+
+def test_deployment_file_must_name_the_farm_builder(tmp_path):
+    path = tmp_path / "other.yaml"
+    path.write_text("applications:\n  - name: x\n    import_path: other.module:app\n")
+    with pytest.raises(FarmError, match="import_path must be farm.builders:build_app"):
+        read_deployment(path)
+    with pytest.raises(FarmError, match="does not exist"):
+        read_deployment(tmp_path / "missing.yaml")
