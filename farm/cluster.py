@@ -183,8 +183,8 @@ def down(settings: FarmSettings, *, grace_s: int = 15) -> bool:
             _serve_shutdown(runtime)
             if runtime.ray_temp_dir:
                 _stop_ray_processes(runtime.ray_temp_dir, grace_s)
-            else:  # a farm.json from before temp dirs were recorded
-                subprocess.run([_ray_bin(), "stop", f"--grace-period={grace_s}"], capture_output=True, timeout=120)
+            else:
+                log.warning("farm.json names no Ray temp dir; stop that Ray cluster by hand (`ray stop`)")
         else:
             _serve_shutdown(runtime, delete_only=True)
         (settings.state_dir / RUNTIME_FILE).unlink(missing_ok=True)
