@@ -2,8 +2,8 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Everything the farm writes (S3 data, models, signing keys, renders) stays in the checkout.
-export FARM_HOME ?= $(CURDIR)/.farm
+# The farm's state (S3 data, models, signing keys, job store) lives in $FARM_HOME, else
+# ~/.local/state/videofarm: the same place `.venv/bin/farm status` and `farm down` look.
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 
@@ -38,4 +38,4 @@ bench: $(BIN)/.installed
 
 clean:
 	-$(BIN)/farm down
-	rm -rf $(FARM_HOME) out
+	rm -rf out
