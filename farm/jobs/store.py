@@ -33,31 +33,25 @@ import json
 import logging
 import math
 import re
-import sqlite3
-import time
 import uuid
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
+
+from farm.db import JSON, Base, Database, alembic_config, sqlite_url, unix, utcnow  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 DEFAULT_EXPIRES_IN_S = 7 * 24 * 3600
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 
 _SIZE = re.compile(r"^[1-9]\d*x[1-9]\d*$")
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_SQLITE_BUSY_S = 30.0
 # PostgreSQL advisory-lock keys: arbitrary constants that only this store uses.
-_LOCK_MIGRATE = 0x7666_0001
 _LOCK_CREATE = 0x7666_0002
 # Retry-After when no job finished recently, and the window its estimate looks at.
 _RETRY_AFTER_DEFAULT_S = 30.0
@@ -87,30 +81,6 @@ class QueueFull(Exception):
 
 class IdempotencyConflict(ValueError):
     """An idempotency key was reused for a different request."""
-
-
-class UtcMicros(sa.TypeDecorator[dt.datetime]):
-    """A timezone-aware datetime stored as BIGINT microseconds since the epoch."""
-
-    impl = sa.BigInteger
-    cache_ok = True
-
-    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> int | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: the job store needs timezone-aware times")
-        return (value - _EPOCH) // dt.timedelta(microseconds=1)
-
-    def process_result_value(self, value: int | None, dialect: sa.Dialect) -> dt.datetime | None:
-        return None if value is None else _EPOCH + dt.timedelta(microseconds=value)
-
-
-_JSON = sa.JSON().with_variant(JSONB(), "postgresql")
-
-
-class Base(DeclarativeBase):
-    type_annotation_map = {dt.datetime: UtcMicros(), dict[str, Any]: _JSON}
 
 
 class Video(Base):
@@ -171,8 +141,37 @@ sa.Index(
     unique=True,
 )
 
+class VideoEvent(Base):
+    """The job store's event log: one row per terminal transition, written in the same
+    transaction as the transition itself (an outbox), read by the webhook fan-out."""
+
+    __tablename__ = "video_events"
+
+    seq: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    id: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    type: Mapped[str] = mapped_column(sa.String(64))  # video.completed | video.failed | video.cancelled
+    video_id: Mapped[str] = mapped_column(sa.String(64))
+    owner: Mapped[str | None] = mapped_column(sa.String(255))
+    created_at: Mapped[dt.datetime]
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    seq: int
+    id: str
+    type: str
+    video_id: str
+    owner: str | None
+    created_at: dt.datetime
+
+
+EVENT_TYPES = {"completed": "video.completed", "failed": "video.failed", "cancelled": "video.cancelled"}
+
 _V = Video.__table__
 _C = _V.c
+_E = VideoEvent.__table__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,45 +251,15 @@ def new_video_id() -> str:
     return f"video_{uuid.uuid4().hex}"
 
 
-def sqlite_url(path: str | Path) -> str:
-    """The SQLAlchemy URL of a SQLite job store file."""
-    return f"sqlite:///{Path(path).expanduser().resolve()}"
-
-
-def alembic_config(url: str | None = None):  # -> alembic.config.Config
-    """An Alembic config for the job-store migrations, without an alembic.ini.
-
-    Also for developers: ``command.revision(alembic_config(url), "msg", autogenerate=True)``.
-    """
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    if url is not None:
-        # configparser interpolates '%', which URL-encoded passwords contain.
-        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return cfg
-
-
 class JobStore:
     """Jobs in a SQL database; thread-safe, and safe to share between processes."""
 
     def __init__(self, url: str, *, clock: Callable[[], dt.datetime] | None = None) -> None:
         """``clock`` (timezone-aware UTC now) is for tests that move time forward."""
-        parsed = sa.make_url(url)
-        backend = parsed.get_backend_name()
-        if backend not in ("sqlite", "postgresql"):
-            raise ValueError(
-                f"job store url: backend {backend!r} is not supported; use sqlite:///PATH or postgresql+psycopg://..."
-            )
-        self.url = parsed
-        self._sqlite = backend == "sqlite"
-        connect_args = {"timeout": _SQLITE_BUSY_S} if self._sqlite else {}
-        self._engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
-        if self._sqlite:
-            _install_sqlite_hooks(self._engine)
-        # Same pool; the option tells the SQLite begin hook to take the write lock up front.
-        self._writer = self._engine.execution_options(farm_write=True)
+        self._db = Database(url)
+        self.url = self._db.url
+        self._sqlite = self._db.sqlite
+        self._engine, self._writer = self._db.engine, self._db.writer
         self._clock = clock or _now
 
     def __repr__(self) -> str:
@@ -300,14 +269,7 @@ class JobStore:
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision; idempotent, safe to run concurrently."""
-        from alembic import command
-
-        cfg = alembic_config()
-        with self._writer.begin() as conn:
-            # SQLite: BEGIN IMMEDIATE already serialises concurrent migrators.
-            self._pg_lock(conn, _LOCK_MIGRATE)
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        self._db.migrate()
 
     def close(self) -> None:
         self._engine.dispose()
@@ -420,6 +382,7 @@ class JobStore:
                 return job
             changes["cancel_requested"] = True
             conn.execute(sa.update(_V).where(_C.id == id).values(**changes))
+            _emit(conn, changes.get("status"), [(job.id, job.owner)])
         return dataclasses.replace(job, **changes)
 
     # -- the dispatcher's side -----------------------------------------------------
@@ -542,6 +505,7 @@ class JobStore:
                     "updated_at": now,
                 }
             conn.execute(sa.update(_V).where(_C.id == id).values(**changes))
+            _emit(conn, changes["status"], [(id, row["owner"])])
         log.info("requeued %s from %s: %s", id, worker, reason)
         return True
 
@@ -577,19 +541,32 @@ class JobStore:
     # -- internals -------------------------------------------------------------------
 
     def _pg_lock(self, conn: Connection, key: int) -> None:
-        if not self._sqlite:
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+        self._db.pg_lock(conn, key)
 
     def _write_held(self, id: str, worker: str, changes: dict[str, Any], *extra: sa.ColumnElement[bool]) -> bool:
         with self._writer.begin() as conn:
-            result = conn.execute(sa.update(_V).where(_held(id, worker), *extra).values(**changes))
-        return result.rowcount == 1
+            row = conn.execute(
+                sa.update(_V).where(_held(id, worker), *extra).values(**changes).returning(_C.id, _C.owner)
+            ).first()
+            if row is not None:
+                _emit(conn, changes.get("status"), [(row.id, row.owner)])
+        return row is not None
+
+    # -- the event log ------------------------------------------------------------------
+
+    def events_since(self, seq: int, limit: int = 100) -> builtins.list[Event]:
+        """Terminal transitions after ``seq``, oldest first (the webhook fan-out's feed)."""
+        query = sa.select(_E).where(_E.c.seq > seq).order_by(_E.c.seq).limit(limit)
+        with self._engine.connect() as conn:
+            return [Event(**row) for row in conn.execute(query).mappings()]
 
     def _settle(self, conn: Connection, where: sa.ColumnElement[bool], changes: dict[str, Any]) -> None:
         # SKIP LOCKED: rows another claimer is working on are left to it (no waits, no deadlocks).
-        ids = conn.scalars(sa.select(_C.id).where(where).with_for_update(skip_locked=True)).all()
+        rows = conn.execute(sa.select(_C.id, _C.owner).where(where).with_for_update(skip_locked=True)).all()
+        ids = [r.id for r in rows]
         if ids:
             conn.execute(sa.update(_V).where(_C.id.in_(ids), where).values(**changes))
+            _emit(conn, changes["status"], [(r.id, r.owner) for r in rows])
             log.warning("settled %d job(s) with expired leases as %s: %s", len(ids), changes["status"], ids)
 
     @staticmethod
@@ -602,51 +579,8 @@ class JobStore:
         return float(min(max(math.ceil(excess * _THROUGHPUT_WINDOW_S / done), 1), _THROUGHPUT_WINDOW_S))
 
 
-def _install_sqlite_hooks(engine: sa.Engine) -> None:
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # SQLAlchemy emits BEGIN itself (below); the sqlite3 module's own implicit
-        # BEGIN would skip SELECTs and DDL and could not be IMMEDIATE.
-        dbapi_conn.isolation_level = None
-        cursor = dbapi_conn.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {int(_SQLITE_BUSY_S * 1000)}")
-        _enable_wal(cursor)
-        cursor.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode
-        cursor.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        write = conn.get_execution_options().get("farm_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-
-def _enable_wal(cursor: Any) -> None:
-    """Switch the file to WAL (a persistent setting), waiting out other connections.
-
-    The switch needs an exclusive lock and SQLite fails it at once, without calling
-    the busy handler, while another connection is mid-transaction: retry until the
-    busy timeout.
-    """
-    deadline = time.monotonic() + _SQLITE_BUSY_S
-    while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-        try:
-            mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-            continue
-        if mode.lower() != "wal":  # an in-memory database: one connection, nothing to share
-            log.warning("SQLite journal_mode is %r, not WAL: other processes cannot share this store", mode)
-            return
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _unix(when: dt.datetime | None) -> int | None:
-    return None if when is None else int(when.timestamp())
+_now = utcnow
+_unix = unix
 
 
 def _owned(id: str, owner: str | None) -> sa.ColumnElement[bool]:
@@ -659,6 +593,18 @@ def _held(id: str, worker: str) -> sa.ColumnElement[bool]:
 
 def _finished(status: str, now: dt.datetime) -> dict[str, Any]:
     return {"status": status, "completed_at": now, "updated_at": now, "lease_owner": None, "lease_expires_at": None}
+
+
+def _emit(conn: Connection, status: str | None, videos: builtins.list[tuple[str, str | None]]) -> None:
+    """Log a terminal transition in the caller's transaction: the event commits with it or not at all."""
+    kind = EVENT_TYPES.get(status or "")
+    if kind is None or not videos:
+        return
+    now = _now()
+    conn.execute(sa.insert(_E), [
+        {"id": f"evt_{uuid.uuid4().hex}", "type": kind, "video_id": vid, "owner": owner, "created_at": now}
+        for vid, owner in videos
+    ])
 
 
 def _check_worker(worker: str) -> None:

@@ -81,7 +81,7 @@ def test_migrate_is_idempotent(store: JobStore, store_url: str) -> None:
     job = make(store)
     store.migrate()
     JobStore(store_url).migrate()
-    assert version_of(store_url) == ["0001"]
+    assert version_of(store_url) == ["0002"]
     assert store.get(job.id) == job
 
 
@@ -101,7 +101,7 @@ def test_migrate_concurrently_from_threads_and_processes(store_url: str) -> None
             future.result()
     for child in children:
         finish(child)
-    assert version_of(store_url) == ["0001"]
+    assert version_of(store_url) == ["0002"]
     store = JobStore(store_url)
     assert store.get(make(store).id) is not None
 

@@ -1,8 +1,8 @@
-"""Alembic environment for the job store.
+"""Alembic environment for the farm database (jobs, accounts, webhooks).
 
-``JobStore.migrate()`` hands over an open connection, already inside a transaction
+``farm.db.Database.migrate()`` hands over an open connection, already inside a transaction
 that holds the migration lock; the ``alembic`` command line (``sqlalchemy.url`` set
-in an ini file or via ``farm.jobs.store.alembic_config(url)``) opens its own.
+in an ini file or via ``farm.db.alembic_config(url)``) opens its own.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Connection
 
-from farm.jobs.store import Base
+import farm.accounts.tables  # noqa: F401  (each room registers its tables on Base.metadata)
+import farm.jobs.store  # noqa: F401
+import farm.webhooks.tables  # noqa: F401
+from farm.db import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -42,7 +45,7 @@ def run_online() -> None:
         return
     url = config.get_main_option("sqlalchemy.url")
     if not url:
-        raise RuntimeError("no connection given and no sqlalchemy.url set; use farm.jobs.store.alembic_config(url)")
+        raise RuntimeError("no connection given and no sqlalchemy.url set; use farm.db.alembic_config(url)")
     engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
         _run(connection)

@@ -1,0 +1,1 @@
+"""Invite-only accounts (tenants) and their API keys."""

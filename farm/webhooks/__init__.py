@@ -1,0 +1,1 @@
+"""Per-account webhook endpoints: signed video events, delivered at least once."""
