@@ -25,7 +25,7 @@ class FarmAppArgs(BaseModel):
 
 
 def resolve_settings(args: FarmAppArgs) -> FarmSettings:
-    base = load_settings(args.config).model_dump(mode="json")
+    base = load_settings(args.config).model_dump()
     return FarmSettings.model_validate(merge_settings(base, args.settings))
 
 
@@ -54,7 +54,8 @@ def build_app(args: FarmAppArgs | dict) -> Application:
 
     args = FarmAppArgs.model_validate(args) if isinstance(args, dict) else args
     settings = resolve_settings(args)
-    plain = settings.model_dump(mode="json")
+    # Python mode, not JSON: JSON masks SecretStr values (S3 secret, admin key) as '**********'.
+    plain = settings.model_dump()
     models = [m.model_dump(mode="json") for m in settings.models]
     ss = settings.serve
 

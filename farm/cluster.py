@@ -103,6 +103,7 @@ def up(
     import ray
     from ray import serve
 
+    from farm.accounts.admin import ensure_admin_key_file
     from farm.jobs.store import JobStore
     from farm.storage.connect import open_store
 
@@ -122,6 +123,8 @@ def up(
     store = JobStore(settings.job_store_url())
     store.migrate()
     store.close()
+    if settings.auth.admin_key is None and env.admin_key() is None:
+        ensure_admin_key_file(settings.state_dir)  # the operator's key on a one-machine farm
 
     # 2. Ray: start a head node here, or join the given cluster.
     started_ray = address is None
@@ -141,7 +144,7 @@ def up(
     # 3. The Serve application, built from the deployment file's typed args.
     args = app.args
     if args.config is None:
-        args = args.model_copy(update={"settings": merge_settings(settings.model_dump(mode="json"), args.settings)})
+        args = args.model_copy(update={"settings": merge_settings(settings.model_dump(), args.settings)})
     runtime = FarmRuntime(app.name, address, started_ray, f"http://{app.host}:{port}", metrics_url,
                           str(deployment_file), ray_temp_dir)
     runtime.save(settings.state_dir)

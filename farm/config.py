@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from farm import env
 from farm.finish.provenance import SignerConfig
 from farm.finish.watermark import WatermarkConfig
+from farm.render.faults import FaultInjection
 from farm.render.registry import ModelSpec, find_model
 from farm.render.tiny import tiny_spec
 from farm.storage.s3 import S3Settings
@@ -50,6 +51,35 @@ class RenderSettings(BaseModel):
     )
     default_seconds: int = Field(default=2, ge=1, description="Clip length when a request names none.")
     default_size: str = Field(default="128x128", description="Clip size when a request names none.")
+    checkpoints: bool = Field(
+        default=True,
+        description="Write each job's denoise state to S3 (checkpoints/{id}/state.pt) after every shard, "
+        "so a job resumes from its last shard after a dispatcher restart or `farm down`/`farm up`.",
+    )
+    shard_retries: int = Field(
+        default=2, ge=0, le=20,
+        description="Retries of a stage call that failed with a render error (non-finite latents, out of "
+        "memory) before the job fails with that error's code.",
+    )
+    replica_retries: int = Field(
+        default=6, ge=0, le=100,
+        description="Retries of a stage call whose replica died or became unreachable; each retry starts "
+        "from the state before the call (the last checkpoint) and goes to whichever replica Serve picks.",
+    )
+    retry_backoff_s: float = Field(
+        default=0.5, gt=0.0, le=60.0, description="First retry delay; doubles with each retry (with jitter)."
+    )
+    retry_backoff_max_s: float = Field(default=10.0, gt=0.0, le=600.0, description="Longest delay between retries.")
+    storage_retry_s: float = Field(
+        default=120.0, gt=0.0, le=3600.0,
+        description="Total seconds one storage operation (checkpoint write or read, clip upload) keeps "
+        "retrying while S3 is unreachable; an outage does not use up shard_retries.",
+    )
+    faults: list[FaultInjection] = Field(
+        default_factory=list,
+        description="Chaos testing: faults injected into the denoiser for jobs whose prompt matches "
+        "(see farm/render/faults.py). Empty in production.",
+    )
 
 
 class PoolSettings(BaseModel):
@@ -82,6 +112,40 @@ class ServeSettings(BaseModel):
     pools: list[PoolSettings] = Field(
         default_factory=list, description="Denoiser pools; empty: one pool per expert of every model, 1 replica each."
     )
+    rate_limit: str = Field(
+        default="1200/minute",
+        description="Requests per API key, as a `limits` string ('1200/minute', '20/second'); "
+        "enforced per gateway replica.",
+    )
+    max_queued_per_account: int = Field(default=50, ge=1, description="Queued jobs per account beyond which creates get 429.")
+    max_prompt_chars: int = Field(default=4000, ge=1, description="Longest prompt accepted, in characters.")
+    max_body_mb: float = Field(default=16.0, gt=0, description="Largest request body accepted, in MiB.")
+    max_upload_mb: float = Field(default=10.0, gt=0, description="Largest uploaded image (input_reference), in MiB.")
+    max_upload_pixels: int = Field(
+        default=4096 * 4096, ge=1, description="Most pixels an uploaded image may have (decompression-bomb guard)."
+    )
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(f"rate_limit: {value!r} is not a rate; use e.g. '1200/minute' or '20/second'") from None
+        return value
+
+
+class AuthSettings(BaseModel):
+    """Invite-only access: the operator's admin key and invite lifetimes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    admin_key: SecretStr | None = Field(
+        default=None, description="Key for /v1/admin routes; FARM_ADMIN_KEY wins; unset: generated under state_dir."
+    )
+    invite_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="Default lifetime of an invite code.")
 
 
 class FarmSettings(BaseModel):
@@ -96,6 +160,7 @@ class FarmSettings(BaseModel):
     signer: SignerConfig = Field(default_factory=SignerConfig)
     render: RenderSettings = Field(default_factory=RenderSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     database_url: str = Field(
         default="", description="SQLAlchemy URL of the job store; empty: a SQLite file in the state folder."
     )

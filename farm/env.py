@@ -81,3 +81,13 @@ def ray_head_env() -> dict[str, str]:
     they depend on (``RAY_worker_niceness`` is Ray's own knob).
     """
     return {**os.environ, "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
+
+
+def admin_key() -> str | None:
+    """The operator's admin key (``FARM_ADMIN_KEY``); it wins over settings and the generated file."""
+    return os.environ.get("FARM_ADMIN_KEY") or None
+
+
+def api_key() -> str | None:
+    """A tenant API key for the `farm` client commands (``VIDEOFARM_API_KEY``)."""
+    return os.environ.get("VIDEOFARM_API_KEY") or None

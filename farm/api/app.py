@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from farm import __version__
+from farm.api.auth import GatewayAuth
 from farm.api.errors import (
     ERROR_RESPONSES,
     Conflict,
@@ -34,7 +35,6 @@ from farm.api.errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
-    Unprocessable,
     VideoNotReady,
     install_error_handlers,
 )
@@ -45,11 +45,13 @@ from farm.api.schemas import (
     Variant,
     VideoDeleted,
     VideoList,
+    RemixVideoRequest,
     VideoObject,
     create_body_schemas,
     read_create_request,
 )
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, IdempotencyConflict, QueueFull
+from farm.api.uploads import UploadLimits, check_image, decode_data_url
 from farm.render.registry import ModelSpec, find_model, validate_request
 from farm.storage.s3 import ClipLayout, ObjectNotFound, delete_clip
 
@@ -87,10 +89,14 @@ class GatewayDeps:
     max_queued: int | None = None  # queued jobs beyond which creates get 429
     poll_after_ms: int = 1000  # the openai-poll-after-ms hint the SDK's poll() honours
     on_created: Callable[[str], Awaitable[None] | None] | None = None  # wakes the dispatcher
-    owner_of: Callable[[Request], str | None] | None = None  # tenant of a request; None: single tenant
+    # API keys and rate limits; None serves one anonymous tenant (embedding, unit tests).
+    auth: GatewayAuth | None = None
+    max_queued_per_account: int | None = None
+    invite_ttl_s: int = 7 * 24 * 3600
     metrics: GatewayMetrics | None = None
     max_prompt_chars: int = 4000
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024
+    upload_limits: UploadLimits = field(default_factory=UploadLimits)
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -156,6 +162,27 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+class _ResponseHeaders:
+    """Adds headers a route decided early (rate-limit state) to whatever response it ends with."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = (scope.get("state") or {}).get("response_headers") or {}
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                added = [(k.encode(), v.encode()) for k, v in extra.items() if k.encode() not in present]
+                message = {**message, "headers": [*message.get("headers", []), *added]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 class _Timing:
     """Reports each request's route template, status and duration to ``GatewayMetrics``."""
 
@@ -218,8 +245,9 @@ class _RangeNotSatisfiable(InvalidRequest):
 def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     # Routes go on the app itself, not an included router, so a 405 can list every method of a path.
 
-    def owner(request: Request) -> str | None:
-        return deps.owner_of(request) if deps.owner_of else None
+    async def owner(request: Request) -> str | None:
+        """The caller's account id (401/429 when its key is bad or over its limit)."""
+        return (await deps.auth.tenant(request)).account_id if deps.auth else None
 
     def video(job: Job) -> dict[str, Any]:
         # cancel_requested tells a client that a running job will stop at its next shard.
@@ -234,7 +262,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     @app.post(
         "/v1/videos", response_model=VideoObject, summary="Create a video job", operation_id="createVideo",
         responses={200: {"links": _VIDEO_LINKS}, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
-                   422: {"model": ErrorResponse, "description": "Idempotency-Key reused for a different request."},
+                   409: {"model": ErrorResponse, "description": "Idempotency-Key reused for a different request."},
                    429: {"model": ErrorResponse, "description": "Queue full; retry after Retry-After seconds."}},
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/CreateVideoRequest"}},
@@ -242,52 +270,44 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         }}},
     )
     async def create_video(request: Request, response: Response) -> dict[str, Any]:
-        who = owner(request)
-        body, has_file = await read_create_request(request)
+        who = await owner(request)
+        body, upload = await read_create_request(request, deps.upload_limits.max_bytes)
         spec = deps.model(body.model)
-        if has_file or body.input_reference is not None:
+        reference = upload
+        if reference is None and body.input_reference is not None:
+            if body.input_reference.image_url is None:
+                raise InvalidRequest("input_reference.file_id: this farm has no files API; send the image as a "
+                                     "file part or a base64 data URL", param="input_reference.file_id")
+            reference = decode_data_url(body.input_reference.image_url, deps.upload_limits,
+                                        "input_reference.image_url")
+        if reference is not None:
+            # Checked first (format, size, pixel count), so a bad upload is named as such.
+            await run_in_threadpool(check_image, reference, deps.upload_limits)
             raise InvalidRequest(f"input_reference is not supported by model {spec.id!r}: it renders from text only",
                                  param="input_reference", code="unsupported_parameter")
-        if len(body.prompt) > deps.max_prompt_chars:
-            raise InvalidRequest(f"prompt: {len(body.prompt)} characters is too long; allowed: at most "
-                                 f"{deps.max_prompt_chars}", param="prompt")
         size = body.size or spec.sizes[0]
         seconds = body.seconds if body.seconds is not None else spec.seconds[0]
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**63)  # recorded: reruns reproduce
-        idempotency_key = request.headers.get("idempotency-key")
-        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
-            raise InvalidRequest(f"Idempotency-Key: {len(idempotency_key)} characters; allowed: 1..255",
-                                 param="Idempotency-Key")
-        try:
-            params = validate_request(spec, prompt=body.prompt, size=size, seconds=seconds, steps=body.steps,
-                                      seed=seed, scheduler=body.scheduler)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
-        try:
-            job = await run_in_threadpool(
-                lambda: deps.store.create(
-                    model=spec.id, prompt=params.prompt, size=size, seconds=seconds,
-                    params={"seed": params.seed, "steps": params.steps, "scheduler": params.scheduler},
-                    priority=PRIORITY_BULK if body.priority == "bulk" else PRIORITY_INTERACTIVE,
-                    owner=who, max_queued=deps.max_queued,
-                    idempotency_key=idempotency_key,
-                )
-            )
-        except QueueFull as exc:
-            raise RateLimited(f"the render queue is full ({exc.queued} jobs waiting, limit {exc.max_queued}); "
-                              "nothing was created, retry later", retry_after_s=exc.retry_after_s) from None
-        except IdempotencyConflict as exc:
-            raise Unprocessable(str(exc), param="Idempotency-Key", code="idempotency_key_reused") from None
-        except ValueError as exc:  # the store's own checks; ours ran first, so this is rare
-            raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
-        await _notify(deps, job.id)
-        if deps.metrics:
-            try:
-                deps.metrics.video_created(spec.id, body.priority)
-            except Exception:  # the job exists; a broken metrics hook must not turn that into an error
-                log.exception("metrics hook failed")
-        response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
-        return video(job)
+        params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
+        return await _create_job(deps, request, response, who, spec, body.prompt, size, seconds, params,
+                                 body.priority)
+
+    @app.post(
+        "/v1/videos/{video_id}/remix", response_model=VideoObject, summary="Remix a video with a new prompt",
+        operation_id="remixVideo",
+        responses={200: {"links": _VIDEO_LINKS}, 409: {"model": ErrorResponse},
+                   429: {"model": ErrorResponse, "description": "Queue full or rate limited; retry later."}},
+    )
+    async def remix_video(video_id: str, body: RemixVideoRequest, request: Request,
+                          response: Response) -> dict[str, Any]:
+        """A new job with the source's model, size, duration, steps, scheduler and seed, and a new prompt:
+        the same noise under a new prompt keeps the composition close to the source's."""
+        who = await owner(request)
+        source = await get_job(video_id, who)
+        spec = deps.model(source.model)
+        params = {k: source.params.get(k) for k in ("seed", "steps", "scheduler")} | {
+            "remixed_from_video_id": source.id}
+        return await _create_job(deps, request, response, who, spec, body.prompt, source.size, source.seconds,
+                                 params, _priority_name(source.priority))
 
     @app.get("/v1/videos", response_model=VideoList, summary="List videos", operation_id="listVideos",
              responses={404: {"model": ErrorResponse, "description": "No video with the `after` id."}})
@@ -297,7 +317,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         limit: int = Query(20, ge=1, le=100, description="Videos per page."),
         order: Order = Query("desc", description="By creation time: 'desc' newest first, 'asc' oldest first."),
     ) -> dict[str, Any]:
-        who = owner(request)
+        who = await owner(request)
         try:
             jobs, has_more = await run_in_threadpool(
                 lambda: deps.store.list(owner=who, after=after, limit=limit, order=order)
@@ -311,7 +331,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     @app.get("/v1/videos/{video_id}", response_model=VideoObject, summary="Retrieve a video job",
              operation_id="retrieveVideo")
     async def retrieve_video(video_id: str, request: Request, response: Response) -> dict[str, Any]:
-        job = await get_job(video_id, owner(request))
+        job = await get_job(video_id, await owner(request))
         response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
         return video(job)
 
@@ -319,7 +339,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
                 operation_id="deleteVideo",
                 responses={409: {"model": ErrorResponse, "description": "The video is still rendering."}})
     async def delete_video(video_id: str, request: Request) -> dict[str, Any]:
-        who = owner(request)
+        who = await owner(request)
         job = await get_job(video_id, who)
         if job.status == "in_progress":
             raise Conflict(f"video {video_id!r} is in_progress; cancel it (POST /v1/videos/{video_id}/cancel) "
@@ -333,7 +353,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     @app.post("/v1/videos/{video_id}/cancel", response_model=VideoObject, summary="Ask to cancel a video job",
               operation_id="cancelVideo")
     async def cancel_video(video_id: str, request: Request) -> dict[str, Any]:
-        who = owner(request)
+        who = await owner(request)
         job = await run_in_threadpool(lambda: deps.store.request_cancel(video_id, owner=who))
         if job is None:
             raise NotFound(f"video {video_id!r} not found", param="video_id")
@@ -352,7 +372,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         video_id: str, request: Request,
         variant: Variant = Query("video", description=f"Which asset: {', '.join(VARIANTS)}."),
     ) -> StreamingResponse:
-        job = await get_job(video_id, owner(request))
+        job = await get_job(video_id, await owner(request))
         status = job.status
         if status in ("failed", "cancelled"):
             raise NotFound(f"video {video_id!r} is {status}; it has no content", param="video_id",
@@ -361,6 +381,58 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             raise VideoNotReady(f"video {video_id!r} is not ready yet (status {status}); download it once it is "
                                 "completed", param="video_id")
         return await _stream(deps, ClipLayout(video_id), variant, request.headers.get("range"))
+
+
+def _priority_name(priority: int) -> str:
+    return "bulk" if priority == PRIORITY_BULK else "interactive"
+
+
+async def _create_job(
+    deps: GatewayDeps, request: Request, response: Response, who: str | None, spec: ModelSpec, prompt: str,
+    size: str, seconds: int, extra: dict[str, Any], priority: str,
+) -> dict[str, Any]:
+    """Validate against the model, then queue (or replay an Idempotency-Key's earlier job)."""
+    if len(prompt) > deps.max_prompt_chars:
+        raise InvalidRequest(f"prompt: {len(prompt)} characters is too long; allowed: at most "
+                             f"{deps.max_prompt_chars}", param="prompt")
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+        raise InvalidRequest(f"Idempotency-Key: {len(idempotency_key)} characters; allowed: 1..255",
+                             param="Idempotency-Key")
+    seed = extra.get("seed")
+    seed = seed if seed is not None else secrets.randbelow(2**63)  # recorded: reruns reproduce
+    try:
+        params = validate_request(spec, prompt=prompt, size=size, seconds=seconds, steps=extra.get("steps"),
+                                  seed=seed, scheduler=extra.get("scheduler") or "unipc")
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
+    stored = {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler}
+    try:
+        job = await run_in_threadpool(
+            lambda: deps.store.create(
+                model=spec.id, prompt=params.prompt, size=size, seconds=seconds, params=stored,
+                priority=PRIORITY_BULK if priority == "bulk" else PRIORITY_INTERACTIVE,
+                owner=who, max_queued=deps.max_queued, max_queued_per_owner=deps.max_queued_per_account,
+                idempotency_key=idempotency_key,
+            )
+        )
+    except QueueFull as exc:
+        whose = "your account's" if exc.scope == "account" else "the farm's"
+        raise RateLimited(f"{whose} render queue is full ({exc.queued} jobs waiting, limit {exc.max_queued}); "
+                          "nothing was created, retry later", retry_after_s=exc.retry_after_s,
+                          code="account_queue_full" if exc.scope == "account" else "queue_full") from None
+    except IdempotencyConflict as exc:
+        raise Conflict(str(exc), param="Idempotency-Key", code="idempotency_key_reused") from None
+    except ValueError as exc:  # the store's own checks; ours ran first, so this is rare
+        raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
+    await _notify(deps, job.id)
+    if deps.metrics:
+        try:
+            deps.metrics.video_created(spec.id, priority)
+        except Exception:  # the job exists; a broken metrics hook must not turn that into an error
+            log.exception("metrics hook failed")
+    response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
+    return {**job.to_openai(), "cancel_requested": job.cancel_requested}
 
 
 async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_header: str | None) -> StreamingResponse:
@@ -413,6 +485,17 @@ def _openapi(app: FastAPI, deps: GatewayDeps) -> dict[str, Any]:
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
     components.update(create_body_schemas(deps.models, deps.max_prompt_chars))
+    if deps.auth is not None:
+        # Every route but the public ones takes a key; /v1/admin/* takes the operator's.
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        public = {"/healthz", "/v1/invites/redeem"}
+        for path, item in schema["paths"].items():
+            for operation in item.values():
+                if path not in public:
+                    operation["security"] = [{"bearer": []}]
+                    operation.setdefault("responses", {})["401"] = {
+                        "description": "Missing, unknown or revoked API key.",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
     app.openapi_schema = schema
     return schema
 
@@ -425,12 +508,18 @@ def create_app(deps: GatewayDeps) -> FastAPI:
     )
     install_error_handlers(app)
     _add_routes(app, deps)
+    if deps.auth is not None:
+        from farm.api.account_routes import add_account_routes
+
+        auth = deps.auth
+        add_account_routes(app, auth, deps.invite_ttl_s, auth.tenant)
 
     @app.get("/healthz", response_model=Health, summary="Liveness", operation_id="healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "models": [m.id for m in deps.models]}
 
     app.openapi = lambda: _openapi(app, deps)  # type: ignore[method-assign]
+    app.add_middleware(_ResponseHeaders)
     app.add_middleware(_BodyLimit, limit=deps.max_body_bytes)
     if deps.metrics is not None:
         app.add_middleware(_Timing, metrics=deps.metrics)

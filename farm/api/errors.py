@@ -99,16 +99,18 @@ class UnsupportedMediaType(APIError):
 
 
 class RateLimited(APIError):
-    """429 with ``Retry-After``: the farm's queue is full; nothing was created."""
+    """429 with ``Retry-After``: a queue cap or a rate limit was reached; nothing was created."""
 
     status_code = 429
     error_type = "rate_limit_error"
     default_code = "queue_full"
 
-    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: float, code: str | None = None, headers: Mapping[str, str] | None = None,
+    ) -> None:
         # Retry-After takes whole seconds; round up so a client never retries too early.
         seconds = max(1, math.ceil(retry_after_s))
-        super().__init__(message, code=code, headers={"Retry-After": str(seconds)})
+        super().__init__(message, code=code, headers={**(headers or {}), "Retry-After": str(seconds)})
         self.retry_after_s = seconds
 
 

@@ -108,6 +108,19 @@ class CreateVideoRequest(BaseModel):
         return value
 
 
+class RemixVideoRequest(BaseModel):
+    """``POST /v1/videos/{id}/remix``: a new prompt over the source video's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="The new prompt; model, size, seconds, steps and seed are the source's.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        return CreateVideoRequest._prompt(value)
+
+
 class VideoError(BaseModel):
     """Why a video failed."""
 
@@ -164,10 +177,13 @@ class Health(BaseModel):
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
-async def read_create_request(request: Request) -> tuple[CreateVideoRequest, bool]:
-    """Parse a JSON or form body; also says whether an ``input_reference`` file was uploaded."""
+async def read_create_request(request: Request, max_file_bytes: int) -> tuple[CreateVideoRequest, bytes | None]:
+    """Parse a JSON or form body; also returns an uploaded ``input_reference`` file's bytes.
+
+    A file is read up to one byte past ``max_file_bytes``, enough for the caller to refuse it.
+    """
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    has_file = False
+    upload: bytes | None = None
     if media in _FORM_TYPES:
         data: Any = {}
         async with request.form(max_files=4, max_fields=64) as form:
@@ -177,7 +193,10 @@ async def read_create_request(request: Request) -> tuple[CreateVideoRequest, boo
                 if isinstance(value, UploadFile) or key.startswith("input_reference["):
                     if not key.startswith("input_reference"):
                         raise InvalidRequest(f"{key}: file uploads are only accepted for input_reference", param=key)
-                    has_file = True  # the SDK sends a reference image as a file part
+                    if upload is not None:
+                        raise InvalidRequest("input_reference: given more than once", param="input_reference")
+                    # The SDK sends a reference image as a file part.
+                    upload = await value.read(max_file_bytes + 1) if isinstance(value, UploadFile) else value.encode()
                     continue
                 data[key] = value
     elif media and media != "application/json" and not media.endswith("+json"):
@@ -192,7 +211,7 @@ async def read_create_request(request: Request) -> tuple[CreateVideoRequest, boo
         if not isinstance(data, dict):
             raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     try:
-        return CreateVideoRequest.model_validate(data), has_file
+        return CreateVideoRequest.model_validate(data), upload
     except ValidationError as exc:
         raise from_pydantic(exc, allowed=tuple(CreateVideoRequest.model_fields)) from None
 

@@ -72,11 +72,13 @@ PRIORITY_BULK = Priority.BULK
 class QueueFull(Exception):
     """``create`` refused: ``max_queued`` jobs are already waiting."""
 
-    def __init__(self, retry_after_s: float, *, queued: int, max_queued: int) -> None:
-        super().__init__(f"queue is full: {queued} jobs queued, limit {max_queued}; retry after {retry_after_s:.0f}s")
+    def __init__(self, retry_after_s: float, *, queued: int, max_queued: int, scope: str = "farm") -> None:
+        super().__init__(f"{scope} queue is full: {queued} jobs queued, limit {max_queued}; "
+                         f"retry after {retry_after_s:.0f}s")
         self.retry_after_s = retry_after_s
         self.queued = queued
         self.max_queued = max_queued
+        self.scope = scope  # "farm": every tenant's queued jobs; "account": this owner's
 
 
 class IdempotencyConflict(ValueError):
@@ -241,6 +243,7 @@ class Job:
             "prompt": self.prompt,
             "priority": priority,
             "seed": self.params.get("seed"),
+            "remixed_from_video_id": self.params.get("remixed_from_video_id"),
         }
 
 
@@ -287,6 +290,7 @@ class JobStore:
         priority: int = Priority.INTERACTIVE,
         owner: str | None = None,
         max_queued: int | None = None,
+        max_queued_per_owner: int | None = None,
         idempotency_key: str | None = None,
         expires_in_s: float = DEFAULT_EXPIRES_IN_S,
     ) -> Job:
@@ -299,10 +303,11 @@ class JobStore:
         job = _new_job(
             model, prompt, size, seconds, params, priority, owner, idempotency_key, expires_in_s, self._clock()
         )
-        if max_queued is not None and (not isinstance(max_queued, int) or max_queued < 0):
-            raise ValueError(f"max_queued: {max_queued!r} must be a non-negative integer or None")
+        for name, cap in (("max_queued", max_queued), ("max_queued_per_owner", max_queued_per_owner)):
+            if cap is not None and (not isinstance(cap, int) or cap < 0):
+                raise ValueError(f"{name}: {cap!r} must be a non-negative integer or None")
         with self._writer.begin() as conn:
-            if max_queued is not None or idempotency_key is not None:
+            if max_queued is not None or max_queued_per_owner is not None or idempotency_key is not None:
                 self._pg_lock(conn, _LOCK_CREATE)
             if idempotency_key is not None:
                 row = (
@@ -321,6 +326,12 @@ class JobStore:
                 if queued >= max_queued:
                     retry = self._retry_after(conn, queued - max_queued + 1, job.created_at)
                     raise QueueFull(retry, queued=queued, max_queued=max_queued)
+            if max_queued_per_owner is not None:
+                mine = conn.scalar(sa.select(sa.func.count()).select_from(_V).where(
+                    _C.status == "queued", sa.func.coalesce(_C.owner, "") == (owner or "")))
+                if mine >= max_queued_per_owner:
+                    retry = self._retry_after(conn, mine - max_queued_per_owner + 1, job.created_at)
+                    raise QueueFull(retry, queued=mine, max_queued=max_queued_per_owner, scope="account")
             conn.execute(sa.insert(_V).values(**dataclasses.asdict(job)))
         return job
 

@@ -21,7 +21,11 @@ class Gateway:
         self.store.migrate()
 
     def __serve_build_asgi_app__(self):
+        from farm.accounts.admin import resolve_admin_key
+        from farm.accounts.store import AccountStore
         from farm.api.app import GatewayDeps, create_app
+        from farm.api.auth import GatewayAuth
+        from farm.api.uploads import UploadLimits
         from farm.metrics import FarmMetrics
         from farm.storage.connect import open_store
 
@@ -30,13 +34,24 @@ class Gateway:
         def wake(_video_id: str) -> None:
             self.dispatcher.wake.remote()
 
+        ss = settings.serve
+        configured = settings.auth.admin_key.get_secret_value() if settings.auth.admin_key else None
+        auth = GatewayAuth(AccountStore(settings.job_store_url()),
+                           resolve_admin_key(settings.state_dir, configured), rate_limit=ss.rate_limit)
         deps = GatewayDeps(
             store=self.store,
             objects=lambda: open_store(settings, start=False),
             models=settings.models,
-            max_queued=settings.serve.max_queued,
-            poll_after_ms=settings.serve.poll_after_ms,
+            max_queued=ss.max_queued,
+            max_queued_per_account=ss.max_queued_per_account,
+            poll_after_ms=ss.poll_after_ms,
             on_created=wake,
+            auth=auth,
+            invite_ttl_s=settings.auth.invite_ttl_s,
             metrics=FarmMetrics(),
+            max_prompt_chars=ss.max_prompt_chars,
+            max_body_bytes=int(ss.max_body_mb * 1024 * 1024),
+            upload_limits=UploadLimits(max_bytes=int(ss.max_upload_mb * 1024 * 1024),
+                                       max_pixels=ss.max_upload_pixels),
         )
         return create_app(deps)

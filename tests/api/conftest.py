@@ -13,7 +13,9 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from farm.accounts.store import AccountStore
 from farm.api.app import GatewayDeps, create_app
+from farm.api.auth import GatewayAuth
 from farm.jobs.store import JobStore
 from farm.render.registry import ModelSpec
 from farm.storage import ClipLayout, ObjectStore, upload_clip
@@ -34,11 +36,44 @@ def models() -> list[ModelSpec]:
 
 
 @pytest.fixture
-def jobs(tmp_path: Path) -> Iterator[JobStore]:
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+
+
+@pytest.fixture
+def jobs(db_url: str) -> Iterator[JobStore]:
+    store = JobStore(db_url)
     store.migrate()
     yield store
     store.close()
+
+
+ADMIN_KEY = "vf_admin_" + "k" * 40
+
+
+@pytest.fixture
+def accounts(jobs: JobStore, db_url: str) -> AccountStore:
+    """Accounts in the same database as the jobs (migrated by ``jobs``)."""
+    return AccountStore(db_url)
+
+
+@pytest.fixture
+def make_auth_app(make_app, accounts: AccountStore) -> Callable[..., FastAPI]:
+    """``make_auth_app(rate_limit=..., **GatewayDeps overrides)``: the gateway with API keys required."""
+
+    def make(rate_limit: str = "100000/minute", **overrides) -> FastAPI:
+        return make_app(auth=GatewayAuth(accounts, ADMIN_KEY, rate_limit=rate_limit), **overrides)
+
+    return make
+
+
+def new_tenant(client: TestClient, name: str = "tenant") -> dict[str, str]:
+    """Invite (admin key) → redeem → the new account's Authorization header."""
+    invite = client.post("/v1/admin/invites", json={"note": name}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert invite.status_code == 200, invite.text
+    redeemed = client.post("/v1/invites/redeem", json={"code": invite.json()["code"], "account_name": name})
+    assert redeemed.status_code == 200, redeemed.text
+    return {"Authorization": f"Bearer {redeemed.json()['api_key']['key']}"}
 
 
 @pytest.fixture
@@ -117,3 +152,10 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def auth_headers() -> dict[str, str]:
+    """Headers every fuzz/property request sends: empty while the gateway is single-tenant; once it
+    requires API keys, a tenant's ``{"Authorization": "Bearer …"}`` (the one place to switch)."""
+    return {}
