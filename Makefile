@@ -24,6 +24,8 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/farm up
+	@# Invite-only: as operator, make an invite; as a newcomer, redeem it (the key is saved for `farm submit`).
+	@$(BIN)/farm whoami >/dev/null 2>&1 || $(BIN)/farm redeem "$$($(BIN)/farm invite create --note demo -q)" --name demo
 	@mkdir -p $(dir $(DEMO_OUT))
 	$(BIN)/farm submit "$(DEMO_PROMPT)" --size 128x128 --seconds 2 --steps 8 --seed 42 --wait --out $(DEMO_OUT)
 	$(BIN)/farm verify $(DEMO_OUT)

@@ -35,10 +35,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _farm(*args: str, env: dict) -> None:
+def _farm(*args: str, env: dict) -> subprocess.CompletedProcess:
     done = subprocess.run([str(Path(sys.executable).parent / "farm"), *args], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"farm {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done
 
 
 class InProcess:
@@ -119,6 +120,7 @@ def main() -> None:
         app_settings = deployment["applications"][0]["args"]["settings"]
         app_settings["render"]["shard_steps"] = SHARD_STEPS
         app_settings["serve"]["max_queued"] = 1000
+        app_settings["serve"]["max_queued_per_account"] = 1000
         (home / "bench.yaml").write_text(yaml.safe_dump(deployment))
         _farm("up", "--port", str(port), "--deployment", str(home / "bench.yaml"), env=env)
         try:
@@ -126,7 +128,10 @@ def main() -> None:
             settings = load_settings()
             farm_env.use_ray_token(settings.state_dir)
             local = InProcess(settings)
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=0)
+            code = _farm("invite", "create", "-q", env=env).stdout.strip()
+            _farm("redeem", code, "--name", "bench", env=env)
+            key = (home / "api_key").read_text().strip()
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
             local.run(0), _farm_job(client, 0)  # warm both paths
 
             # 1. One job end to end, alternating.

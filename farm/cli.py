@@ -174,7 +174,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if runtime is None:
         raise CliError(f"no farm is up for {settings.state_dir}; start one with `farm up`")
     out = _checked_out_path(args.out) if args.out else None
-    client = openai.OpenAI(base_url=f"{runtime.http_url}/v1", api_key=args.api_key or "local", max_retries=2)
+    client = openai.OpenAI(base_url=f"{runtime.http_url}/v1", api_key=_tenant_key(args, settings.state_dir),
+                           max_retries=2)
     body = {k: v for k, v in (("seed", args.seed), ("steps", args.steps), ("priority", args.priority)) if v is not None}
     request = {"prompt": args.prompt, "extra_body": body}
     for field in ("model", "size"):
@@ -204,6 +205,30 @@ def cmd_submit(args: argparse.Namespace) -> int:
         out.write_bytes(client.videos.download_content(video.id, variant="video").read())
         print(f"local:    {out}")
     return 0
+
+
+def _tenant_key(args: argparse.Namespace, state_dir: Path) -> str:
+    from farm.cli_accounts import AccountCliError, tenant_key
+
+    try:
+        return tenant_key(args, state_dir)
+    except AccountCliError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    """invite / redeem / whoami / keys: talk to the running farm's account routes."""
+    from farm.cli_accounts import AccountCliError, run
+    from farm.runtime import running_farm
+
+    settings = _settings(args)
+    runtime = running_farm(settings)
+    if runtime is None:
+        raise CliError(f"no farm is up for {settings.state_dir}; start one with `farm up`")
+    try:
+        return run(args, runtime.http_url, settings.state_dir)
+    except AccountCliError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _api_error(exc) -> str:
@@ -375,9 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--priority", choices=("interactive", "bulk"), help="queue priority")
     submit.add_argument("--wait", action="store_true", help="poll until done, with a progress bar")
     submit.add_argument("--out", help="with --wait: download the MP4 here")
-    submit.add_argument("--api-key", help="API key sent as Authorization: Bearer")
+    submit.add_argument("--api-key", help="API key (default: VIDEOFARM_API_KEY, else the one `farm redeem` saved)")
     submit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     submit.set_defaults(func=cmd_submit)
+
+    from farm.cli_accounts import add_commands
+
+    add_commands(sub, cmd_accounts)
 
     check = sub.add_parser("verify", help="check that an MP4 decodes and its C2PA manifest is trusted")
     check.add_argument("file", help="the MP4 to check")

@@ -58,10 +58,37 @@ def farm(tmp_path_factory):
         assert _farm_processes(home) == []
 
 
+@pytest.fixture(scope="module")
+def api_key(farm):
+    """As a newcomer gets one: the operator makes an invite, the newcomer redeems it with the CLI."""
+    made = _farm("invite", "create", "--note", "sdk user", "-q", env=farm["env"], timeout=60)
+    assert made.returncode == 0, made.stderr
+    code = made.stdout.strip()
+    assert code.startswith("vf_inv_")
+    redeemed = _farm("redeem", code, "--name", "sdk-user", env=farm["env"], timeout=60)
+    assert redeemed.returncode == 0, redeemed.stderr
+    key = (farm["home"] / "api_key").read_text().strip()
+    assert key.startswith("vf_sk_") and key in redeemed.stdout
+    assert oct((farm["home"] / "api_key").stat().st_mode & 0o777) == "0o600"
+    again = _farm("redeem", code, env=farm["env"], timeout=60)  # single use
+    assert again.returncode == 2 and "not valid" in again.stderr
+    whoami = _farm("whoami", env=farm["env"], timeout=60)
+    assert whoami.returncode == 0 and "sdk-user" in whoami.stdout
+    return key
+
+
 @pytest.fixture
-def client(farm):
+def client(farm, api_key):
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{farm['port']}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{farm['port']}/v1", api_key=api_key, max_retries=0)
+
+
+def test_no_key_no_entry(farm):
+    import openai
+
+    anonymous = openai.OpenAI(base_url=f"http://127.0.0.1:{farm['port']}/v1", api_key="vf_sk_made_up", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.videos.list()
 
 
 def test_openai_sdk_end_to_end(farm, client):
