@@ -155,7 +155,9 @@ class LiveServer:
 
 
 @pytest.fixture
-def auth_headers() -> dict[str, str]:
-    """Headers every fuzz/property request sends: empty while the gateway is single-tenant; once it
-    requires API keys, a tenant's ``{"Authorization": "Bearer …"}`` (the one place to switch)."""
-    return {}
+def auth_headers(accounts: AccountStore) -> dict[str, str]:
+    """A tenant's ``Authorization`` header (invite redeemed in ``accounts``), for apps from ``make_auth_app``:
+    the headers every fuzz/property request sends."""
+    _, code = accounts.create_invite(note="fuzz")
+    _, _, key = accounts.redeem(code, "fuzz")
+    return {"Authorization": f"Bearer {key}"}
