@@ -6,6 +6,9 @@
 Ray Serve has no priorities and cancels only at an ``await``: both live here, at shard
 boundaries. After every shard the state is checkpointed to S3 and progress written to
 the store, so a dispatcher that dies and restarts resumes each job from its last shard.
+A stage call that fails is retried by the policy in :mod:`farm.jobs.retry`: a dead
+replica's shard is redone from the state it started with (the last checkpoint), a model
+that fails gets ``shard_retries`` more tries, storage outages are waited out within a budget.
 The stages are reached through :class:`StageClients`, so the same loop drives Serve
 deployments on a cluster or in-process stages in tests.
 """
@@ -16,16 +19,21 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+import torch
+
+from farm.jobs.retry import ReplicaLost, RetryPolicy, is_transient_storage_error, render_errors
 from farm.jobs.store import Job, JobStore, Priority
-from farm.render.denoise import DenoiseState, plan_shards
+from farm.render.denoise import DenoiseState, NonFiniteLatents, ShardPlan, plan_shards
 from farm.render.registry import ModelSpec, RenderParams, parse_size
 
 log = logging.getLogger(__name__)
 _HISTORY = 64  # jobs whose shard history and final latents are kept in memory
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,10 +54,24 @@ class ShardRecord:
     seconds: float
 
 
+@dataclass(frozen=True)
+class RetryRecord:
+    """One retried stage call, for `farm status` and tests."""
+
+    job_id: str
+    stage: str  # "prepare", "shard 4-8", "finish"
+    reason: str  # an error code: replica_lost, non_finite_latents, out_of_memory
+    retry: int
+    delay_s: float
+    error: str
+
+
 class StageClients(Protocol):
     async def prepare(self, model_id: str, params: RenderParams) -> DenoiseState: ...
 
-    async def run_shard(self, model_id: str, expert: str, state: DenoiseState, start: int, end: int) -> ShardOutcome: ...
+    async def run_shard(
+        self, model_id: str, expert: str, state: DenoiseState, start: int, end: int, *, prompt: str = ""
+    ) -> ShardOutcome: ...
 
     async def finish(self, job_id: str, model_id: str, params: RenderParams, latents) -> dict[str, str]: ...
 
@@ -93,11 +115,13 @@ class Dispatcher:
         poll_s: float = 0.5,
         worker: str | None = None,
         metrics=None,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.store = store
         self.clients = clients
         self.models = {m.id: m for m in models}
         self.objects = objects  # an ObjectStore for checkpoints; None disables them
+        self.policy = policy or RetryPolicy()
         self.max_active = max_active
         self.shard_steps = shard_steps
         self.lease_s = lease_s
@@ -109,6 +133,8 @@ class Dispatcher:
         # Recent history for `farm status` and tests: shards per job, final latents.
         self.shards: dict[str, list[ShardRecord]] = defaultdict(list)
         self.final_latents: OrderedDict[str, object] = OrderedDict()
+        self.retries: deque[RetryRecord] = deque(maxlen=200)
+        self.resumed: deque[dict] = deque(maxlen=200)  # {"job_id", "step"}: jobs picked up from a checkpoint
         self._active: dict[str, asyncio.Task] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -175,10 +201,15 @@ class Dispatcher:
             self.shards.pop(evicted, None)
 
     def status(self) -> dict:
-        return {"worker": self.worker, "active": sorted(self._active), "max_active": self.max_active}
+        return {
+            "worker": self.worker, "active": sorted(self._active), "max_active": self.max_active,
+            "retries": [vars(r) for r in list(self.retries)[-20:]],
+            "resumed": list(self.resumed)[-20:],
+        }
 
     # One job ----------------------------------------------------------------------
     async def _drive(self, job: Job) -> None:
+        lease = asyncio.create_task(self._keep_lease(job), name=f"lease-{job.id}")
         try:
             spec = self.models.get(job.model)
             if spec is None:
@@ -188,17 +219,19 @@ class Dispatcher:
             state = await self._resume_or_prepare(job, spec, params)
             for plan in plan_shards(state, self.shard_steps):
                 await self._check_cancel(job)
-                sent = time.perf_counter()
-                outcome = await self.clients.run_shard(spec.id, plan.expert, state, plan.start, plan.end)
-                if self.metrics is not None:
-                    handoff = max(time.perf_counter() - sent - outcome.seconds, 0.0)
-                    self.metrics.shard_handoff.observe(handoff, tags={"pool": f"{spec.id}:{plan.expert}"})
+                # A failed shard is sent again with the same input state: the last checkpoint.
+                outcome = await self._call_stage(
+                    job, f"shard {plan.start}-{plan.end}",
+                    lambda plan=plan, state=state: self._timed_shard(job, spec, plan, state),
+                )
                 state = outcome.state
                 self.shards[job.id].append(ShardRecord(plan.start, plan.end, plan.expert, outcome.replica, outcome.seconds))
                 await self._after_shard(job, state)
             await self._check_cancel(job)
             self._remember(job.id, state.latents)
-            objects = await self.clients.finish(job.id, spec.id, params, state.latents)
+            objects = await self._call_stage(
+                job, "finish", lambda: self.clients.finish(job.id, spec.id, params, state.latents)
+            )
             if not await asyncio.to_thread(self.store.complete, job.id, self.worker, objects):
                 log.warning("job %s: lease lost before completion; another worker owns it", job.id)
             elif self.metrics is not None:
@@ -215,21 +248,73 @@ class Dispatcher:
             raise
         except Exception as exc:  # one job's failure must not stop the farm
             log.exception("job %s failed", job.id)
-            await self._fail(job, _error_code(exc), f"{type(exc).__name__}: {exc}")
+            if await self._fail(job, _error_code(exc), f"{type(exc).__name__}: {exc}"):
+                await self._drop_checkpoint(job)  # only while the job is still ours
+        finally:
+            lease.cancel()
+
+    async def _keep_lease(self, job: Job) -> None:
+        """Renew the lease while the job waits (a storage outage, a slow finish), so the
+        store never sees it as abandoned and hands it out a second time."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await asyncio.to_thread(self.store.renew, job.id, self.worker, self.lease_s)
+            except Exception:  # the next shard's progress write renews it too
+                log.warning("job %s: lease renewal failed", job.id, exc_info=True)
+
+    async def _timed_shard(self, job: Job, spec: ModelSpec, plan: ShardPlan, state: DenoiseState) -> ShardOutcome:
+        sent = time.perf_counter()
+        outcome = await self.clients.run_shard(spec.id, plan.expert, state, plan.start, plan.end, prompt=job.prompt)
+        if self.metrics is not None:
+            handoff = max(time.perf_counter() - sent - outcome.seconds, 0.0)
+            self.metrics.shard_handoff.observe(handoff, tags={"pool": f"{spec.id}:{plan.expert}"})
+        return outcome
+
+    async def _call_stage(self, job: Job, stage: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, retried by the policy: a lost replica up to ``replica_retries`` times,
+        a render error up to ``shard_retries`` times, each after a growing delay."""
+        lost = failed = 0
+        while True:
+            try:
+                return await call()
+            except ReplicaLost as exc:
+                lost += 1
+                if lost > self.policy.replica_retries:
+                    raise
+                retry, error = lost, exc
+            except render_errors() as exc:
+                failed += 1
+                if failed > self.policy.shard_retries:
+                    raise
+                retry, error = failed, exc
+            delay = self.policy.delay(retry)
+            reason = _error_code(error)
+            first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            log.warning("job %s: %s failed (%s), retry %d in %.1fs: %s", job.id, stage, reason, retry, delay, first_line)
+            self.retries.append(RetryRecord(job.id, stage, reason, retry, round(delay, 3), first_line))
+            await asyncio.sleep(delay)
+            await self._check_cancel(job)
 
     async def _resume_or_prepare(self, job: Job, spec: ModelSpec, params: RenderParams) -> DenoiseState:
         if job.checkpoint_key and self.objects is not None:
-            data = await asyncio.to_thread(self.objects.get_bytes, job.checkpoint_key)
+            data = await self.policy.storage_call_async(
+                f"job {job.id}: read checkpoint", asyncio.to_thread, self.objects.get_bytes, job.checkpoint_key
+            )
             state = DenoiseState.from_bytes(data)
             log.info("job %s resumes at step %d/%d from %s", job.id, state.step_index, state.num_steps, job.checkpoint_key)
+            self.resumed.append({"job_id": job.id, "step": state.step_index})
             return state
-        return await self.clients.prepare(spec.id, params)
+        return await self._call_stage(job, "prepare", lambda: self.clients.prepare(spec.id, params))
 
     async def _after_shard(self, job: Job, state: DenoiseState) -> None:
         key = None
         if self.objects is not None and not state.done:
             key = checkpoint_key(job.id)
-            await asyncio.to_thread(self.objects.put_bytes, key, state.to_bytes(), "application/octet-stream")
+            await self.policy.storage_call_async(
+                f"job {job.id}: write checkpoint", asyncio.to_thread,
+                self.objects.put_bytes, key, state.to_bytes(), "application/octet-stream",
+            )
         # Denoising is 0–95 %; finishing takes the rest.
         progress = int(95 * state.step_index / state.num_steps)
         held = await asyncio.to_thread(
@@ -254,13 +339,21 @@ class Dispatcher:
             raise JobCancelled()
 
     async def _drop_checkpoint(self, job: Job) -> None:
-        if self.objects is not None:
-            await asyncio.to_thread(self.objects.delete_prefix, f"checkpoints/{job.id}/")
+        """Best effort: a leftover checkpoint costs storage, never correctness (a finished job is not resumed)."""
+        if self.objects is None:
+            return
+        try:
+            await self.policy.storage_call_async(
+                f"job {job.id}: drop checkpoint", asyncio.to_thread, self.objects.delete_prefix, f"checkpoints/{job.id}/"
+            )
+        except Exception:
+            log.warning("job %s: its checkpoint was not deleted", job.id, exc_info=True)
 
-    async def _fail(self, job: Job, code: str, message: str) -> None:
+    async def _fail(self, job: Job, code: str, message: str) -> bool:
         failed = await asyncio.to_thread(self.store.fail, job.id, self.worker, code, message[:500])
         if failed and self.metrics is not None:
             self.metrics.jobs_failed.inc(1, tags={"model": job.model, "reason": code})
+        return failed
 
 
 def _priority_name(priority: int) -> str:
@@ -270,10 +363,16 @@ def _priority_name(priority: int) -> str:
         return str(priority)
 
 
-def _error_code(exc: Exception) -> str:
-    name = type(exc).__name__.lower()
-    if "outofmemory" in name:
-        return "out_of_memory"
+def _error_code(exc: BaseException) -> str:
+    """The job's error code for a failure (isinstance also matches Ray's RayTaskError(cls) wrappers)."""
+    if isinstance(exc, NonFiniteLatents):
+        return "non_finite_latents"
+    if isinstance(exc, torch.OutOfMemoryError) or "outofmemory" in type(exc).__name__.lower():
+        return "out_of_memory"  # torch's, or Ray's memory monitor killing a worker
+    if isinstance(exc, ReplicaLost):
+        return "replica_lost"
+    if is_transient_storage_error(exc):
+        return "storage_unavailable"
     return "render_error"
 
 

@@ -34,6 +34,14 @@ LOW_NOISE_EXPERT = "transformer_2"
 _SCHEDULER_MODULE = "diffusers"
 
 
+class NonFiniteLatents(RuntimeError):
+    """A shard produced NaN or infinite latents: the model diverged (or its weights are broken).
+
+    Raised instead of handing the state on, so bad latents are never checkpointed, resumed
+    from, or decoded into a clip of noise.
+    """
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """Per-job constants every shard needs (the smallest form the loop accepts)."""
@@ -267,6 +275,11 @@ def denoise(
         if on_step is not None:
             on_step(i, state.num_steps)
 
+    if not bool(torch.isfinite(latents).all()):
+        bad = int((~torch.isfinite(latents)).sum())
+        raise NonFiniteLatents(
+            f"steps [{start}, {end}) of {state.num_steps} left {bad} of {latents.numel()} latent values NaN or infinite"
+        )
     _, _, scheduler_state = _export_scheduler(scheduler)
     return replace(
         state,

@@ -4,11 +4,17 @@ Each replica loads its weights once in ``__init__``. Denoiser replicas take one
 shard at a time (``max_ongoing_requests=1``): the dispatcher sends no more shards
 than a pool has replicas, so queued work waits in the dispatcher, in priority order,
 not inside Serve. States travel as Ray objects between replicas.
+
+Faults: :class:`ServeStages` turns Ray's "the replica died" errors into
+:class:`~farm.jobs.retry.ReplicaLost` for the dispatcher's retry policy; the finisher
+retries its upload while S3 is unreachable; the denoiser applies the operator's chaos
+faults (``render.faults``) to its own model, so they run the real code path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import time
@@ -17,6 +23,8 @@ from pathlib import Path
 from ray import serve
 
 from farm.jobs.dispatcher import ShardOutcome
+from farm.jobs.retry import ReplicaLost
+from farm.render.faults import FaultInjection, matching
 from farm.render.registry import ModelSpec, RenderParams
 
 log = logging.getLogger(__name__)
@@ -63,9 +71,23 @@ class Denoiser:
         self.pool = f"{model['id']}:{'+'.join(experts)}"
         self.metrics = FarmMetrics()
 
-    def run_shard(self, state, start: int, end: int) -> ShardOutcome:
+    def run_shard(self, state, start: int, end: int, faults: list[dict] | None = None) -> ShardOutcome:
+        """Steps ``[start, end)``; ``faults`` are chaos faults (``render.faults``) for this job.
+
+        Raises NonFiniteLatents when the shard left NaN/Inf latents (the denoise loop checks).
+        """
+        import torch
+
+        from farm.render.faults import injected
+
         started = time.perf_counter()
-        new_state = self.stage.run(state, start, end)
+        try:
+            with injected(self.stage.experts, [FaultInjection.model_validate(f) for f in faults or ()]):
+                new_state = self.stage.run(state, start, end)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the allocator's cache back before the next shard
+            raise
         seconds = time.perf_counter() - started
         tags = {"pool": self.pool}
         self.metrics.shard_latency.observe(seconds, tags=tags)
@@ -101,7 +123,7 @@ class Finisher:
         with tempfile.TemporaryDirectory(prefix="finish-") as tmp:
             clip = finish_frames(self.settings, spec, params, frames, job_id, Path(tmp))
             finished = time.perf_counter()
-            upload_finished(self.store, job_id, clip, clip_record(job_id, spec, params, int(frames.shape[0]), clip))
+            self._upload(job_id, clip, clip_record(job_id, spec, params, int(frames.shape[0]), clip))
         tags = {"model": model_id}
         self.metrics.finish_latency.observe(finished - started, tags=tags)
         self.metrics.upload_latency.observe(time.perf_counter() - finished, tags=tags)
@@ -110,23 +132,71 @@ class Finisher:
             self.metrics.upload_bytes.inc(size, tags={"variant": variant})
         return clip_keys(job_id)
 
+    def _upload(self, job_id: str, clip, record: dict) -> None:
+        """Upload the clip, retrying while S3 is unreachable (for at most render.storage_retry_s).
+
+        Every object is a whole-object PUT to a fixed key, so an attempt after a partial one
+        overwrites, never duplicates. A multipart upload cut off by an outage may stay open (its
+        abort failed too), so once S3 answers again the clip's leftovers are aborted.
+        """
+        from farm.jobs.publish import upload_finished
+        from farm.jobs.retry import RetryPolicy
+        from farm.storage.s3 import ClipLayout
+
+        policy = RetryPolicy.from_settings(self.settings.render)
+        prefix = ClipLayout(job_id).prefix
+        interrupted = False
+
+        def attempt() -> None:
+            nonlocal interrupted
+            try:
+                upload_finished(self.store, job_id, clip, record)
+            except Exception:
+                interrupted = True
+                with contextlib.suppress(Exception):
+                    self.store.abort_open_multipart_uploads(prefix)
+                raise
+
+        policy.storage_call(f"job {job_id}: upload", attempt)
+        if interrupted:
+            aborted = policy.storage_call(f"job {job_id}: abort leftovers", self.store.abort_open_multipart_uploads, prefix)
+            if aborted:
+                log.info("job %s: aborted %d multipart upload(s) left open by an outage", job_id, aborted)
+
+
+def _lost_replica_errors() -> tuple[type[BaseException], ...]:
+    """Ray's ways of saying the replica (its process, its node) is gone: the call never completed."""
+    from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError)
+
 
 class ServeStages:
     """StageClients over Serve handles: what the dispatcher calls on a cluster."""
 
-    def __init__(self, encoder, pools: dict[tuple[str, str], object], finisher) -> None:
+    def __init__(self, encoder, pools: dict[tuple[str, str], object], finisher, faults=()) -> None:
         self.encoder = encoder
         self.pools = pools
         self.finisher = finisher
+        self.faults = [FaultInjection.model_validate(f) for f in faults]
+
+    async def _call(self, what: str, response):
+        try:
+            return await response
+        except _lost_replica_errors() as exc:
+            raise ReplicaLost(f"{what}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
 
     async def prepare(self, model_id, params):
-        return await self.encoder.prepare.remote(model_id, params)
+        return await self._call("encoder", self.encoder.prepare.remote(model_id, params))
 
-    async def run_shard(self, model_id, expert, state, start, end):
-        return await self.pools[(model_id, expert)].run_shard.remote(state, start, end)
+    async def run_shard(self, model_id, expert, state, start, end, *, prompt=""):
+        faults = [f.model_dump() for f in matching(self.faults, prompt)]
+        pool = self.pools[(model_id, expert)]
+        return await self._call(f"denoiser {model_id}:{expert}", pool.run_shard.remote(state, start, end, faults))
 
     async def finish(self, job_id, model_id, params, latents):
-        return await self.finisher.finish.remote(job_id, model_id, params, latents)
+        return await self._call("finisher", self.finisher.finish.remote(job_id, model_id, params, latents))
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=16)
@@ -136,6 +206,7 @@ class DispatcherDeployment:
     def __init__(self, settings: dict, encoder, pools: list[tuple[str, str, object]], finisher, max_active: int) -> None:
         from farm.config import FarmSettings
         from farm.jobs.dispatcher import Dispatcher
+        from farm.jobs.retry import RetryPolicy
         from farm.jobs.store import JobStore
         from farm.metrics import FarmMetrics
         from farm.storage.connect import open_store
@@ -143,11 +214,13 @@ class DispatcherDeployment:
         self.settings = FarmSettings.model_validate(settings)
         store = JobStore(self.settings.job_store_url())
         store.migrate()
-        stages = ServeStages(encoder, {(m, e): h for m, e, h in pools}, finisher)
+        render = self.settings.render
+        stages = ServeStages(encoder, {(m, e): h for m, e, h in pools}, finisher, faults=render.faults)
         self.dispatcher = Dispatcher(
-            store, stages, self.settings.models, objects=open_store(self.settings, start=False),
-            max_active=max_active, shard_steps=self.settings.render.shard_steps,
-            worker="dispatcher", metrics=FarmMetrics(),
+            store, stages, self.settings.models,
+            objects=open_store(self.settings, start=False) if render.checkpoints else None,
+            max_active=max_active, shard_steps=render.shard_steps,
+            worker="dispatcher", metrics=FarmMetrics(), policy=RetryPolicy.from_settings(render),
         )
         self._task = asyncio.get_running_loop().create_task(self.dispatcher.run())
 

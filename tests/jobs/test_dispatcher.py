@@ -1,0 +1,323 @@
+"""The dispatcher's fault policy, in one process: real tiny-model stages, faults injected on purpose.
+
+A lost replica is retried from the state before the shard; a model that fails (NaN, out of
+memory) gets ``shard_retries`` more tries and then fails its job with a clear code while other
+jobs complete; a storage outage is waited out within its budget; a restarted dispatcher
+resumes from the checkpoint. The same faults are injected for real against `farm up` in
+tests/serve/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from farm.jobs.dispatcher import Dispatcher, ShardOutcome, _error_code, checkpoint_key, params_of
+from farm.jobs.retry import ReplicaLost, RetryPolicy, is_transient_storage_error
+from farm.render.denoise import NonFiniteLatents, plan_shards, run_shards
+from farm.render.faults import FaultInjection, injected, matching
+from farm.storage.s3 import ObjectNotFound, StorageError, StorageUnavailable
+
+STEPS, SHARD_STEPS = 6, 2
+FAST = RetryPolicy(shard_retries=2, replica_retries=3, backoff_s=0.01, backoff_max_s=0.05, storage_retry_s=5.0)
+
+
+@pytest.fixture
+def store(tmp_path):
+    """SQLite only: the policy under test lives in the dispatcher, not the database (tests/jobs/test_store.py covers both)."""
+    from farm.jobs.store import JobStore
+
+    jobs = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    jobs.migrate()
+    yield jobs
+    jobs.close()
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_spec):
+    from farm.render.engine import DenoiserStage, TextEncoderStage
+
+    return TextEncoderStage(tiny_spec, device="cpu"), DenoiserStage(tiny_spec, device="cpu")
+
+
+class LocalStages:
+    """StageClients in this process, with faults to inject:
+
+    ``lose[n]``: the n-th shard call (0-based) dies half-way, as a killed replica would;
+    ``faults``: chaos faults applied to the model exactly as the Denoiser replica applies them.
+    """
+
+    def __init__(self, spec, stages, *, lose=(), faults=(), gate: asyncio.Event | None = None) -> None:
+        self.spec = spec
+        self.encoder, self.denoiser = stages
+        self.lose = set(lose)
+        self.faults = [FaultInjection.model_validate(f) for f in faults]
+        self.gate = gate  # when set, shards wait for it (lets a test stop the dispatcher mid-job)
+        self.calls: Counter[str] = Counter()
+        self.shard_calls = 0
+        self.finished: dict[str, torch.Tensor] = {}
+        self._replica = asyncio.Lock()  # one shard at a time, as a replica runs them (hooks are per model)
+
+    async def prepare(self, model_id, params):
+        from farm.render.engine import initial_state
+
+        return initial_state(self.spec, params, self.encoder.encode(params.prompt))
+
+    async def run_shard(self, model_id, expert, state, start, end, *, prompt=""):
+        call = self.shard_calls
+        self.shard_calls += 1
+        self.calls[prompt] += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if call in self.lose:
+            self.denoiser.run(state, start, start + 1)  # work done, then the process is gone
+            raise ReplicaLost(f"replica died running steps {start}-{end}")
+        async with self._replica:
+            with injected(self.denoiser.experts, matching(self.faults, prompt)):
+                new_state = await asyncio.to_thread(self.denoiser.run, state, start, end)
+        return ShardOutcome(new_state, f"replica-{call % 2}", 0.0)
+
+    async def finish(self, job_id, model_id, params, latents):
+        self.finished[job_id] = latents
+        return {"video": f"videos/{job_id}/video.mp4"}
+
+
+class MemoryObjects:
+    """The three ObjectStore calls the dispatcher makes; ``outage`` calls fail as an unreachable S3 does."""
+
+    def __init__(self, outage: int = 0) -> None:
+        self.data: dict[str, bytes] = {}
+        self.outage = outage
+        self.refused = 0
+
+    def _maybe_down(self, key):
+        if self.refused < self.outage:
+            self.refused += 1
+            raise StorageUnavailable(f"put s3://bucket/{key}: endpoint did not answer")
+
+    def put_bytes(self, key, data, content_type="application/octet-stream"):
+        self._maybe_down(key)
+        self.data[key] = data
+
+    def get_bytes(self, key):
+        self._maybe_down(key)
+        if key not in self.data:
+            raise ObjectNotFound(f"{key} does not exist")
+        return self.data[key]
+
+    def delete_prefix(self, prefix):
+        for key in [k for k in self.data if k.startswith(prefix)]:
+            del self.data[key]
+
+
+def _reference(spec, stages, prompt, seed):
+    """The fault-free render: one process, no shards."""
+    from farm.render.engine import initial_state
+    from farm.render.registry import validate_request
+
+    encoder, denoiser = stages
+    params = validate_request(spec, prompt=prompt, size="64x64", seconds=1, steps=STEPS, seed=seed)
+    state = initial_state(spec, params, encoder.encode(prompt))
+    return run_shards(denoiser.experts, state, plan_shards(state)).latents
+
+
+def _submit(store, spec, prompt, seed):
+    return store.create(model=spec.id, prompt=prompt, size="64x64", seconds=1, params={"steps": STEPS, "seed": seed}).id
+
+
+async def _run_until_done(dispatcher, store, ids, timeout=120.0):
+    runner = asyncio.create_task(dispatcher.run())
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = [store.get(i) for i in ids]
+            if all(j.terminal for j in jobs):
+                return jobs
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"jobs not done: {[(j.id, j.status, j.step_index) for j in jobs]}")
+    finally:
+        await dispatcher.stop()
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+def test_lost_replica_mid_shard_is_retried_from_the_state_before_it(store, tiny_spec, stages):
+    clients = LocalStages(tiny_spec, stages, lose={1})  # the second shard's replica dies
+    objects = MemoryObjects()
+    dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS, policy=FAST)
+    job_id = _submit(store, tiny_spec, "a red fox runs through fresh snow", 7)
+
+    [job] = asyncio.run(_run_until_done(dispatcher, store, [job_id]))
+
+    assert job.status == "completed", job.error_message
+    assert [(r.stage, r.reason) for r in dispatcher.retries] == [("shard 2-4", "replica_lost")]
+    assert [(s.start, s.end) for s in dispatcher.shards[job_id]] == [(0, 2), (2, 4), (4, 6)]
+    reference = _reference(tiny_spec, stages, "a red fox runs through fresh snow", 7)
+    assert torch.equal(clients.finished[job_id], reference)
+    assert objects.data == {}  # the checkpoint is dropped once the job is done
+
+
+def test_replicas_lost_beyond_the_budget_fail_the_job(store, tiny_spec, stages):
+    clients = LocalStages(tiny_spec, stages, lose=range(100))
+    dispatcher = Dispatcher(store, clients, [tiny_spec], shard_steps=SHARD_STEPS, policy=FAST)
+    job_id = _submit(store, tiny_spec, "neon city in the rain", 1)
+
+    [job] = asyncio.run(_run_until_done(dispatcher, store, [job_id]))
+
+    assert (job.status, job.error_code) == ("failed", "replica_lost")
+    assert clients.shard_calls == 1 + FAST.replica_retries
+
+
+@pytest.mark.parametrize(("kind", "code"), [("nan", "non_finite_latents"), ("oom", "out_of_memory")])
+def test_failing_model_fails_its_job_after_its_retries_and_others_complete(store, tiny_spec, stages, kind, code):
+    clients = LocalStages(tiny_spec, stages, faults=[{"kind": kind, "prompt_contains": "chaos"}])
+    dispatcher = Dispatcher(store, clients, [tiny_spec], max_active=2, shard_steps=SHARD_STEPS, policy=FAST)
+    bad = _submit(store, tiny_spec, f"chaos {kind}: a storm", 3)
+    good = [_submit(store, tiny_spec, f"calm sea {i}", i) for i in range(2)]
+
+    jobs = {j.id: j for j in asyncio.run(_run_until_done(dispatcher, store, [bad, *good]))}
+
+    assert (jobs[bad].status, jobs[bad].error_code) == ("failed", code)
+    assert clients.calls[f"chaos {kind}: a storm"] == 1 + FAST.shard_retries  # the first shard, 3 tries
+    assert [r.reason for r in dispatcher.retries] == [code] * FAST.shard_retries
+    assert all(jobs[i].status == "completed" for i in good)
+
+
+def test_a_render_error_that_clears_on_retry_does_not_fail_the_job(store, tiny_spec, stages):
+    class FlakyOnce(LocalStages):
+        async def run_shard(self, model_id, expert, state, start, end, *, prompt=""):
+            if self.shard_calls == 2:
+                self.shard_calls += 1
+                raise torch.OutOfMemoryError("CUDA out of memory (once)")
+            return await super().run_shard(model_id, expert, state, start, end, prompt=prompt)
+
+    clients = FlakyOnce(tiny_spec, stages)
+    dispatcher = Dispatcher(store, clients, [tiny_spec], shard_steps=SHARD_STEPS, policy=FAST)
+    job_id = _submit(store, tiny_spec, "夕焼けの海辺を走る犬", 5)
+
+    [job] = asyncio.run(_run_until_done(dispatcher, store, [job_id]))
+
+    assert job.status == "completed"
+    assert torch.equal(clients.finished[job_id], _reference(tiny_spec, stages, "夕焼けの海辺を走る犬", 5))
+
+
+def test_storage_outage_is_waited_out_without_using_the_retry_budgets(store, tiny_spec, stages):
+    clients = LocalStages(tiny_spec, stages)
+    objects = MemoryObjects(outage=4)  # four checkpoint writes refused in a row
+    policy = RetryPolicy(shard_retries=0, replica_retries=0, backoff_s=0.01, backoff_max_s=0.05, storage_retry_s=10.0)
+    dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS, policy=policy)
+    job_id = _submit(store, tiny_spec, "桜の花びらが舞う京都の路地を歩く猫", 9)
+
+    [job] = asyncio.run(_run_until_done(dispatcher, store, [job_id]))
+
+    assert job.status == "completed", job.error_message
+    assert objects.refused == 4 and not dispatcher.retries
+
+
+def test_storage_outage_longer_than_its_budget_fails_the_job_in_bounded_time(store, tiny_spec, stages):
+    clients = LocalStages(tiny_spec, stages)
+    objects = MemoryObjects(outage=10**6)
+    policy = RetryPolicy(backoff_s=0.05, backoff_max_s=0.2, storage_retry_s=1.0)
+    dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS, policy=policy)
+    job_id = _submit(store, tiny_spec, "a lighthouse at night", 2)
+
+    started = time.monotonic()
+    [job] = asyncio.run(_run_until_done(dispatcher, store, [job_id]))
+
+    assert (job.status, job.error_code) == ("failed", "storage_unavailable")
+    assert time.monotonic() - started < 15
+    assert objects.refused > 2  # it did retry
+
+
+def test_restarted_dispatcher_resumes_from_the_checkpoint(store, tiny_spec, stages):
+    objects = MemoryObjects()
+    prompt = "a paper boat on a river"
+    job_id = _submit(store, tiny_spec, prompt, 11)
+
+    async def first_run():
+        gate = asyncio.Event()
+        gate.set()
+        clients = LocalStages(tiny_spec, stages, gate=gate)
+        dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS,
+                                worker="dispatcher", policy=FAST)
+        runner = asyncio.create_task(dispatcher.run())
+        while store.get(job_id).step_index < 2 * SHARD_STEPS:  # two shards done and checkpointed
+            await asyncio.sleep(0.01)
+        gate.clear()  # the third shard waits: the dispatcher dies now, mid-job, without requeueing
+        tasks = [runner, *dispatcher._active.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(first_run())
+    held = store.get(job_id)
+    assert (held.status, held.lease_owner, held.checkpoint_key) == ("in_progress", "dispatcher", checkpoint_key(job_id))
+
+    clients = LocalStages(tiny_spec, stages)
+    dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS,
+                            worker="dispatcher", policy=FAST)
+    [job] = asyncio.run(_run_until_done(dispatcher, store, [job_id]))
+
+    assert job.status == "completed"
+    assert [(s.start, s.end) for s in dispatcher.shards[job_id]] == [(4, 6)]  # only what was left
+    assert dispatcher.status()["resumed"] == [{"job_id": job_id, "step": 4}]
+    assert torch.equal(clients.finished[job_id], _reference(tiny_spec, stages, prompt, 11))
+
+
+def test_error_codes_match_through_rays_wrapping():
+    from ray.exceptions import RayTaskError
+
+    def wrapped(exc):
+        return RayTaskError("run_shard", "Traceback ...", exc).as_instanceof_cause()
+
+    assert _error_code(wrapped(NonFiniteLatents("steps [0, 2) left NaN"))) == "non_finite_latents"
+    assert _error_code(wrapped(torch.OutOfMemoryError("CUDA out of memory"))) == "out_of_memory"
+    assert _error_code(wrapped(StorageUnavailable("endpoint did not answer"))) == "storage_unavailable"
+    assert _error_code(ReplicaLost("gone")) == "replica_lost"
+    assert _error_code(ValueError("bad")) == "render_error"
+
+
+def test_only_transient_storage_errors_are_retried():
+    assert is_transient_storage_error(StorageUnavailable("down"))
+    assert is_transient_storage_error(StorageError("busy", code="SlowDown"))
+    assert not is_transient_storage_error(StorageError("denied", code="AccessDenied"))
+    assert not is_transient_storage_error(ObjectNotFound("gone", code="NoSuchKey"))
+    try:
+        from botocore.exceptions import EndpointConnectionError
+
+        try:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+        except EndpointConnectionError as inner:
+            raise StorageError("upload failed") from inner  # what boto3's transfer manager hands back
+    except StorageError as outer:
+        assert is_transient_storage_error(outer)
+
+
+def test_serve_stages_turn_a_dead_replica_into_replica_lost():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from farm.serve.deployments import ServeStages
+
+    async def fails(exc):
+        raise exc
+
+    stages = ServeStages(None, {}, None)
+
+    async def call(exc):
+        return await stages._call("denoiser", fails(exc))
+
+    with pytest.raises(ReplicaLost):
+        asyncio.run(call(ActorDiedError()))
+    render_error = RayTaskError("run_shard", "tb", NonFiniteLatents("NaN")).as_instanceof_cause()
+    with pytest.raises(NonFiniteLatents):  # a model error stays what it is
+        asyncio.run(call(render_error))
+
+
+def test_params_carry_the_prompt_the_faults_match(store, tiny_spec):
+    job = store.get(_submit(store, tiny_spec, "x chaos-nan y", 1))
+    faults = [FaultInjection(kind="nan", prompt_contains="chaos-nan"), FaultInjection(kind="oom", prompt_contains="zzz")]
+    assert [f.kind for f in matching(faults, params_of(job, tiny_spec).prompt)] == ["nan"]
