@@ -48,9 +48,10 @@ def pool_name(pool: PoolSettings) -> str:
 
 
 def build_app(args: FarmAppArgs | dict) -> Application:
-    """The whole farm as one Serve application: gateway → dispatcher → encoder, pools, finisher."""
+    """The whole farm as one Serve application: gateway → dispatcher → encoder, pools, finisher; notifier."""
     from farm.serve.deployments import Denoiser, DispatcherDeployment, Encoder, Finisher
     from farm.serve.gateway import Gateway
+    from farm.serve.notifier import Notifier
 
     args = FarmAppArgs.model_validate(args) if isinstance(args, dict) else args
     settings = resolve_settings(args)
@@ -74,4 +75,6 @@ def build_app(args: FarmAppArgs | dict) -> Application:
     dispatcher = DispatcherDeployment.options(ray_actor_options={"num_cpus": 0.1}).bind(
         plain, encoder, pools, finisher, ss.max_active_jobs
     )
-    return Gateway.options(num_replicas=ss.gateway_replicas, ray_actor_options={"num_cpus": 0.1}).bind(plain, dispatcher)
+    notifier = Notifier.options(ray_actor_options={"num_cpus": 0.05}).bind(plain)
+    return Gateway.options(num_replicas=ss.gateway_replicas, ray_actor_options={"num_cpus": 0.1}).bind(
+        plain, dispatcher, notifier)

@@ -19,6 +19,7 @@ from farm.render.faults import FaultInjection
 from farm.render.registry import ModelSpec, find_model
 from farm.render.tiny import tiny_spec
 from farm.storage.s3 import S3Settings
+from farm.webhooks.settings import WebhookSettings
 
 
 class StorageSettings(BaseModel):
@@ -161,6 +162,7 @@ class FarmSettings(BaseModel):
     render: RenderSettings = Field(default_factory=RenderSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     database_url: str = Field(
         default="", description="SQLAlchemy URL of the job store; empty: a SQLite file in the state folder."
     )

@@ -58,6 +58,8 @@ from farm.storage.s3 import ClipLayout, ObjectNotFound, delete_clip
 if TYPE_CHECKING:
     from farm.jobs.store import Job, JobStore
     from farm.storage.s3 import ObjectStore
+    from farm.webhooks.settings import WebhookSettings
+    from farm.webhooks.store import WebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,9 @@ class GatewayDeps:
     auth: GatewayAuth | None = None
     max_queued_per_account: int | None = None
     invite_ttl_s: int = 7 * 24 * 3600
+    # Per-account webhook endpoints (needs ``auth``: endpoints belong to accounts).
+    webhooks: WebhookStore | None = None
+    webhook_settings: WebhookSettings | None = None
     metrics: GatewayMetrics | None = None
     max_prompt_chars: int = 4000
     max_body_bytes: int = 16 * 1024 * 1024
@@ -513,6 +518,18 @@ def create_app(deps: GatewayDeps) -> FastAPI:
 
         auth = deps.auth
         add_account_routes(app, auth, deps.invite_ttl_s, auth.tenant)
+        if deps.webhooks is not None:
+            from farm.api.webhook_routes import add_webhook_routes
+            from farm.webhooks.guard import UrlGuard
+            from farm.webhooks.settings import WebhookSettings
+
+            hooks, hook_settings = deps.webhooks, deps.webhook_settings or WebhookSettings()
+
+            async def account_id(request: Request) -> str:
+                return (await auth.tenant(request)).account_id
+
+            add_webhook_routes(app, store_of=lambda: hooks, account_of=account_id,
+                               guard=UrlGuard.from_settings(hook_settings), settings=hook_settings)
 
     @app.get("/healthz", response_model=Health, summary="Liveness", operation_id="healthz")
     async def healthz() -> dict[str, Any]:

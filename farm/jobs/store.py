@@ -603,7 +603,10 @@ def _held(id: str, worker: str) -> sa.ColumnElement[bool]:
 
 
 def _finished(status: str, now: dt.datetime) -> dict[str, Any]:
-    return {"status": status, "completed_at": now, "updated_at": now, "lease_owner": None, "lease_expires_at": None}
+    changes = {"status": status, "completed_at": now, "updated_at": now, "lease_owner": None, "lease_expires_at": None}
+    if status == "cancelled":  # a terminal state with a code, like a failure, so clients need no special case
+        changes.update(error_code="cancelled", error_message="cancelled at the owner's request; nothing was kept")
+    return changes
 
 
 def _emit(conn: Connection, status: str | None, videos: builtins.list[tuple[str, str | None]]) -> None:

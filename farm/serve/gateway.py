@@ -11,12 +11,13 @@ from ray import serve
 @serve.deployment(max_ongoing_requests=200)
 @serve.ingress()
 class Gateway:
-    def __init__(self, settings: dict, dispatcher) -> None:
+    def __init__(self, settings: dict, dispatcher, notifier=None) -> None:
         from farm.config import FarmSettings
         from farm.jobs.store import JobStore
 
         self.settings = FarmSettings.model_validate(settings)
         self.dispatcher = dispatcher
+        self.notifier = notifier  # the webhook deliverer; bound here so it is part of the application
         self.store = JobStore(self.settings.job_store_url())
         self.store.migrate()
 
@@ -26,6 +27,7 @@ class Gateway:
         from farm.api.app import GatewayDeps, create_app
         from farm.api.auth import GatewayAuth
         from farm.api.uploads import UploadLimits
+        from farm.webhooks.store import WebhookStore
         from farm.metrics import FarmMetrics
         from farm.storage.connect import open_store
 
@@ -48,6 +50,8 @@ class Gateway:
             on_created=wake,
             auth=auth,
             invite_ttl_s=settings.auth.invite_ttl_s,
+            webhooks=WebhookStore(settings.job_store_url()),
+            webhook_settings=settings.webhooks,
             metrics=FarmMetrics(),
             max_prompt_chars=ss.max_prompt_chars,
             max_body_bytes=int(ss.max_body_mb * 1024 * 1024),

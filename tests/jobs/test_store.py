@@ -154,6 +154,7 @@ def test_create_and_get_round_trip(store: JobStore) -> None:
         "prompt": "a cat",
         "priority": "bulk",
         "seed": 7,
+        "remixed_from_video_id": None,
     }
     assert store.get("video_" + "0" * 32) is None
 
@@ -473,3 +474,29 @@ def test_queue_depths_counts_and_recent(store: JobStore) -> None:
     assert store.queue_depths() == {PRIORITY_INTERACTIVE: 1, PRIORITY_BULK: 3}
     assert store.counts_by_status() == {"queued": 4, "in_progress": 1, "completed": 0, "failed": 0, "cancelled": 0}
     assert [job.id for job in store.recent(2)] == [jobs[4].id, jobs[3].id]
+
+
+# -- the event log (the webhooks' outbox) ------------------------------------------------
+
+
+def test_terminal_transitions_are_logged_once_each(store: JobStore) -> None:
+    done, failed, running_cancel, queued_cancel = (make(store, owner="acct_a", prompt=p) for p in "abcd")
+    for job in (done, failed, running_cancel):
+        assert store.claim_next("w", LEASE_S) is not None
+    store.complete(done.id, "w", {"video": "videos/x/video.mp4"})
+    store.fail(failed.id, "w", "render_error", "boom")
+    store.request_cancel(queued_cancel.id)
+    store.request_cancel(running_cancel.id)  # only flagged: no event until the worker stops it
+    assert [e.type for e in store.events_since(0)] == ["video.completed", "video.failed", "video.cancelled"]
+    store.finish_cancelled(running_cancel.id, "w")
+    events = store.events_since(0)
+    assert [(e.video_id, e.type) for e in events] == [
+        (done.id, "video.completed"), (failed.id, "video.failed"), (queued_cancel.id, "video.cancelled"),
+        (running_cancel.id, "video.cancelled")]
+    assert all(e.owner == "acct_a" and e.id.startswith("evt_") for e in events)
+    assert store.events_since(events[1].seq) == events[2:]
+    # A refused write (not the lease holder) logs nothing.
+    assert not store.complete(done.id, "w", {})
+    assert len(store.events_since(0)) == 4
+    cancelled = store.get(running_cancel.id)
+    assert (cancelled.status, cancelled.error_code) == ("cancelled", "cancelled")

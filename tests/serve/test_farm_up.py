@@ -35,10 +35,24 @@ def _farm(*args: str, env: dict, timeout: float = 400) -> subprocess.CompletedPr
     return subprocess.run([str(farm), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _farm_processes(home: Path) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines()
-            if re.search(r"raylet|gcs_server|ray::|default_worker", line) or str(home) in line]
+def _farm_processes(home: Path) -> set[int]:
+    """This farm's processes: those naming its state folder or Ray temp dir, and all their descendants
+    (other farms on the machine, e.g. tests running beside this one, are not counted)."""
+    import hashlib
+
+    import psutil
+
+    ray_dir = f"/tmp/videofarm-ray-{hashlib.sha256(str(home).encode()).hexdigest()[:10]}"
+    pids: set[int] = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(proc.info["cmdline"] or ())
+        if str(home) in line or ray_dir in line:
+            pids.add(proc.pid)
+            try:
+                pids |= {child.pid for child in proc.children(recursive=True)}
+            except psutil.NoSuchProcess:
+                pass
+    return pids
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +60,27 @@ def farm(tmp_path_factory):
     home = tmp_path_factory.mktemp("farm-up")
     port, metrics_port = _free_port(), _free_port()
     env = {**os.environ, "FARM_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    started = _farm("up", "--port", str(port), "--metrics-port", str(metrics_port), env=env)
+    from tests.serve.farmkit import deployment_with
+
+    # Webhook receivers in these tests listen on loopback: the operator allowlists it.
+    deployment = deployment_with({"webhooks": {"allow_hosts": ["127.0.0.0/8"], "poll_s": 0.2}},
+                                 home / "deployment.yaml")
+    started = _farm("up", "--port", str(port), "--metrics-port", str(metrics_port), "--deployment", str(deployment),
+                    env=env)
     assert started.returncode == 0, started.stderr[-3000:]
     try:
         yield {"home": home, "env": env, "port": port, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     finally:
+        ours = _farm_processes(home)
+        assert len(ours) > 5  # Ray daemons, replicas, SeaweedFS: the check below can see them
         stopped = _farm("down", env=env)
         assert stopped.returncode == 0, stopped.stderr[-2000:]
         time.sleep(1)
         # `farm down` leaves no process behind: no Ray, no SeaweedFS.
-        assert _farm_processes(home) == []
+        import psutil
+
+        left = [p for p in ours if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert left == [], [" ".join(psutil.Process(p).cmdline()) for p in left]
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +187,79 @@ def test_one_scrape_endpoint_covers_every_stage(farm, client):
     assert not missing, f"families missing from {farm['metrics']}: {missing}"
     empty = [f for f in FAMILIES if totals[f] <= 0 and f != "videofarm_queue_depth"]
     assert not empty, f"families with no samples: {empty}"
+
+
+def test_cancel_stops_at_a_shard_boundary_frees_the_replica_and_keeps_nothing(farm, client, api_key, monkeypatch):
+    import httpx
+
+    from farm.config import load_settings
+    from farm.jobs.store import JobStore
+    from farm.storage.connect import open_store
+
+    store = JobStore(f"sqlite:///{farm['home'] / 'jobs.sqlite'}")
+    video = client.videos.create(model="wan-tiny", prompt="長い夜の雨の街", seconds="4", size="128x128",
+                                 extra_body={"steps": 40, "seed": 5})
+    deadline = time.monotonic() + 120
+    while store.get(video.id).step_index < 4:  # two shards done: a checkpoint exists
+        assert time.monotonic() < deadline, "the job never got going"
+        time.sleep(0.1)
+    reply = httpx.post(f"http://127.0.0.1:{farm['port']}/v1/videos/{video.id}/cancel",
+                       headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+    assert reply.status_code == 200 and reply.json()["cancel_requested"] is True
+    asked_at = store.get(video.id).step_index
+    while not store.get(video.id).terminal:
+        assert time.monotonic() < deadline, "the cancelled job did not stop"
+        time.sleep(0.1)
+    job = store.get(video.id)
+    assert (job.status, job.error_code) == ("cancelled", "cancelled")
+    assert job.step_index <= asked_at + 2 < 40  # at most the shard in flight (shard_steps 2) ran after the ask
+    seen = client.videos.retrieve(video.id)
+    assert seen.status == "cancelled" and seen.error.code == "cancelled"
+    # Nothing kept: no checkpoint, no clip objects.
+    monkeypatch.setenv("FARM_HOME", str(farm["home"]))
+    objects = open_store(load_settings(), start=False)
+    left = [k for k in objects.list_keys() if video.id in k]
+    assert left == [], left
+    # The replicas are free again: a new job runs to completion.
+    after = client.videos.create_and_poll(model="wan-tiny", prompt="晴れた朝", seconds="1", size="64x64",
+                                          extra_body={"steps": 2, "seed": 1})
+    assert after.status == "completed"
+
+
+def test_webhook_tells_a_registered_endpoint_and_the_sdk_verifies_it(farm, client):
+    """A tenant registers an endpoint with the SDK; the farm signs video.completed; the SDK's unwrap verifies."""
+    import http.server
+    import threading
+
+    received: list[tuple[bytes, dict]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append((body, {k.lower(): v for k, v in self.headers.items()}))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = client.webhooks.create(url=f"http://127.0.0.1:{server.server_port}/hooks",
+                                          event_types=["video.completed", "video.failed"], name="renders")
+        secret = endpoint.signing_secret
+        assert secret.startswith("whsec_")
+        video = client.videos.create_and_poll(model="wan-tiny", prompt="花火の夜", seconds="1", size="64x64",
+                                              extra_body={"steps": 2, "seed": 9})
+        assert video.status == "completed"
+        deadline = time.monotonic() + 60
+        while not any(video.id.encode() in body for body, _ in received):
+            assert time.monotonic() < deadline, "no webhook arrived"
+            time.sleep(0.2)
+        body, headers = next((b, h) for b, h in received if video.id.encode() in b)
+        event = client.webhooks.unwrap(body.decode(), headers, secret=secret)
+        assert (event.type, event.data.id) == ("video.completed", video.id)
+        assert headers["webhook-id"] == event.id
+    finally:
+        server.shutdown()
