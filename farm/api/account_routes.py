@@ -1,5 +1,8 @@
 """Invite-only onboarding and key management (farm extensions to the OpenAI API).
 
+Who may call which route is decided by the gateway's gate (``farm.api.app._gate``), before
+any parameter is read:
+
     operator:  POST /v1/admin/invites          (admin key)  → a single-use, expiring code
     newcomer:  POST /v1/invites/redeem         (no key)     → an account and its first API key
     tenant:    GET/POST /v1/api_keys, DELETE /v1/api_keys/{id}, GET /v1/account
@@ -50,28 +53,24 @@ def add_account_routes(app: FastAPI, auth: GatewayAuth, invite_ttl_s: int,
     @app.post("/v1/admin/invites", summary="Create an invite code (operator)", operation_id="createInvite",
               tags=["accounts"], responses={401: {"model": ErrorResponse}})
     async def create_invite(body: InviteCreate, request: Request) -> dict[str, Any]:
-        auth.admin(request)
         invite, code = await run_in_threadpool(accounts.create_invite, body.note, body.expires_in or invite_ttl_s)
         return invite.to_api(accounts.now()) | {"code": code}
 
     @app.get("/v1/admin/invites", summary="List invites (operator)", operation_id="listInvites",
              tags=["accounts"], responses={401: {"model": ErrorResponse}})
     async def list_invites(request: Request) -> dict[str, Any]:
-        auth.admin(request)
         invites = await run_in_threadpool(accounts.list_invites)
         return {"object": "list", "data": [i.to_api(accounts.now()) for i in invites]}
 
     @app.get("/v1/admin/accounts", summary="List accounts (operator)", operation_id="listAccounts",
              tags=["accounts"], responses={401: {"model": ErrorResponse}})
     async def list_accounts(request: Request) -> dict[str, Any]:
-        auth.admin(request)
         return {"object": "list", "data": [a.to_api() for a in await run_in_threadpool(accounts.list_accounts)]}
 
     @app.post("/v1/invites/redeem", summary="Redeem an invite: a new account and its first API key",
               operation_id="redeemInvite", tags=["accounts"],
               responses={400: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
     async def redeem(body: Redeem, request: Request) -> dict[str, Any]:
-        auth.anonymous(request)
         try:
             account, key, secret = await run_in_threadpool(accounts.redeem, body.code, body.account_name,
                                                            body.key_name)

@@ -19,13 +19,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from farm import __version__
+from farm.accounts.store import Principal
 from farm.api.auth import GatewayAuth
 from farm.api.errors import (
     ERROR_RESPONSES,
@@ -251,8 +252,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     # Routes go on the app itself, not an included router, so a 405 can list every method of a path.
 
     async def owner(request: Request) -> str | None:
-        """The caller's account id (401/429 when its key is bad or over its limit)."""
-        return (await deps.auth.tenant(request)).account_id if deps.auth else None
+        """The caller's account id, as the gate (``_gate``) established it; None without auth."""
+        return request.state.principal.account_id if deps.auth else None
 
     def video(job: Job) -> dict[str, Any]:
         # cancel_requested tells a client that a running job will stop at its next shard.
@@ -505,11 +506,35 @@ def _openapi(app: FastAPI, deps: GatewayDeps) -> dict[str, Any]:
     return schema
 
 
+_PUBLIC_PATHS = frozenset({"/healthz"})
+_ANONYMOUS_PATHS = frozenset({"/v1/invites/redeem"})
+
+
+def _gate(auth: GatewayAuth) -> Callable[[Request], Awaitable[None]]:
+    """Who may call what: operators /v1/admin/*, anyone (rate-limited by address) the invite
+    redemption, tenants (with their per-key rate limit) everything else."""
+
+    async def gate(request: Request) -> None:
+        path = request.url.path
+        if path in _PUBLIC_PATHS:
+            return
+        if path in _ANONYMOUS_PATHS:
+            auth.anonymous(request)
+        elif path.startswith("/v1/admin/"):
+            auth.admin(request)
+        else:
+            request.state.principal = await auth.tenant(request)
+
+    return gate
+
+
 def create_app(deps: GatewayDeps) -> FastAPI:
     """The gateway app; no work happens until it serves a request."""
     app = FastAPI(
         title="videofarm", version=__version__,
         description="OpenAI-compatible text-to-video API of a videofarm render farm.", responses=ERROR_RESPONSES,
+        # The gate runs before any parameter is validated: no key, no details about the request.
+        dependencies=[Depends(_gate(deps.auth))] if deps.auth is not None else None,
     )
     install_error_handlers(app)
     _add_routes(app, deps)
@@ -517,7 +542,11 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         from farm.api.account_routes import add_account_routes
 
         auth = deps.auth
-        add_account_routes(app, auth, deps.invite_ttl_s, auth.tenant)
+
+        async def principal(request: Request) -> Principal:
+            return request.state.principal
+
+        add_account_routes(app, auth, deps.invite_ttl_s, principal)
         if deps.webhooks is not None:
             from farm.api.webhook_routes import add_webhook_routes
             from farm.webhooks.guard import UrlGuard
@@ -526,7 +555,7 @@ def create_app(deps: GatewayDeps) -> FastAPI:
             hooks, hook_settings = deps.webhooks, deps.webhook_settings or WebhookSettings()
 
             async def account_id(request: Request) -> str:
-                return (await auth.tenant(request)).account_id
+                return request.state.principal.account_id
 
             add_webhook_routes(app, store_of=lambda: hooks, account_of=account_id,
                                guard=UrlGuard.from_settings(hook_settings), settings=hook_settings)

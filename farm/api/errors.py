@@ -109,6 +109,8 @@ class RateLimited(APIError):
         self, message: str, *, retry_after_s: float, code: str | None = None, headers: Mapping[str, str] | None = None,
     ) -> None:
         # Retry-After takes whole seconds; round up so a client never retries too early.
+        if not math.isfinite(retry_after_s):
+            retry_after_s = 60.0
         seconds = max(1, math.ceil(retry_after_s))
         super().__init__(message, code=code, headers={**(headers or {}), "Retry-After": str(seconds)})
         self.retry_after_s = seconds
@@ -151,8 +153,12 @@ class ErrorResponse(BaseModel):
 _LOC_ROOTS = {"body", "query", "path", "header", "cookie", "form"}
 
 
-def _param_of(loc: Sequence[Any]) -> str | None:
+def _param_of(loc: Sequence[Any], *, rooted: bool = True) -> str | None:
+    """``rooted``: FastAPI's locations start with where the value was (body, query, …); a model
+    validated by hand has no such root, and a field may well be *named* 'query' or 'body'."""
     parts = [str(p) for p in loc if not isinstance(p, int)]
+    if not rooted:
+        return ".".join(parts) if parts else None  # even "": the client's own (empty) key
     if parts and parts[0] in _LOC_ROOTS:
         parts = parts[1:]
     return ".".join(parts) or None
@@ -179,12 +185,14 @@ def _message_of(err: Mapping[str, Any], param: str | None) -> str:
     return f"{param or 'request'}: {msg}"
 
 
-def from_validation_errors(errors: Sequence[Mapping[str, Any]], *, allowed: Sequence[str] = ()) -> InvalidRequest:
+def from_validation_errors(
+    errors: Sequence[Mapping[str, Any]], *, allowed: Sequence[str] = (), rooted: bool = True,
+) -> InvalidRequest:
     """The first validation error as a 400 naming its parameter; ``allowed`` lists known fields."""
     if not errors:
         return InvalidRequest("the request is not valid")
     first = errors[0]
-    param = _param_of(first.get("loc", ()))
+    param = _param_of(first.get("loc", ()), rooted=rooted)
     message = _message_of(first, param)
     if first.get("type") == "extra_forbidden" and allowed:
         message += f"; allowed: {', '.join(allowed)}"
@@ -197,7 +205,7 @@ def from_validation_errors(errors: Sequence[Mapping[str, Any]], *, allowed: Sequ
 
 
 def from_pydantic(exc: ValidationError, *, allowed: Sequence[str] = ()) -> InvalidRequest:
-    return from_validation_errors(exc.errors(include_url=False), allowed=allowed)
+    return from_validation_errors(exc.errors(include_url=False), allowed=allowed, rooted=False)
 
 
 # -- handlers ------------------------------------------------------------------------------

@@ -154,3 +154,12 @@ def test_redeem_is_rate_limited_per_client_address(make_auth_app):
     client = TestClient(make_auth_app())
     codes = [client.post("/v1/invites/redeem", json={"code": f"vf_inv_guess{i}"}).status_code for i in range(31)]
     assert codes[:30] == [400] * 30 and codes[30] == 429
+
+
+def test_no_key_gets_401_before_any_parameter_is_read(make_auth_app):
+    client = TestClient(make_auth_app())
+    for response in (client.get("/v1/videos", params={"limit": "abc"}),
+                     client.post("/v1/api_keys", json={"name": 5}),
+                     client.post("/v1/admin/invites", json={"note": 5}),
+                     client.post("/v1/videos/x/remix", json={})):
+        assert error_of(response, 401)["code"] == "invalid_api_key"
