@@ -321,3 +321,55 @@ def test_params_carry_the_prompt_the_faults_match(store, tiny_spec):
     job = store.get(_submit(store, tiny_spec, "x chaos-nan y", 1))
     faults = [FaultInjection(kind="nan", prompt_contains="chaos-nan"), FaultInjection(kind="oom", prompt_contains="zzz")]
     assert [f.kind for f in matching(faults, params_of(job, tiny_spec).prompt)] == ["nan"]
+
+
+def test_finisher_upload_waits_out_an_outage_and_aborts_what_it_left_open(tmp_path):
+    from farm.config import FarmSettings
+    from farm.finish.chain import FinishedClip
+    from farm.render.tiny import tiny_spec as make_spec
+    from farm.serve.deployments import Finisher
+
+    class FlakyStore:
+        """Refuses the first ``outage`` calls; a refused part upload leaves its multipart upload open."""
+
+        def __init__(self, outage: int) -> None:
+            self.outage, self.objects, self.open_uploads = outage, {}, set()
+
+        def _call(self, key, upload=True):
+            if self.outage > 0:
+                self.outage -= 1
+                if upload:
+                    self.open_uploads.add(key)
+                raise StorageUnavailable(f"upload s3://bucket/{key}: endpoint did not answer")
+
+        def put_file(self, key, path, content_type=None, metadata=None):
+            self._call(key)
+            self.objects[key] = path.read_bytes()
+
+        def put_json(self, key, obj):
+            self._call(key)
+            self.objects[key] = obj
+
+        def abort_open_multipart_uploads(self, prefix=""):
+            self._call(prefix, upload=False)  # fails too while the store is down
+            aborted = [k for k in self.open_uploads if k.startswith(prefix)]
+            self.open_uploads -= set(aborted)
+            return len(aborted)
+
+    files = {}
+    for name in ("video.mp4", "thumbnail.webp", "spritesheet.jpg"):
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode())
+    clip = FinishedClip(files["video.mp4"], files["thumbnail.webp"], files["spritesheet.jpg"], 9, 14, 15)
+    settings = FarmSettings(state_dir=tmp_path, models=[make_spec(tmp_path / "m")],
+                            render={"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05, "storage_retry_s": 10})
+    finisher = object.__new__(Finisher.func_or_class)  # the replica's upload path, without loading a VAE
+    # The upload fails, so does its abort; the next try succeeds, then the leftover is aborted.
+    finisher.settings, finisher.store = settings, FlakyStore(outage=2)
+
+    finisher._upload("job-1", clip, {"id": "job-1"})
+
+    assert sorted(finisher.store.objects) == [
+        "videos/job-1/record.json", "videos/job-1/spritesheet.jpg", "videos/job-1/thumbnail.webp", "videos/job-1/video.mp4"
+    ]
+    assert finisher.store.open_uploads == set()

@@ -126,6 +126,34 @@ class Farm:
         with urllib.request.urlopen(request, timeout=30) as reply:
             return json.loads(reply.read())["api_key"]["key"]
 
+    def status(self) -> dict:
+        """`farm status --json`: deployments, replica states, the dispatcher's status (retries included)."""
+        return json.loads(farm_cli("status", "--json", env=self.env, timeout=120).stdout)
+
+    def replica_pids(self, deployment: str, app: str = "videofarm") -> dict[int, bool]:
+        """Pids of this farm's replicas of ``deployment`` (e.g. ``Denoiser:wan-tiny:transformer``),
+        each with whether it is running a request now.
+
+        Ray titles a replica's process ``ray::ServeReplica:<app>:<deployment>``, and appends
+        ``.<method>`` while a request runs in it. Only processes whose environment carries this
+        farm's FARM_HOME count, so other farms on the machine are never touched.
+        """
+        import psutil
+
+        title = f"ray::ServeReplica:{app}:{deployment}"
+        found: dict[int, bool] = {}
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if not cmdline or not (cmdline[0] == title or cmdline[0].startswith(title + ".")):
+                continue
+            try:
+                if proc.environ().get("FARM_HOME") != str(self.home):
+                    continue
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            found[proc.info["pid"]] = cmdline[0] != title
+        return found
+
     def client(self, api_key: str | None = None, **options):
         import openai
 
