@@ -115,7 +115,7 @@ class Finisher:
         self.metrics = FarmMetrics()
 
     def finish(self, job_id: str, model_id: str, params: RenderParams, latents) -> dict[str, str]:
-        from farm.jobs.publish import clip_keys, clip_record, finish_frames, upload_finished
+        from farm.jobs.publish import clip_keys, clip_record, finish_frames
 
         spec = self.settings.model(model_id)
         started = time.perf_counter()
@@ -135,8 +135,8 @@ class Finisher:
     def _upload(self, job_id: str, clip, record: dict) -> None:
         """Upload the clip, retrying while S3 is unreachable (for at most render.storage_retry_s).
 
-        Every object is a whole-object PUT to a fixed key, so an attempt after a partial one
-        overwrites, never duplicates. A multipart upload cut off by an outage may stay open (its
+        Every object goes to a fixed key, so an attempt after a partial one overwrites, never
+        duplicates. A multipart upload cut off by an outage may stay open (its
         abort failed too), so once S3 answers again the clip's leftovers are aborted.
         """
         from farm.jobs.publish import upload_finished

@@ -119,7 +119,9 @@ def test_killed_denoiser_replica_resumes_from_the_checkpoint_with_the_same_video
     assert all(j.status == "completed" for j in jobs), [(j.status, j.error_message) for j in jobs]
     assert killed_at_step == SHARD_STEPS  # killed during the second shard
     assert pid not in farm.replica_pids(POOL)
-    retried = [r for r in farm.status()["dispatcher"]["retries"] if r["job_id"] == victim]
+    retries = farm.status()["dispatcher"]["retries"]
+    assert not [r for r in retries if r["job_id"] == reference]  # the reference really was fault-free
+    retried = [r for r in retries if r["job_id"] == victim]
     assert retried and (retried[0]["stage"], retried[0]["reason"]) == (f"shard {SHARD_STEPS}-50", "replica_lost"), retried
     videos = {}
     for job_id in (reference, victim):
