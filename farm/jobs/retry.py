@@ -102,7 +102,7 @@ class RetryPolicy:
         return retrying_cls(
             retry=tenacity.retry_if_exception(is_transient_storage_error),
             stop=tenacity.stop_after_delay(self.storage_retry_s),
-            wait=tenacity.wait_exponential_jitter(initial=self.backoff_s, max=self.backoff_max_s),
+            wait=tenacity.wait_exponential_jitter(multiplier=self.backoff_s, max=self.backoff_max_s),
             before_sleep=lambda rs: log.warning(
                 "%s: storage unreachable (try %d, %.0fs so far): %s",
                 what, rs.attempt_number, rs.seconds_since_start or 0.0, rs.outcome.exception(),
