@@ -37,3 +37,12 @@ def tiny_spec_2x(tiny_model_2x_dir):
     from farm.render.tiny import tiny_spec
 
     return tiny_spec(tiny_model_2x_dir, experts=2)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from tests.figures import LINES
+
+    if LINES:
+        terminalreporter.section("videofarm figures")
+        for line in LINES:
+            terminalreporter.write_line(line)

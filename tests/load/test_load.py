@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.figures import report as report_figure
 from tests.serve.farmkit import ROOT, running_farm
 
 pytestmark = [pytest.mark.slow, pytest.mark.load]
@@ -101,7 +102,7 @@ def run_locust(url: str, api_key: str, out: Path, *, users: int = USERS, spawn_r
 def test_overload_is_answered_with_429_never_5xx_or_timeouts(tmp_path):
     with running_farm(tmp_path, settings=SETTINGS) as farm:
         figures = run_locust(farm.url, farm.new_api_key("load"), tmp_path)
-    print(figures.line())
+    report_figure(figures.line())
     assert figures.server_errors == 0, figures.failures
     assert not figures.failures, figures.failures  # connection errors, timeouts, unexpected statuses
     assert figures.too_many_requests > 0, "the queue cap was never reached: raise USERS"

@@ -23,6 +23,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.figures import report
 from tests.serve.farmkit import count_line, farm_cli, running_farm, wait_for
 
 pytestmark = pytest.mark.slow
@@ -67,7 +68,7 @@ def _report(farm, ids: list[str], jobs: list) -> None:
     owner = jobs[0].owner
     rows = len(farm.store().list(owner=owner, limit=1000)[0])
     line, lost, duplicated = count_line(len(ids), jobs, rows)
-    print(line)
+    report(line)
     assert lost == 0 and duplicated == 0, line
 
 
