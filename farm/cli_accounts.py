@@ -67,6 +67,7 @@ def _save_key(state_dir: Path, key: str) -> Path:
     path = state_dir / API_KEY_FILE
     state_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: tighten it
     with os.fdopen(fd, "w") as handle:
         handle.write(key)
     return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from farm.accounts import keys
 from farm.accounts.tables import Account, ApiKey, Invite
 from farm.db import Database, unix, utcnow
 
+log = logging.getLogger(__name__)
 _A, _K, _I = Account.__table__, ApiKey.__table__, Invite.__table__
 DEFAULT_INVITE_TTL_S = 7 * 24 * 3600
 MAX_INVITE_TTL_S = 365 * 24 * 3600
@@ -157,8 +159,11 @@ class AccountStore:
             return None
         now = self._clock()
         if row.last_used_at is None or now - row.last_used_at > _LAST_USED_RESOLUTION:
-            with self.db.engine.begin() as conn:  # best effort, not under the write lock up front
-                conn.execute(sa.update(_K).where(_K.c.id == row.id).values(last_used_at=now))
+            try:  # a hint for people reading key lists: never worth failing the request over
+                with self.db.engine.begin() as conn:
+                    conn.execute(sa.update(_K).where(_K.c.id == row.id).values(last_used_at=now))
+            except sa.exc.SQLAlchemyError:
+                log.warning("could not record last use of key %s", row.id, exc_info=True)
         return Principal(row.account_id, row.id)
 
     def create_key(self, account_id: str, name: str = "default") -> tuple[KeyInfo, str]:

@@ -1,6 +1,6 @@
 """Invite-only onboarding and key management (farm extensions to the OpenAI API).
 
-Who may call which route is decided by the gateway's gate (``farm.api.app._gate``), before
+Who may call which route is decided by the gateway's ``farm.api.auth.AuthGate``, before
 any parameter is read:
 
     operator:  POST /v1/admin/invites          (admin key)  → a single-use, expiring code

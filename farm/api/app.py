@@ -8,6 +8,7 @@ Store and S3 calls are blocking, so they run in the thread pool, never on the ev
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -27,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from farm import __version__
 from farm.accounts.store import Principal
-from farm.api.auth import GatewayAuth
+from farm.api.auth import AuthGate, GatewayAuth
 from farm.api.errors import (
     ERROR_RESPONSES,
     Conflict,
@@ -54,7 +55,7 @@ from farm.api.schemas import (
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, IdempotencyConflict, QueueFull
 from farm.api.uploads import UploadLimits, check_image, decode_data_url
 from farm.render.registry import ModelSpec, find_model, validate_request
-from farm.storage.s3 import ClipLayout, ObjectNotFound, delete_clip
+from farm.storage.s3 import ClipLayout, ObjectNotFound, checkpoint_prefix, delete_clip
 
 if TYPE_CHECKING:
     from farm.jobs.store import Job, JobStore
@@ -148,17 +149,27 @@ class _BodyLimit:
         if length.isdigit() and int(length) > self.limit:
             exc = PayloadTooLarge(f"request body of {int(length)} bytes exceeds the limit of {self.limit} bytes")
             return await _send_json(send, exc.status_code, exc.body())
-        seen = 0
+        seen, over = 0, False
+        too_large = PayloadTooLarge(f"request body exceeds the limit of {self.limit} bytes")
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:  # raised inside the route, so the error handlers answer it
-                raise PayloadTooLarge(f"request body exceeds the limit of {self.limit} bytes")
+            if seen > self.limit:
+                over = True
+                raise too_large
             return message
 
-        await self.app(scope, counted, send)
+        async def answered(message: Message) -> None:
+            # Whatever the route made of the interrupted body (FastAPI calls it a parse error,
+            # a 400), the client hears why: 413. Nothing was sent yet, since reading came first.
+            if not over:
+                return await send(message)
+            if message["type"] == "http.response.start":
+                await _send_json(send, too_large.status_code, too_large.body())
+
+        await self.app(scope, counted, answered)
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
@@ -252,7 +263,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     # Routes go on the app itself, not an included router, so a 405 can list every method of a path.
 
     async def owner(request: Request) -> str | None:
-        """The caller's account id, as the gate (``_gate``) established it; None without auth."""
+        """The caller's account id, as the auth gate (``AuthGate``) established it; None without auth."""
         return request.state.principal.account_id if deps.auth else None
 
     def video(job: Job) -> dict[str, Any]:
@@ -363,6 +374,10 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         job = await run_in_threadpool(lambda: deps.store.request_cancel(video_id, owner=who))
         if job is None:
             raise NotFound(f"video {video_id!r} not found", param="video_id")
+        if job.status == "cancelled" and job.checkpoint_key:
+            # A queued job may hold a checkpoint (it was running before a restart): keep nothing.
+            # (A running job's dispatcher drops its own when it stops at the shard boundary.)
+            await run_in_threadpool(lambda: deps.object_store().delete_prefix(checkpoint_prefix(video_id)))
         return video(job)
 
     @app.get(
@@ -405,6 +420,10 @@ async def _create_job(
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise InvalidRequest(f"Idempotency-Key: {len(idempotency_key)} characters; allowed: 1..255",
                              param="Idempotency-Key")
+    # What the client asked for, before defaults: a retry without a seed is the same request,
+    # though this attempt would draw another random seed.
+    asked = {"model": spec.id, "prompt": prompt, "size": size, "seconds": seconds, "priority": priority, **extra}
+    fingerprint = hashlib.sha256(json.dumps(asked, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     seed = extra.get("seed")
     seed = seed if seed is not None else secrets.randbelow(2**63)  # recorded: reruns reproduce
     try:
@@ -412,7 +431,8 @@ async def _create_job(
                                   seed=seed, scheduler=extra.get("scheduler") or "unipc")
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
-    stored = {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler}
+    stored = {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler,
+              "request_fingerprint": fingerprint}
     try:
         job = await run_in_threadpool(
             lambda: deps.store.create(
@@ -506,35 +526,11 @@ def _openapi(app: FastAPI, deps: GatewayDeps) -> dict[str, Any]:
     return schema
 
 
-_PUBLIC_PATHS = frozenset({"/healthz"})
-_ANONYMOUS_PATHS = frozenset({"/v1/invites/redeem"})
-
-
-def _gate(auth: GatewayAuth) -> Callable[[Request], Awaitable[None]]:
-    """Who may call what: operators /v1/admin/*, anyone (rate-limited by address) the invite
-    redemption, tenants (with their per-key rate limit) everything else."""
-
-    async def gate(request: Request) -> None:
-        path = request.url.path
-        if path in _PUBLIC_PATHS:
-            return
-        if path in _ANONYMOUS_PATHS:
-            auth.anonymous(request)
-        elif path.startswith("/v1/admin/"):
-            auth.admin(request)
-        else:
-            request.state.principal = await auth.tenant(request)
-
-    return gate
-
-
 def create_app(deps: GatewayDeps) -> FastAPI:
     """The gateway app; no work happens until it serves a request."""
     app = FastAPI(
         title="videofarm", version=__version__,
         description="OpenAI-compatible text-to-video API of a videofarm render farm.", responses=ERROR_RESPONSES,
-        # The gate runs before any parameter is validated: no key, no details about the request.
-        dependencies=[Depends(_gate(deps.auth))] if deps.auth is not None else None,
     )
     install_error_handlers(app)
     _add_routes(app, deps)
@@ -566,6 +562,8 @@ def create_app(deps: GatewayDeps) -> FastAPI:
 
     app.openapi = lambda: _openapi(app, deps)  # type: ignore[method-assign]
     app.add_middleware(_ResponseHeaders)
+    if deps.auth is not None:  # outside the routes: no route reads a request the gate refused
+        app.add_middleware(AuthGate, auth=deps.auth)
     app.add_middleware(_BodyLimit, limit=deps.max_body_bytes)
     if deps.metrics is not None:
         app.add_middleware(_Timing, metrics=deps.metrics)

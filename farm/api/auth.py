@@ -18,6 +18,8 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from farm.accounts import keys
 from farm.accounts.store import AccountStore, Principal
@@ -25,6 +27,10 @@ from farm.api.errors import APIError, RateLimited
 
 # Unauthenticated routes (redeeming an invite) are limited per client address instead.
 ANONYMOUS_RATE_LIMIT = "30/minute"
+# Route templates (as declared, whatever prefix the app is mounted under) by who may call them.
+PUBLIC_ROUTES = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+ANONYMOUS_ROUTES = frozenset({"/v1/invites/redeem"})
+ADMIN_PREFIX = "/v1/admin/"
 
 
 class Unauthorized(APIError):
@@ -95,3 +101,49 @@ def _bearer(request: Request) -> str:
         raise Unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'; keys are "
                            "issued by redeeming an invite (POST /v1/invites/redeem)")
     return value.strip()
+
+
+class AuthGate:
+    """ASGI middleware: who may call which route, decided before the route reads anything.
+
+    The route is found the way the router finds it (``route.matches``, which strips the app's
+    ``root_path``), so a mount prefix cannot make a tenant route look like another; a request
+    with no key learns nothing about its parameters (no 400 before the 401). The principal goes
+    into ``request.state.principal`` for the routes.
+    """
+
+    def __init__(self, app: ASGIApp, auth: GatewayAuth) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        template = _route_template(scope)
+        if template is not None and template not in PUBLIC_ROUTES:
+            request = Request(scope)
+            try:
+                if template in ANONYMOUS_ROUTES:
+                    self.auth.anonymous(request)
+                elif template.startswith(ADMIN_PREFIX):
+                    self.auth.admin(request)
+                else:
+                    request.state.principal = await self.auth.tenant(request)
+            except APIError as exc:
+                from starlette.responses import JSONResponse
+
+                response = JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers or None)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _route_template(scope: Scope) -> str | None:
+    """The declared path of the route this request goes to (None: no route, a 404)."""
+    app = scope.get("app")
+    partial = None
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return getattr(route, "path", None)
+        if match == Match.PARTIAL and partial is None:  # right path, other method: a 405 still needs a key
+            partial = getattr(route, "path", None)
+    return partial

@@ -30,6 +30,7 @@ from farm.jobs.retry import ReplicaLost, RetryPolicy, is_transient_storage_error
 from farm.jobs.store import Job, JobStore, Priority
 from farm.render.denoise import DenoiseState, NonFiniteLatents, ShardPlan, plan_shards
 from farm.render.registry import ModelSpec, RenderParams, parse_size
+from farm.storage.s3 import checkpoint_prefix
 
 log = logging.getLogger(__name__)
 _HISTORY = 64  # jobs whose shard history and final latents are kept in memory
@@ -81,7 +82,7 @@ class JobCancelled(Exception):
 
 
 def checkpoint_key(job_id: str) -> str:
-    return f"checkpoints/{job_id}/state.pt"
+    return f"{checkpoint_prefix(job_id)}state.pt"
 
 
 def params_of(job: Job, spec: ModelSpec) -> RenderParams:
@@ -344,7 +345,7 @@ class Dispatcher:
             return
         try:
             await self.policy.storage_call_async(
-                f"job {job.id}: drop checkpoint", asyncio.to_thread, self.objects.delete_prefix, f"checkpoints/{job.id}/"
+                f"job {job.id}: drop checkpoint", asyncio.to_thread, self.objects.delete_prefix, checkpoint_prefix(job.id)
             )
         except Exception:
             log.warning("job %s: its checkpoint was not deleted", job.id, exc_info=True)

@@ -693,9 +693,19 @@ def _new_job(
 
 
 def _replay(existing: Job, request: Job) -> Job:
-    """Same key, same request: the earlier job. Same key, another request: a conflict."""
+    """Same key, same request: the earlier job. Same key, another request: a conflict.
+
+    A ``request_fingerprint`` in ``params`` (the gateway's hash of the request as the client sent
+    it, before defaults such as a random seed) decides when both jobs have one."""
+    mine, theirs = request.params.get("request_fingerprint"), existing.params.get("request_fingerprint")
+    if mine is not None and mine == theirs:
+        return existing
     fields = ("model", "prompt", "size", "seconds", "params", "priority")
     differing = [name for name in fields if getattr(existing, name) != getattr(request, name)]
+    if mine is not None and "params" in differing:  # name what the client changed, not the fingerprint
+        changed = {k for k in {*existing.params, *request.params} - {"request_fingerprint", "seed"}
+                   if existing.params.get(k) != request.params.get(k)}
+        differing = [d for d in differing if d != "params"] + sorted(changed) or ["parameters"]
     if differing:
         raise IdempotencyConflict(
             f"idempotency_key {existing.idempotency_key!r} was already used for video {existing.id} "

@@ -526,6 +526,11 @@ def upload_clip(
     return uris
 
 
+def checkpoint_prefix(video_id: str) -> str:
+    """Where a job's denoise checkpoints live while it renders (``…/state.pt``)."""
+    return f"checkpoints/{video_id}/"
+
+
 def delete_clip(store: ObjectStore, video_id: str) -> int:
-    """Delete every object of one clip; returns how many were deleted."""
-    return store.delete_prefix(ClipLayout(video_id).prefix)
+    """Delete every object of one clip, and any checkpoint it left; returns how many were deleted."""
+    return store.delete_prefix(ClipLayout(video_id).prefix) + store.delete_prefix(checkpoint_prefix(video_id))

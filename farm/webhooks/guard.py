@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import logging
 import socket
 from collections.abc import Iterable, Sequence
 
@@ -33,6 +34,8 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # NAT64 (RFC 6052) embeds an IPv4 address in the low 32 bits.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _LOCALHOST: tuple[IPAddress, ...] = (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"))
+
+log = logging.getLogger(__name__)
 
 
 class UrlRefused(ValueError):
@@ -103,8 +106,9 @@ def forbidden_reason(ip: IPAddress) -> str | None:
         ("is_multicast", "multicast"),
         ("is_private", "private"),
         ("is_reserved", "reserved"),
+        ("is_site_local", "site-local (fec0::/10)"),  # deprecated, still routed inside some networks
     ):
-        if getattr(ip, flag):
+        if getattr(ip, flag, False):
             return reason
     if not ip.is_global:  # e.g. CGNAT 100.64.0.0/10, documentation ranges
         return "not globally routable"
@@ -188,7 +192,10 @@ class UrlGuard:
                 reasons.append(str(exc))
                 continue
             return ip
-        raise UrlRefused(f"host {host!r} resolves only to refused addresses: {'; '.join(reasons)}")
+        # The addresses stay in the log: telling a tenant would make the guard a probe of internal DNS.
+        log.warning("webhook host %r refused: %s", host, "; ".join(reasons))
+        raise UrlRefused(f"host {host!r} resolves only to non-public addresses; an operator can allow it "
+                         "with webhooks.allow_hosts")
 
     def _name_allowed(self, host: str) -> bool:
         host = host.lower().rstrip(".")

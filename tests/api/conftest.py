@@ -16,6 +16,8 @@ from fastapi.testclient import TestClient
 from farm.accounts.store import AccountStore
 from farm.api.app import GatewayDeps, create_app
 from farm.api.auth import GatewayAuth
+from farm.webhooks.settings import WebhookSettings
+from farm.webhooks.store import WebhookStore
 from farm.jobs.store import JobStore
 from farm.render.registry import ModelSpec
 from farm.storage import ClipLayout, ObjectStore, upload_clip
@@ -58,11 +60,13 @@ def accounts(jobs: JobStore, db_url: str) -> AccountStore:
 
 
 @pytest.fixture
-def make_auth_app(make_app, accounts: AccountStore) -> Callable[..., FastAPI]:
+def make_auth_app(make_app, accounts: AccountStore, db_url: str) -> Callable[..., FastAPI]:
     """``make_auth_app(rate_limit=..., **GatewayDeps overrides)``: the gateway with API keys required."""
 
     def make(rate_limit: str = "100000/minute", **overrides) -> FastAPI:
-        return make_app(auth=GatewayAuth(accounts, ADMIN_KEY, rate_limit=rate_limit), **overrides)
+        # Webhook routes too, behind the same gate; a short timeout bounds DNS lookups of fuzzed hosts.
+        hooks = {"webhooks": WebhookStore(db_url), "webhook_settings": WebhookSettings(timeout_s=1.0)}
+        return make_app(auth=GatewayAuth(accounts, ADMIN_KEY, rate_limit=rate_limit), **(hooks | overrides))
 
     return make
 

@@ -163,3 +163,38 @@ def test_no_key_gets_401_before_any_parameter_is_read(make_auth_app):
                      client.post("/v1/admin/invites", json={"note": 5}),
                      client.post("/v1/videos/x/remix", json={})):
         assert error_of(response, 401)["code"] == "invalid_api_key"
+
+
+def test_the_gate_holds_under_a_mount_prefix(make_auth_app):
+    """Routing strips the app's root_path; the gate must judge the same route the router picks."""
+    app = make_auth_app()
+    plain = TestClient(app)
+    tenant = new_tenant(plain)
+    mounted = TestClient(app, root_path="/farm")
+    err = error_of(mounted.post("/farm/v1/admin/invites", json={}, headers=tenant), 401)
+    assert err["code"] == "invalid_api_key"
+    assert mounted.get("/farm/healthz").status_code == 200
+    assert mounted.post("/farm/v1/invites/redeem", json={"code": "vf_inv_x"}).status_code == 400  # no key needed
+    assert mounted.get("/farm/v1/videos", headers=tenant).status_code == 200
+
+
+def test_no_key_gets_401_even_for_a_malformed_body(make_auth_app):
+    client = TestClient(make_auth_app())
+    for path in ("/v1/api_keys", "/v1/admin/invites", "/v1/videos", "/v1/webhook_endpoints"):
+        response = client.post(path, content=b"{not json", headers={"content-type": "application/json"})
+        assert error_of(response, 401)["code"] == "invalid_api_key", path
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(make_auth_app):
+    client = TestClient(make_auth_app(max_body_bytes=1024))
+    tenant = new_tenant(client)
+
+    def chunks():
+        yield b'{"name": "'
+        yield b"x" * 4096
+        yield b'"}'
+
+    for path in ("/v1/api_keys", "/v1/videos"):
+        err = error_of(client.post(path, content=chunks(), headers={**tenant, "content-type": "application/json"}),
+                       413)
+        assert "1024" in err["message"], path

@@ -87,3 +87,35 @@ def _admin() -> str:
     from tests.api.conftest import ADMIN_KEY
 
     return ADMIN_KEY
+
+
+def test_idempotent_retry_without_a_seed_replays(make_auth_app, jobs):
+    """The SDK's own retry: same key, same body, no seed; the random seed must not make it 'different'."""
+    client = TestClient(make_auth_app())
+    ada, bob = new_tenant(client, "ada"), new_tenant(client, "bob")
+    body = {"prompt": "a quiet lake at dawn"}
+    first = client.post("/v1/videos", json=body, headers={**ada, "Idempotency-Key": "retry-1"}).json()
+    again = client.post("/v1/videos", json=body, headers={**ada, "Idempotency-Key": "retry-1"}).json()
+    assert again["id"] == first["id"] and again["seed"] == first["seed"]
+    changed = client.post("/v1/videos", json={**body, "steps": 3}, headers={**ada, "Idempotency-Key": "retry-1"})
+    assert error_of(changed, 409)["code"] == "idempotency_key_reused" and "steps" in changed.json()["error"]["message"]
+    # Keys are per account: B's request with the same key is B's own job.
+    theirs = client.post("/v1/videos", json=body, headers={**bob, "Idempotency-Key": "retry-1"}).json()
+    assert theirs["id"] != first["id"]
+    assert len(jobs.list(limit=10)[0]) == 2
+
+
+def test_cancel_or_delete_of_a_requeued_job_removes_its_checkpoint(make_auth_app, objects, jobs):
+    client = TestClient(make_auth_app(objects=objects))
+    ada = new_tenant(client)
+    ids = [client.post("/v1/videos", json={"prompt": f"p{i}"}, headers=ada).json()["id"] for i in range(2)]
+    assert [jobs.claim_next("w", lease_s=60).id for _ in ids] == ids
+    for vid in ids:  # each ran a shard, checkpointed, and went back to the queue (a farm restart)
+        key = f"checkpoints/{vid}/state.pt"
+        objects.put_bytes(key, b"state")
+        assert jobs.record_progress(vid, "w", step_index=2, num_steps=8, progress=20, checkpoint_key=key)
+        assert jobs.requeue(vid, "w", "restart")
+    cancelled = client.post(f"/v1/videos/{ids[0]}/cancel", headers=ada).json()
+    assert cancelled["status"] == "cancelled" and cancelled["error"]["code"] == "cancelled"
+    assert client.delete(f"/v1/videos/{ids[1]}", headers=ada).json()["deleted"] is True
+    assert [k for k in objects.list_keys() if k.startswith("checkpoints/")] == []

@@ -25,6 +25,7 @@ REFUSED = [
     "http://100.64.0.1/",               # carrier-grade NAT
     "http://169.254.169.254/latest/meta-data/",  # link-local: cloud metadata
     "http://[fe80::1]/",
+    "http://[fec0::1]/",  # site-local: is_global is True for it in Python 3.11
     "http://[fd00::1]/",                # unique local
     "http://0.0.0.0/",                  # unspecified
     "http://[::]/",
