@@ -76,6 +76,15 @@ class RenderSettings(BaseModel):
         description="Total seconds one storage operation (checkpoint write or read, clip upload) keeps "
         "retrying while S3 is unreachable; an outage does not use up shard_retries.",
     )
+    stage_timeout_s: float = Field(
+        default=900.0, gt=0.0,
+        description="Longest one stage call (prepare, a shard, finish) may take before its replica counts as "
+        "lost and the call is retried elsewhere: a hung GPU or deadlock must not hold a job forever.",
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, le=100,
+        description="Times a job may be taken back from a worker that died before it fails with worker_lost.",
+    )
     faults: list[FaultInjection] = Field(
         default_factory=list,
         description="Chaos testing: faults injected into the denoiser for jobs whose prompt matches "

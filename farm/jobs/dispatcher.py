@@ -127,8 +127,10 @@ class Dispatcher:
         self.shard_steps = shard_steps
         self.lease_s = lease_s
         self.poll_s = poll_s
-        # A stable name lets a restarted dispatcher take its own running jobs straight back.
-        self.worker = worker or f"dispatcher-{uuid.uuid4().hex[:8]}"
+        # Leases carry role:instance. The role lets a restarted dispatcher take its jobs straight
+        # back; the instance fences the old one, whose writes then miss (no job runs twice).
+        self.role = worker or "dispatcher"
+        self.worker = f"{self.role}:{uuid.uuid4().hex[:12]}"
         self.metrics = metrics  # a FarmMetrics, or None outside Ray
         self._depth_at = 0.0
         # Recent history for `farm status` and tests: shards per job, final latents.
@@ -147,14 +149,17 @@ class Dispatcher:
     async def run(self) -> None:
         """Claim and drive jobs until :meth:`stop`."""
         log.info("dispatcher %s started (max_active=%d)", self.worker, self.max_active)
-        for job_id in await asyncio.to_thread(self.store.held_by, self.worker):
-            # Ours from before a restart: back to the queue, to resume from its checkpoint.
-            await asyncio.to_thread(self.store.requeue, job_id, self.worker, "dispatcher restarted")
+        for job_id, owner in await asyncio.to_thread(self.store.leases_of, self.role):
+            # A dead predecessor's: back to the queue (the lost run counts as an attempt),
+            # to resume from its checkpoint.
+            await asyncio.to_thread(
+                lambda: self.store.requeue(job_id, owner, f"taken back by {self.worker}", voluntary=False))
         while not self._stopping:
             await self._report_depth()
             claimed = False
             if len(self._active) < self.max_active:
-                job = await asyncio.to_thread(self.store.claim_next, self.worker, self.lease_s)
+                job = await asyncio.to_thread(
+                    lambda: self.store.claim_next(self.worker, self.lease_s, max_attempts=self.policy.max_attempts))
                 if job is not None:
                     claimed = True
                     self._observe_claim(job)
@@ -210,7 +215,7 @@ class Dispatcher:
 
     # One job ----------------------------------------------------------------------
     async def _drive(self, job: Job) -> None:
-        lease = asyncio.create_task(self._keep_lease(job), name=f"lease-{job.id}")
+        lease = asyncio.create_task(self._keep_lease(job, asyncio.current_task()), name=f"lease-{job.id}")
         try:
             spec = self.models.get(job.model)
             if spec is None:
@@ -254,15 +259,26 @@ class Dispatcher:
         finally:
             lease.cancel()
 
-    async def _keep_lease(self, job: Job) -> None:
+    async def _keep_lease(self, job: Job, driver: asyncio.Task | None) -> None:
         """Renew the lease while the job waits (a storage outage, a slow finish), so the
-        store never sees it as abandoned and hands it out a second time."""
+        store never sees it as abandoned and hands it out a second time; stop driving the
+        job at once if the lease is gone (taken back, deleted)."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                await asyncio.to_thread(self.store.renew, job.id, self.worker, self.lease_s)
+                if await asyncio.to_thread(self.store.renew, job.id, self.worker, self.lease_s):
+                    continue
+                current = await asyncio.to_thread(self.store.get, job.id)
             except Exception:  # the next shard's progress write renews it too
                 log.warning("job %s: lease renewal failed", job.id, exc_info=True)
+                continue
+            if current is not None and current.lease_owner == self.worker:
+                continue  # only a cancel request: the drive loop stops at the shard boundary
+            log.warning("job %s: lease lost to %s; no longer driving it", job.id,
+                        current.lease_owner if current else "a delete")
+            if driver is not None:
+                driver.cancel()
+            return
 
     async def _timed_shard(self, job: Job, spec: ModelSpec, plan: ShardPlan, state: DenoiseState) -> ShardOutcome:
         sent = time.perf_counter()
@@ -278,7 +294,13 @@ class Dispatcher:
         lost = failed = 0
         while True:
             try:
-                return await call()
+                async with asyncio.timeout(self.policy.stage_timeout_s):
+                    return await call()
+            except TimeoutError:  # a hung replica is as good as lost
+                lost += 1
+                if lost > self.policy.replica_retries:
+                    raise ReplicaLost(f"{stage} did not finish in {self.policy.stage_timeout_s:.0f}s") from None
+                retry, error = lost, ReplicaLost(f"{stage} timed out after {self.policy.stage_timeout_s:.0f}s")
             except ReplicaLost as exc:
                 lost += 1
                 if lost > self.policy.replica_retries:

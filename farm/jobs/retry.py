@@ -81,6 +81,8 @@ class RetryPolicy:
     backoff_s: float = 0.5
     backoff_max_s: float = 10.0
     storage_retry_s: float = 120.0
+    stage_timeout_s: float = 900.0
+    max_attempts: int = 5
 
     @classmethod
     def from_settings(cls, render: "RenderSettings") -> "RetryPolicy":
@@ -90,6 +92,8 @@ class RetryPolicy:
             backoff_s=render.retry_backoff_s,
             backoff_max_s=render.retry_backoff_max_s,
             storage_retry_s=render.storage_retry_s,
+            stage_timeout_s=render.stage_timeout_s,
+            max_attempts=render.max_attempts,
         )
 
     def delay(self, retry: int) -> float:

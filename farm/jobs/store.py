@@ -414,7 +414,9 @@ class JobStore:
             if max_attempts is not None:
                 lost = _finished("failed", now)
                 lost.update(error_code="worker_lost", error_message=f"its worker was lost {max_attempts} times")
-                self._settle(conn, sa.and_(expired, _C.attempts >= max_attempts), lost)
+                # Expired leases, and jobs taken back from dead workers (queued, attempts kept).
+                spent = sa.or_(expired, sa.and_(_C.status == "queued", _C.cancel_requested.is_(False)))
+                self._settle(conn, sa.and_(spent, _C.attempts >= max_attempts), lost)
             runnable = sa.and_(_C.cancel_requested.is_(False), sa.or_(_C.status == "queued", expired))
             pick = sa.select(_V).where(runnable).order_by(_C.priority, _C.created_at, _C.id).limit(1)
             # FOR UPDATE SKIP LOCKED on PostgreSQL; SQLAlchemy renders nothing on SQLite,
@@ -494,11 +496,13 @@ class JobStore:
         """The worker stopped a job whose cancellation was requested; False unless we hold the lease."""
         return self._write_held(id, worker, _finished("cancelled", self._clock()))
 
-    def requeue(self, id: str, worker: str, reason: str) -> bool:
+    def requeue(self, id: str, worker: str, reason: str, *, voluntary: bool = True) -> bool:
         """Give the job back to the queue (shutdown, preemption), keeping its checkpoint.
 
-        A voluntary release does not count as an attempt. A job whose cancellation was
-        requested is cancelled instead. False unless we hold the lease.
+        A voluntary release does not count as an attempt; taking a job back from a worker that
+        died (``voluntary=False``) does, so a job that keeps killing its workers runs out of
+        attempts. A job whose cancellation was requested is cancelled instead. False unless
+        ``worker`` holds the lease.
         """
         now = self._clock()
         with self._writer.begin() as conn:
@@ -512,13 +516,26 @@ class JobStore:
                     "status": "queued",
                     "lease_owner": None,
                     "lease_expires_at": None,
-                    "attempts": max(row["attempts"] - 1, 0),
+                    "attempts": max(row["attempts"] - 1, 0) if voluntary else row["attempts"],
                     "updated_at": now,
                 }
             conn.execute(sa.update(_V).where(_C.id == id).values(**changes))
             _emit(conn, changes["status"], [(id, row["owner"])])
         log.info("requeued %s from %s: %s", id, worker, reason)
         return True
+
+    def leases_of(self, role: str) -> builtins.list[tuple[str, str]]:
+        """(id, lease owner) of running jobs leased by ``role`` or any ``role:<instance>``.
+
+        Workers lease under a per-instance name (a fencing token: a stale instance's writes
+        miss); a restarted worker of the same role takes these back."""
+        _check_worker(role)
+        with self._engine.connect() as conn:
+            query = sa.select(_C.id, _C.lease_owner).where(
+                _C.status == "in_progress",
+                sa.or_(_C.lease_owner == role, _C.lease_owner.startswith(f"{role}:", autoescape=True)),
+            )
+            return [(r.id, r.lease_owner) for r in conn.execute(query.order_by(_C.priority, _C.created_at))]
 
     def held_by(self, worker: str) -> builtins.list[str]:
         """Ids of running jobs whose lease names ``worker`` (a restarted worker takes them back)."""

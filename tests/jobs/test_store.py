@@ -500,3 +500,29 @@ def test_terminal_transitions_are_logged_once_each(store: JobStore) -> None:
     assert len(store.events_since(0)) == 4
     cancelled = store.get(running_cancel.id)
     assert (cancelled.status, cancelled.error_code) == ("cancelled", "cancelled")
+
+
+def test_a_taken_back_job_fences_its_old_worker_and_counts_the_attempt(store: JobStore) -> None:
+    job = make(store)
+    assert store.claim_next("dispatcher:old", LEASE_S).attempts == 1
+    assert store.leases_of("dispatcher") == [(job.id, "dispatcher:old")]
+    assert store.leases_of("dispatch") == []  # a role is matched whole, not as a prefix
+    # The new instance takes it back (the old one died, or is being replaced) and runs it.
+    assert store.requeue(job.id, "dispatcher:old", "taken back", voluntary=False)
+    assert store.claim_next("dispatcher:new", LEASE_S).attempts == 2
+    # The old instance, if it still runs, is fenced: none of its writes land.
+    assert not store.record_progress(job.id, "dispatcher:old", step_index=2, num_steps=8, progress=20)
+    assert not store.complete(job.id, "dispatcher:old", {})
+    assert store.record_progress(job.id, "dispatcher:new", step_index=2, num_steps=8, progress=20)
+
+
+def test_a_job_that_keeps_killing_its_workers_fails_as_worker_lost(store: JobStore) -> None:
+    job = make(store)
+    for attempt in range(1, 4):
+        claimed = store.claim_next(f"dispatcher:{attempt}", LEASE_S, max_attempts=3)
+        assert claimed is not None and claimed.attempts == attempt
+        assert store.requeue(job.id, f"dispatcher:{attempt}", "died", voluntary=False)
+    assert store.claim_next("dispatcher:4", LEASE_S, max_attempts=3) is None
+    lost = store.get(job.id)
+    assert (lost.status, lost.error_code) == ("failed", "worker_lost")
+    assert [e.type for e in store.events_since(0)] == ["video.failed"]

@@ -175,15 +175,26 @@ def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "con
     return value
 
 
-def count_line(submitted: int, jobs: list, rows: int) -> tuple[str, int, int]:
-    """The fault tests' report: ``submitted N, completed N, failed N (reasons), lost N, duplicated N``."""
-    completed = sum(j.status == "completed" for j in jobs)
+def count_line(submitted: int, jobs: list, rows: int, events: list | None = None,
+               missing: tuple[str, ...] = ()) -> tuple[str, int, int]:
+    """The fault tests' report: ``submitted N, completed N, failed N (reasons), lost N, duplicated N``.
+
+    lost: jobs that never reached an end, or completed without their clip in S3 (``missing``);
+    duplicated: rows beyond those submitted, and videos whose end was recorded more than once
+    (``events``, the job store's log of terminal transitions: a job run twice ends twice).
+    """
+    ids = {j.id for j in jobs}
+    completed = sum(j.status == "completed" and j.id not in missing for j in jobs)
     failed = [j for j in jobs if j.status in ("failed", "cancelled")]
     reasons: dict[str, int] = {}
     for j in failed:
         reasons[j.error_code or j.status] = reasons.get(j.error_code or j.status, 0) + 1
     lost = submitted - completed - len(failed)
-    duplicated = rows - submitted
+    ends: dict[str, int] = {}
+    for event in events or ():
+        if event.video_id in ids:
+            ends[event.video_id] = ends.get(event.video_id, 0) + 1
+    duplicated = (rows - submitted) + sum(n - 1 for n in ends.values() if n > 1)
     why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "none"
     line = f"submitted {submitted}, completed {completed}, failed {len(failed)} ({why}), lost {lost}, duplicated {duplicated}"
     return line, lost, duplicated

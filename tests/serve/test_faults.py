@@ -66,8 +66,12 @@ def _settled(farm, ids: list[str], timeout: float) -> list:
 def _report(farm, ids: list[str], jobs: list) -> None:
     """Print and check the count line; rows are counted per tenant (each test has its own)."""
     owner = jobs[0].owner
-    rows = len(farm.store().list(owner=owner, limit=1000)[0])
-    line, lost, duplicated = count_line(len(ids), jobs, rows)
+    store = farm.store()
+    rows = len(store.list(owner=owner, limit=1000)[0])
+    keys = set(farm.objects().list_keys("videos/"))
+    missing = tuple(j.id for j in jobs if j.status == "completed" and f"videos/{j.id}/video.mp4" not in keys)
+    events = store.events_since(0, limit=100_000)
+    line, lost, duplicated = count_line(len(ids), jobs, rows, events, missing)
     report(line)
     assert lost == 0 and duplicated == 0, line
 
