@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -46,3 +48,30 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("videofarm figures")
         for line in LINES:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or its own schema on the PostgreSQL server named
+    by ``FARM_TEST_POSTGRES_URL`` (``scripts/ci-postgres.sh DIR`` starts one; else skipped)."""
+    import sqlalchemy as sa
+
+    from farm import env
+
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'farm.sqlite3'}"
+        return
+    base = env.postgres_test_url()
+    if base is None:
+        pytest.skip("no PostgreSQL server: export FARM_TEST_POSTGRES_URL=$(scripts/ci-postgres.sh /tmp/pg)")
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    admin = sa.create_engine(base, poolclass=sa.NullPool)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    url = sa.make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

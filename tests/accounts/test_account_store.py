@@ -9,12 +9,11 @@ import pytest
 from farm.accounts import keys
 from farm.accounts.store import AccountStore, InviteRefused
 from farm.db import Database
-from tests.jobs.conftest import store_url  # noqa: F401  (SQLite and PostgreSQL)
 
 
 @pytest.fixture
-def accounts(store_url: str) -> AccountStore:  # noqa: F811
-    db = Database(store_url)
+def accounts(database_url: str) -> AccountStore:
+    db = Database(database_url)
     db.migrate()
     return AccountStore(db)
 

@@ -8,36 +8,17 @@ or its own PostgreSQL schema (selected through the URL's ``search_path``).
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Iterator
 
 import pytest
-import sqlalchemy as sa
 
-from farm import env
 from farm.jobs.store import JobStore
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    """The URL of a fresh, empty database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
-        return
-    base = env.postgres_test_url()
-    if base is None:
-        pytest.skip("no PostgreSQL server: export FARM_TEST_POSTGRES_URL=$(scripts/ci-postgres.sh /tmp/pg)")
-    schema = f"test_{uuid.uuid4().hex[:16]}"
-    admin = sa.create_engine(base, poolclass=sa.NullPool)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = sa.make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+@pytest.fixture
+def store_url(database_url: str) -> str:
+    """The URL of a fresh, empty database (SQLite, and PostgreSQL when one is given)."""
+    return database_url
 
 
 class Clock:

@@ -6,15 +6,11 @@ import dataclasses
 import datetime as dt
 import json
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
-from farm import env
 from farm.accounts.tables import Account
 from farm.db import Database, utcnow
 from farm.jobs.store import Job, JobStore
@@ -47,27 +43,10 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A migrated database with two accounts: a SQLite file, or a fresh PostgreSQL schema
-    (``FARM_TEST_POSTGRES_URL``, else skipped)."""
-    if request.param == "sqlite":
-        yield from _with_accounts(f"sqlite:///{tmp_path / 'farm.sqlite3'}")
-        return
-    base = env.postgres_test_url()
-    if base is None:
-        pytest.skip("no PostgreSQL server: export FARM_TEST_POSTGRES_URL=$(scripts/ci-postgres.sh /tmp/pg)")
-    schema = f"test_{uuid.uuid4().hex[:16]}"
-    admin = sa.create_engine(base, poolclass=sa.NullPool)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = sa.make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield from _with_accounts(url.render_as_string(hide_password=False))
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+@pytest.fixture
+def db_url(database_url: str) -> Iterator[str]:
+    """A migrated database with two accounts (SQLite, and PostgreSQL when one is given)."""
+    yield from _with_accounts(database_url)
 
 
 def _with_accounts(url: str) -> Iterator[str]:
