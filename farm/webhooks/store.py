@@ -282,7 +282,7 @@ class WebhookStore:
             return conn.scalar(sa.select(_K.c.seq).where(_K.c.name == CURSOR_NAME)) or 0
 
     def fan_out(self, jobs: JobStore, *, settle_s: float = 30.0, limit: int = 500) -> int:
-        """Create a delivery for each new event and each enabled endpoint of its owner that
+        """Create a delivery for each new event and each endpoint (enabled or not) of its owner that
         subscribes to its type; returns how many were created.
 
         The cursor moves only past events older than ``settle_s``: younger ones are read
@@ -326,7 +326,8 @@ class WebhookStore:
         if not owners:
             return {}
         rows = conn.execute(
-            sa.select(_EP).where(_EP.c.account_id.in_(sorted(owners)), _EP.c.status == "enabled")
+            # Disabled endpoints too: their deliveries wait, pending, and go out once re-enabled.
+            sa.select(_EP).where(_EP.c.account_id.in_(sorted(owners)))
         ).mappings()
         by_owner: dict[str, builtins.list[Endpoint]] = {}
         for row in rows:

@@ -122,7 +122,7 @@ def test_fan_out_is_idempotent_and_respects_owner_type_and_status(hooks, jobs, c
     b1 = finish_job(jobs, ACCOUNT_B)
 
     # Unsettled (settle_s large): created, but the cursor stays, so the next pass re-reads them.
-    assert hooks.fan_out(jobs, settle_s=3600) == 5
+    assert hooks.fan_out(jobs, settle_s=3600) == 6  # the disabled endpoint's one waits for it
     assert hooks.cursor() == 0
     assert hooks.fan_out(jobs, settle_s=3600) == 0
     assert hooks.fan_out(jobs, settle_s=0) == 0
@@ -134,7 +134,8 @@ def test_fan_out_is_idempotent_and_respects_owner_type_and_status(hooks, jobs, c
 
     assert videos(a_all) == sorted([a1.id, a2.id, a3.id])
     assert videos(a_done) == [a1.id]
-    assert videos(a_off) == []
+    assert videos(a_off) == [a1.id]  # kept, pending: it goes out if the endpoint is enabled again
+    assert [d.status for d in hooks.deliveries(endpoint_id=a_off.id)] == ["pending"]
     assert videos(b_all) == [b1.id]
 
 
