@@ -51,13 +51,15 @@ class LoadFigures:
     p99_retrieve_ms: float
     downloads_ok: int
     too_many_requests: int  # 429s, every route
+    creates_refused: int  # of which creates (queue caps)
     server_errors: int  # 5xx
     failures: dict[str, int]  # everything locust counted as failed, by message
 
     def line(self) -> str:
         return (f"load: {self.seconds:.0f}s, {self.creates_ok} creates ({self.creates_per_s:.2f}/s sustained), "
                 f"p99 create {self.p99_create_ms:.0f} ms, p99 retrieve {self.p99_retrieve_ms:.0f} ms, "
-                f"{self.downloads_ok} downloads, {self.too_many_requests} × 429, {self.server_errors} × 5xx, "
+                f"{self.downloads_ok} downloads, {self.too_many_requests} × 429 ({self.creates_refused} creates), "
+                f"{self.server_errors} × 5xx, "
                 f"{sum(self.failures.values())} failures")
 
 
@@ -78,6 +80,7 @@ def read_figures(report: dict) -> LoadFigures:
         p99_create_ms=p99("POST /v1/videos"), p99_retrieve_ms=p99("GET /v1/videos/{id}"),
         downloads_ok=sum(ok(n) for n in entries if n.startswith("GET /v1/videos/{id}/content") and "[429]" not in n),
         too_many_requests=sum(e["requests"] for n, e in entries.items() if n.endswith("[429]")),
+        creates_refused=entries.get("POST /v1/videos [429]", {}).get("requests", 0),
         server_errors=sum(n for message, n in failures.items() if "5xx " in message),  # judge() names them
         failures=failures,
     )
@@ -106,4 +109,6 @@ def test_overload_is_answered_with_429_never_5xx_or_timeouts(tmp_path):
     assert figures.server_errors == 0, figures.failures
     assert not figures.failures, figures.failures  # connection errors, timeouts, unexpected statuses
     assert figures.too_many_requests > 0, "the queue cap was never reached: raise USERS"
+    # Overload shows where it should: creates refused at the queue cap, not reads starved.
+    assert figures.creates_refused > 0, figures.line()
     assert figures.creates_ok > 0 and figures.downloads_ok > 0, figures.line()
