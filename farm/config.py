@@ -127,6 +127,10 @@ class ServeSettings(BaseModel):
         description="Requests per API key, as a `limits` string ('1200/minute', '20/second'); "
         "enforced per gateway replica.",
     )
+    anonymous_rate_limit: str = Field(
+        default="30/minute",
+        description="Per client address: invite redemptions and requests with a refused key (guessing).",
+    )
     max_queued_per_account: int = Field(default=50, ge=1, description="Queued jobs per account beyond which creates get 429.")
     max_prompt_chars: int = Field(default=4000, ge=1, description="Longest prompt accepted, in characters.")
     max_body_mb: float = Field(default=16.0, gt=0, description="Largest request body accepted, in MiB.")
@@ -135,7 +139,7 @@ class ServeSettings(BaseModel):
         default=4096 * 4096, ge=1, description="Most pixels an uploaded image may have (decompression-bomb guard)."
     )
 
-    @field_validator("rate_limit")
+    @field_validator("rate_limit", "anonymous_rate_limit")
     @classmethod
     def _rate_limit(cls, value: str) -> str:
         from limits import parse

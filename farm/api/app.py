@@ -519,9 +519,12 @@ def _openapi(app: FastAPI, deps: GatewayDeps) -> dict[str, Any]:
             for operation in item.values():
                 if path not in public:
                     operation["security"] = [{"bearer": []}]
-                    operation.setdefault("responses", {})["401"] = {
-                        "description": "Missing, unknown or revoked API key.",
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+                    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+                    responses = operation.setdefault("responses", {})
+                    responses["401"] = {"description": "Missing, unknown or revoked API key.", "content": error}
+                    responses.setdefault("429", {"description": "Rate limit reached (per key; refused keys per "
+                                                                "address); retry after Retry-After seconds.",
+                                                 "content": error})
     app.openapi_schema = schema
     return schema
 

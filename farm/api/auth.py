@@ -48,27 +48,44 @@ class GatewayAuth:
     accounts: AccountStore
     admin_key: str
     rate_limit: str = "1200/minute"
+    anonymous_rate_limit: str = ANONYMOUS_RATE_LIMIT  # per address: invite redemptions, refused keys
     _limit: RateLimitItem = field(init=False, repr=False)
     _anonymous: RateLimitItem = field(init=False, repr=False)
     _limiter: MovingWindowRateLimiter = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._limit, self._anonymous = parse(self.rate_limit), parse(ANONYMOUS_RATE_LIMIT)
+        self._limit, self._anonymous = parse(self.rate_limit), parse(self.anonymous_rate_limit)
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
 
     async def tenant(self, request: Request) -> Principal:
         """The caller's account and key, after its rate limit; 401 or 429 otherwise."""
-        secret = _bearer(request)
-        principal = await run_in_threadpool(self.accounts.authenticate, secret)
+        try:
+            secret = _bearer(request)
+            principal = await run_in_threadpool(self.accounts.authenticate, secret)
+        except Unauthorized:
+            self._failed(request)
+            raise
         if principal is None:
+            self._failed(request)
             raise Unauthorized(f"Incorrect API key provided: {keys.hint(secret)}. Keys are issued by redeeming an "
                                "invite (POST /v1/invites/redeem); revoked keys stop working at once")
         self._spend(request, self._limit, f"key:{principal.key_id}")
         return principal
 
     def admin(self, request: Request) -> None:
-        if not keys.same(_bearer(request), self.admin_key):
+        try:
+            given = _bearer(request)
+        except Unauthorized:
+            self._failed(request)
+            raise
+        if not keys.same(given, self.admin_key):
+            self._failed(request)
             raise Unauthorized("this route needs the operator's admin key")
+
+    def _failed(self, request: Request) -> None:
+        """Refused keys count against the caller's address: guessing costs a lookup each, so it is limited."""
+        host = request.client.host if request.client else "unknown"
+        self._spend(request, self._anonymous, f"refused:{host}")
 
     def anonymous(self, request: Request) -> None:
         """Rate-limit an unauthenticated route by client address."""

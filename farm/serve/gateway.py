@@ -39,7 +39,8 @@ class Gateway:
         ss = settings.serve
         configured = settings.auth.admin_key.get_secret_value() if settings.auth.admin_key else None
         auth = GatewayAuth(AccountStore(settings.job_store_url()),
-                           resolve_admin_key(settings.state_dir, configured), rate_limit=ss.rate_limit)
+                           resolve_admin_key(settings.state_dir, configured), rate_limit=ss.rate_limit,
+                           anonymous_rate_limit=ss.anonymous_rate_limit)
         deps = GatewayDeps(
             store=self.store,
             objects=lambda: open_store(settings, start=False),

@@ -63,10 +63,11 @@ def accounts(jobs: JobStore, db_url: str) -> AccountStore:
 def make_auth_app(make_app, accounts: AccountStore, db_url: str) -> Callable[..., FastAPI]:
     """``make_auth_app(rate_limit=..., **GatewayDeps overrides)``: the gateway with API keys required."""
 
-    def make(rate_limit: str = "100000/minute", **overrides) -> FastAPI:
+    def make(rate_limit: str = "100000/minute", anonymous_rate_limit: str = "100000/minute", **overrides) -> FastAPI:
         # Webhook routes too, behind the same gate; a short timeout bounds DNS lookups of fuzzed hosts.
         hooks = {"webhooks": WebhookStore(db_url), "webhook_settings": WebhookSettings(timeout_s=1.0)}
-        return make_app(auth=GatewayAuth(accounts, ADMIN_KEY, rate_limit=rate_limit), **(hooks | overrides))
+        auth = GatewayAuth(accounts, ADMIN_KEY, rate_limit=rate_limit, anonymous_rate_limit=anonymous_rate_limit)
+        return make_app(auth=auth, **(hooks | overrides))
 
     return make
 

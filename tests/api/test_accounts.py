@@ -130,7 +130,7 @@ def test_prompt_and_body_caps(make_auth_app, jobs):
 
 
 def test_redeem_is_rate_limited_per_client_address(make_auth_app):
-    client = TestClient(make_auth_app())
+    client = TestClient(make_auth_app(anonymous_rate_limit="30/minute"))
     codes = [client.post("/v1/invites/redeem", json={"code": f"vf_inv_guess{i}"}).status_code for i in range(31)]
     assert codes[:30] == [400] * 30 and codes[30] == 429
 
@@ -177,3 +177,10 @@ def test_a_chunked_body_over_the_limit_is_a_413(make_auth_app):
         err = error_of(client.post(path, content=chunks(), headers={**tenant, "content-type": "application/json"}),
                        413)
         assert "1024" in err["message"], path
+
+
+def test_guessing_keys_is_rate_limited_per_address(make_auth_app):
+    client = TestClient(make_auth_app(anonymous_rate_limit="30/minute"))
+    statuses = [client.get("/v1/videos", headers={"Authorization": f"Bearer vf_sk_guess{i}"}).status_code
+                for i in range(31)]
+    assert statuses[:30] == [401] * 30 and statuses[30] == 429
