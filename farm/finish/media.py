@@ -106,7 +106,11 @@ def encode_mp4(
             "flags": "+bitexact",
         }
         for index in range(count):
+            # Converted to yuv420p here, not by the encoder: the encoder's own conversion gave
+            # different bytes for the same frames now and then on a loaded machine (measured:
+            # 6 distinct files in 120 encodes under load; 1 with this explicit reformat).
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[index]), format="rgb24")
+            frame = frame.reformat(format="yuv420p")
             frame.pts = index
             frame.time_base = stream.codec_context.time_base
             for packet in stream.encode(frame):
