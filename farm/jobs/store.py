@@ -257,9 +257,10 @@ def new_video_id() -> str:
 class JobStore:
     """Jobs in a SQL database; thread-safe, and safe to share between processes."""
 
-    def __init__(self, url: str, *, clock: Callable[[], dt.datetime] | None = None) -> None:
-        """``clock`` (timezone-aware UTC now) is for tests that move time forward."""
-        self._db = Database(url)
+    def __init__(self, db: Database | str, *, clock: Callable[[], dt.datetime] | None = None) -> None:
+        """``db``: a URL, or a ``Database`` shared with the other stores of this process.
+        ``clock`` (timezone-aware UTC now) is for tests that move time forward."""
+        self._db = Database(db) if isinstance(db, str) else db
         self.url = self._db.url
         self._sqlite = self._db.sqlite
         self._engine, self._writer = self._db.engine, self._db.writer

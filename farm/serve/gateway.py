@@ -13,13 +13,16 @@ from ray import serve
 class Gateway:
     def __init__(self, settings: dict, dispatcher, notifier=None) -> None:
         from farm.config import FarmSettings
+        from farm.db import Database
         from farm.jobs.store import JobStore
 
         self.settings = FarmSettings.model_validate(settings)
         self.dispatcher = dispatcher
         self.notifier = notifier  # the webhook deliverer; bound here so it is part of the application
-        self.store = JobStore(self.settings.job_store_url())
-        self.store.migrate()
+        # One engine (one connection pool) for the jobs, accounts and webhooks this replica reads.
+        self.db = Database(self.settings.job_store_url())
+        self.db.migrate()
+        self.store = JobStore(self.db)
 
     def __serve_build_asgi_app__(self):
         from farm.accounts.admin import resolve_admin_key
@@ -38,7 +41,7 @@ class Gateway:
 
         ss = settings.serve
         configured = settings.auth.admin_key.get_secret_value() if settings.auth.admin_key else None
-        auth = GatewayAuth(AccountStore(settings.job_store_url()),
+        auth = GatewayAuth(AccountStore(self.db),
                            resolve_admin_key(settings.state_dir, configured), rate_limit=ss.rate_limit,
                            anonymous_rate_limit=ss.anonymous_rate_limit)
         deps = GatewayDeps(
@@ -51,7 +54,7 @@ class Gateway:
             on_created=wake,
             auth=auth,
             invite_ttl_s=settings.auth.invite_ttl_s,
-            webhooks=WebhookStore(settings.job_store_url()),
+            webhooks=WebhookStore(self.db),
             webhook_settings=settings.webhooks,
             metrics=FarmMetrics(),
             max_prompt_chars=ss.max_prompt_chars,

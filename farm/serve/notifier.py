@@ -15,15 +15,15 @@ from ray import serve
 class Notifier:
     def __init__(self, settings: dict) -> None:
         from farm.config import FarmSettings
+        from farm.db import Database
         from farm.jobs.store import JobStore
         from farm.webhooks.deliverer import WebhookDeliverer
         from farm.webhooks.store import WebhookStore
 
         self.settings = FarmSettings.model_validate(settings)
-        url = self.settings.job_store_url()
-        jobs = JobStore(url)
-        jobs.migrate()
-        self.deliverer = WebhookDeliverer(WebhookStore(url), jobs, self.settings.webhooks)
+        db = Database(self.settings.job_store_url())  # one engine for both stores
+        db.migrate()
+        self.deliverer = WebhookDeliverer(WebhookStore(db), JobStore(db), self.settings.webhooks)
         self._task = asyncio.get_running_loop().create_task(self.deliverer.run())
 
     def wake(self) -> None:

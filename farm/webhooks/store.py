@@ -174,9 +174,10 @@ class WebhookStore:
     The store does not check URLs: callers pass them through the SSRF guard first.
     """
 
-    def __init__(self, url: str, *, clock: Callable[[], dt.datetime] | None = None) -> None:
-        """``clock`` (timezone-aware UTC now) is for tests that move time forward."""
-        self._db = Database(url)
+    def __init__(self, db: Database | str, *, clock: Callable[[], dt.datetime] | None = None) -> None:
+        """``db``: a URL, or a ``Database`` shared with the other stores of this process.
+        ``clock`` (timezone-aware UTC now) is for tests that move time forward."""
+        self._db = Database(db) if isinstance(db, str) else db
         self._clock = clock or utcnow
 
     def __repr__(self) -> str:
