@@ -7,31 +7,18 @@ or its own PostgreSQL schema (selected through the URL's ``search_path``).
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator
 
 import pytest
 
 from farm.jobs.store import JobStore
+from tests.clock import Clock
 
 
 @pytest.fixture
 def store_url(database_url: str) -> str:
     """The URL of a fresh, empty database (SQLite, and PostgreSQL when one is given)."""
     return database_url
-
-
-class Clock:
-    """Real time plus an offset that a test moves forward, e.g. to expire leases."""
-
-    def __init__(self) -> None:
-        self.offset = dt.timedelta()
-
-    def __call__(self) -> dt.datetime:
-        return dt.datetime.now(dt.UTC) + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += dt.timedelta(seconds=seconds)
 
 
 @pytest.fixture

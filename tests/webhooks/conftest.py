@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -15,27 +14,10 @@ from farm.accounts.tables import Account
 from farm.db import Database, utcnow
 from farm.jobs.store import Job, JobStore
 from farm.webhooks.store import WebhookStore
+from tests.clock import Clock
 
 ACCOUNT_A = "acct_a"
 ACCOUNT_B = "acct_b"
-
-
-class Clock:
-    """Real time plus an offset that a test moves forward (to make retries come due);
-    ``freeze()`` stops it, so a test can compare schedules exactly."""
-
-    def __init__(self) -> None:
-        self.offset = dt.timedelta()
-        self.frozen: dt.datetime | None = None
-
-    def __call__(self) -> dt.datetime:
-        return (self.frozen or utcnow()) + self.offset
-
-    def freeze(self) -> None:
-        self.frozen = utcnow()
-
-    def advance(self, seconds: float) -> None:
-        self.offset += dt.timedelta(seconds=seconds)
 
 
 @pytest.fixture
