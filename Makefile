@@ -32,7 +32,7 @@ demo: $(BIN)/.installed
 	@echo "The farm keeps running: OpenAI base_url http://127.0.0.1:8000/v1, 'farm status' to look, '$(BIN)/farm down' to stop."
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_shards.py

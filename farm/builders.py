@@ -8,11 +8,14 @@ the same application.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
-from ray.serve import Application
 
 from farm.config import FarmSettings, PoolSettings, load_settings
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 
 class FarmAppArgs(BaseModel):
@@ -47,7 +50,7 @@ def pool_name(pool: PoolSettings) -> str:
     return f"Denoiser:{pool.model}:{'+'.join(pool.experts)}"
 
 
-def build_app(args: FarmAppArgs | dict) -> Application:
+def build_app(args: FarmAppArgs | dict) -> "Application":
     """The whole farm as one Serve application: gateway → dispatcher → encoder, pools, finisher; notifier."""
     from farm.serve.deployments import Denoiser, DispatcherDeployment, Encoder, Finisher
     from farm.serve.gateway import Gateway

@@ -104,11 +104,28 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def _farm_settings_with_ray(args: argparse.Namespace):
-    """Settings, with Ray's auth token in place before anything imports ray."""
+    """Settings, with Ray's auth token and node address in place before anything imports ray.
+
+    The farm's Ray is on loopback when `farm up` started it on a loopback node address
+    (the default), so this driver must take the loopback address as its own too.
+    """
     from farm import env
+    from farm.runtime import FarmRuntime
 
     settings = _settings(args)
+    if getattr(args, "node_address", None):
+        settings = settings.model_copy(update={"cluster": settings.cluster.model_validate(
+            {"node_address": args.node_address})})
     env.use_ray_token(settings.state_dir)
+    runtime = FarmRuntime.load(settings.state_dir)
+    if runtime is not None:
+        ray_host = runtime.ray_address.rsplit(":", 1)[0]
+    elif getattr(args, "address", None):
+        ray_host = args.address.rsplit(":", 1)[0]
+    else:
+        ray_host = settings.cluster.node_address
+    if ray_host in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        env.use_loopback_ray()
     return settings
 
 
@@ -382,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--address", help="join this Ray cluster (host:port) instead of starting one")
     up.add_argument("--deployment", help="Serve config file (default: deployments/local.yaml)")
     up.add_argument("--port", type=_whole_number, help="HTTP port (default: the deployment file's)")
+    up.add_argument("--node-address", help="address the Ray head binds and advertises (default: cluster.node_address, "
+                    "127.0.0.1: everything on loopback)")
     up.add_argument("--metrics-port", type=_whole_number, help="Prometheus port of Ray's metrics export")
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop what `farm up` started")

@@ -25,9 +25,9 @@ from pathlib import Path
 import yaml
 
 from farm import env
-from farm.builders import FarmAppArgs, build_app, merge_settings
+from farm.builders import FarmAppArgs, merge_settings, resolve_settings
 from farm.config import FarmSettings
-from farm.runtime import RUNTIME_FILE, FarmRuntime, healthy
+from farm.runtime import RUNTIME_FILE, SERVE_CONFIG_FILE, FarmRuntime, healthy
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class ServeApp:
     args: FarmAppArgs
     host: str
     port: int
+    config: object  # the whole file as Serve's ServeDeploySchema: what `up` deploys
 
 
 def read_deployment(path: Path) -> ServeApp:
@@ -66,7 +67,40 @@ def read_deployment(path: Path) -> ServeApp:
         args=FarmAppArgs.model_validate(app.args),
         host=schema.http_options.host,
         port=schema.http_options.port,
+        config=schema,
     )
+
+
+def _jsonable(value):
+    """Settings as plain JSON values, secrets revealed (a JSON dump would mask them as '**********')."""
+    from pydantic import SecretStr
+
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def app_args(app: ServeApp, settings: FarmSettings) -> FarmAppArgs:
+    """The app's ``args`` as deployed: with no settings file named, the farm's own settings
+    (state folder, models: what `farm up` was given) lie under the file's inline settings."""
+    if app.args.config is not None:
+        return app.args
+    return app.args.model_copy(update={"settings": merge_settings(_jsonable(settings.model_dump()), app.args.settings)})
+
+
+def serve_config(app: ServeApp, args: FarmAppArgs, port: int) -> dict:
+    """The deployment file as Serve will apply it: every field as written (proxy location,
+    per-deployment options, runtime_env, …), ``args`` as the app's args, ``port`` as the HTTP port."""
+    config = app.config.model_dump(mode="json", exclude_unset=True)
+    config.setdefault("http_options", {})["port"] = port
+    config["applications"][0]["args"] = _jsonable(args.model_dump())
+    return config
 
 
 def _free_port() -> int:
@@ -101,7 +135,6 @@ def up(
 ) -> FarmRuntime:
     """Start storage, job store and Ray (or join ``address``), then deploy the farm."""
     import ray
-    from ray import serve
 
     from farm.accounts.admin import ensure_admin_key_file
     from farm.jobs.store import JobStore
@@ -109,6 +142,15 @@ def up(
 
     app = read_deployment(deployment_file)
     port = port or app.port
+    args = app_args(app, settings)
+    deployed = resolve_settings(args)  # what the app will run with: `up` prepares the same storage, store, models
+    if deployed.cluster != settings.cluster:
+        raise FarmError(f"{deployment_file}: cluster.node_address is a setting of `farm up` itself, read before the "
+                        "deployment file; set it in the settings file (FARM_CONFIG) or with --node-address")
+    if deployed.state_dir != settings.state_dir:
+        raise FarmError(f"{deployment_file}: state_dir {str(deployed.state_dir)!r} differs from this farm's "
+                        f"{str(settings.state_dir)!r}, where `farm down` and `farm status` look; set FARM_HOME to it")
+    settings = deployed
     existing = FarmRuntime.load(settings.state_dir)
     if existing is not None:
         if healthy(existing.http_url):
@@ -130,35 +172,77 @@ def up(
     started_ray = address is None
     metrics_url = ray_temp_dir = None
     if started_ray:
+        node = settings.cluster
         ray_port, metrics_port = _free_port(), metrics_port or _free_port()
         ray_temp_dir = ray_temp_dir_for(settings)
         cmd = [_ray_bin(), "start", "--head", f"--port={ray_port}", f"--metrics-export-port={metrics_port}",
-               "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+               f"--ray-client-server-port={_free_port()}", "--include-dashboard=false", "--disable-usage-stats",
                f"--temp-dir={ray_temp_dir}"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env.ray_head_env())
+        if not node.loopback:
+            cmd.append(f"--node-ip-address={node.node_address}")  # Ray maps a loopback address to the routable one
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                              env=env.ray_head_env(ray_temp_dir, loopback=node.loopback))
         if done.returncode != 0:
             raise FarmError(f"`ray start` failed: {done.stderr.strip()[-800:]}")
-        address = f"127.0.0.1:{ray_port}"
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        address = f"{node.node_address}:{ray_port}"
+        metrics_url = f"http://{node.node_address}:{metrics_port}/metrics"
 
-    # 3. The Serve application, built from the deployment file's typed args.
-    args = app.args
-    if args.config is None:
-        args = args.model_copy(update={"settings": merge_settings(settings.model_dump(), args.settings)})
+    # 3. The Serve application: the deployment file, applied whole by Serve's controller.
+    config = serve_config(app, args, port)
+    (settings.state_dir / SERVE_CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     runtime = FarmRuntime(app.name, address, started_ray, f"http://{app.host}:{port}", metrics_url,
                           str(deployment_file), ray_temp_dir)
     runtime.save(settings.state_dir)
     try:
         ray.init(address=address, namespace="videofarm", log_to_driver=False)
-        serve.start(http_options={"host": app.host, "port": port})
-        serve.run(build_app(args), name=app.name, route_prefix=app.route_prefix)
-        _waithealthy(runtime.http_url, timeout_s)
+        deploy(config)
+        _wait_running(app.name, runtime.http_url, timeout_s)
     except BaseException:
         ray.shutdown()
         down(settings)
         raise
     ray.shutdown()  # the application lives on in the cluster; this driver leaves
     return runtime
+
+
+def deploy(config: dict) -> None:
+    """Apply a Serve config (a ``ServeDeploySchema`` mapping) the way ``serve run CONFIG`` does:
+    start Serve with the file's proxy, HTTP, gRPC and controller options, then hand the whole
+    config to the controller, which builds each app from its import path and applies the
+    per-deployment overrides and runtime_env. A changed config redeploys in place (Serve's
+    rolling update). Needs a connected Ray driver."""
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_api.serve_start(
+        http_options=schema.http_options.model_dump(),
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+        proxy_location=schema.proxy_location,
+        controller_options=schema.controller_options,
+    )
+    client.deploy_apps(schema, _blocking=False)
+
+
+def _wait_running(app_name: str, http_url: str, timeout_s: float) -> None:
+    """Until the app is RUNNING and its gateway answers; a failed deploy raises with Serve's reason."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(app_name)
+        if app is not None and app.status.value in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise FarmError(f"the Serve app {app_name!r} failed to deploy: {_one_line(app.message)}")
+        if app is not None and app.status.value == "RUNNING":
+            break
+        time.sleep(0.5)
+    _waithealthy(http_url, max(5.0, deadline - time.monotonic()))
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "no reason given"
 
 
 def _waithealthy(http_url: str, timeout_s: float) -> None:
@@ -203,38 +287,50 @@ def ray_temp_dir_for(settings: FarmSettings) -> str:
     return f"/tmp/videofarm-ray-{digest}"
 
 
-def _stop_ray_processes(temp_dir: str, grace_s: float) -> None:
-    """Stop only this farm's Ray: its daemons name ``temp_dir`` on their command lines; workers are their children.
-
-    ``ray stop`` would end every Ray cluster on the machine, other farms' included.
-    """
+def farm_ray_processes(temp_dir: str) -> list:
+    """Every live process of the Ray that ``up`` started with ``temp_dir``: those whose environment
+    carries its mark (:func:`farm.env.ray_head_env`: daemons, agents, the client server, workers,
+    whatever they call themselves), those naming ``temp_dir`` on their command line, and all
+    their descendants."""
     import psutil
 
-    roots = []
+    found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(temp_dir in part for part in proc.info["cmdline"] or []):
-                roots.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            ours = env.process_ray_mark(proc.environ()) == temp_dir or any(
+                temp_dir in part for part in proc.info["cmdline"] or [])
+            if ours:
+                found[proc.pid] = proc
+                found.update({c.pid: c for c in proc.children(recursive=True)})
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    victims = {p.pid: p for p in roots}
-    for root in roots:
-        try:
-            victims.update({c.pid: c for c in root.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            continue
-    for proc in victims.values():
+    return list(found.values())
+
+
+def _stop_ray_processes(temp_dir: str, grace_s: float) -> None:
+    """Stop only this farm's Ray (``ray stop`` would end every Ray cluster on the machine)."""
+    import psutil
+
+    victims = farm_ray_processes(temp_dir)
+    for proc in victims:
         try:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(list(victims.values()), timeout=grace_s)
+    _, alive = psutil.wait_procs(victims, timeout=grace_s)
     for proc in alive:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=10)
+    left = farm_ray_processes(temp_dir)  # any started while we stopped the rest (a worker a dying raylet spawned)
+    for proc in left:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=10)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -6,6 +6,7 @@ components receive only the section they need, never the whole tree.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -162,6 +163,34 @@ class AuthSettings(BaseModel):
     invite_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="Default lifetime of an invite code.")
 
 
+class ClusterSettings(BaseModel):
+    """Where the Ray head that `farm up` starts listens (a joined cluster, `farm up --address`, keeps its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_address: str = Field(
+        default="127.0.0.1",
+        description="The address the embedded Ray head binds and advertises. A loopback address (the default) "
+        "keeps every Ray port on this machine (GCS, raylet, workers, client server, metrics, dashboard); a "
+        "routable address of this machine lets other nodes join with `ray start --address`.",
+    )
+
+    @field_validator("node_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value == "localhost":
+            return "127.0.0.1"
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"cluster.node_address: {value!r} is not an IP address; e.g. 127.0.0.1 or 10.0.0.5") from None
+        return value
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.node_address).is_loopback
+
+
 class FarmSettings(BaseModel):
     """The whole farm's settings. Sections are handed to components one by one."""
 
@@ -176,6 +205,7 @@ class FarmSettings(BaseModel):
     serve: ServeSettings = Field(default_factory=ServeSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     database_url: str = Field(
         default="", description="SQLAlchemy URL of the job store; empty: a SQLite file in the state folder."
     )

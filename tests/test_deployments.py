@@ -81,3 +81,53 @@ def test_deployment_file_must_name_the_farm_builder(tmp_path):
         read_deployment(path)
     with pytest.raises(FarmError, match="does not exist"):
         read_deployment(tmp_path / "missing.yaml")
+
+
+def test_farm_up_deploys_every_field_of_the_file(tmp_path, monkeypatch):
+    """`farm up --deployment` hands Serve the whole file: proxy, HTTP, runtime_env, per-deployment
+    options as written; the app's args carry the farm's own settings (secrets in the clear)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from farm.cluster import app_args, serve_config
+    from farm.config import load_settings
+
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    config = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())
+    config["proxy_location"] = "EveryNode"
+    config["logging_config"] = {"log_level": "DEBUG"}
+    app_config = config["applications"][0]
+    app_config["runtime_env"] = {"env_vars": {"MARK": "1"}}
+    app_config["deployments"] = [{"name": "Gateway", "max_ongoing_requests": 7, "ray_actor_options": {"num_cpus": 0.2}}]
+    path = tmp_path / "deployment.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    app = read_deployment(path)
+    settings = load_settings()
+    settings = settings.model_validate({**settings.model_dump(), "auth": {"admin_key": "sk-admin"}})
+    deployed = serve_config(app, app_args(app, settings), 18080)
+
+    ServeDeploySchema.model_validate(deployed)
+    assert deployed["proxy_location"] == "EveryNode" and deployed["logging_config"]["log_level"] == "DEBUG"
+    assert deployed["http_options"] == {"host": "127.0.0.1", "port": 18080}
+    out = deployed["applications"][0]
+    assert out["runtime_env"] == {"env_vars": {"MARK": "1"}}
+    assert out["deployments"] == app_config["deployments"]
+    assert out["args"]["settings"]["state_dir"] == str(tmp_path)
+    assert out["args"]["settings"]["auth"]["admin_key"] == "sk-admin"  # not '**********'
+    assert out["args"]["settings"]["serve"]["pools"][0]["replicas"] == 2  # the file's own settings win
+    assert resolve_settings(FarmAppArgs.model_validate(out["args"])).serve.max_queued == 200
+
+
+def test_farm_up_refuses_settings_it_reads_before_the_file(tmp_path, monkeypatch):
+    from farm.cluster import up
+    from farm.config import load_settings
+
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    for patch, needle in [({"cluster": {"node_address": "10.1.2.3"}}, "cluster.node_address is a setting of `farm up`"),
+                          ({"state_dir": "/elsewhere"}, "set FARM_HOME to it")]:
+        from tests.serve.farmkit import deployment_with
+
+        path = deployment_with(patch, tmp_path / "deployment.yaml")
+        with pytest.raises(FarmError, match=needle):
+            up(load_settings(), path)

@@ -26,6 +26,7 @@ from farm.jobs.dispatcher import ShardOutcome
 from farm.jobs.retry import ReplicaLost
 from farm.render.faults import FaultInjection, matching
 from farm.render.registry import ModelSpec, RenderParams
+from farm.serve.loopback import bind_replica_grpc_to_node_address
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Encoder:
     """Prompt → conditioning → the job's initial denoise state, for every served model."""
 
     def __init__(self, models: list[dict]) -> None:
+        bind_replica_grpc_to_node_address()
         from farm.render.engine import TextEncoderStage, configure_torch
 
         configure_torch()
@@ -63,6 +65,7 @@ class Denoiser:
     """One pool per (model, expert): holds that expert resident, runs step ranges."""
 
     def __init__(self, model: dict, experts: list[str]) -> None:
+        bind_replica_grpc_to_node_address()
         from farm.metrics import FarmMetrics
         from farm.render.engine import DenoiserStage, configure_torch
 
@@ -100,6 +103,7 @@ class Finisher:
     """Decode, watermark, MP4, thumbnail, spritesheet, C2PA, then upload to S3."""
 
     def __init__(self, settings: dict) -> None:
+        bind_replica_grpc_to_node_address()
         from farm.config import FarmSettings
         from farm.render.engine import configure_torch
         from farm.storage.connect import open_store
@@ -204,6 +208,7 @@ class DispatcherDeployment:
     """Hosts the dispatcher loop; the gateway wakes it when a job is created."""
 
     def __init__(self, settings: dict, encoder, pools: list[tuple[str, str, object]], finisher, max_active: int) -> None:
+        bind_replica_grpc_to_node_address()
         from farm.config import FarmSettings
         from farm.jobs.dispatcher import Dispatcher
         from farm.jobs.retry import RetryPolicy

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from ray import serve
 
+from farm.serve.loopback import bind_replica_grpc_to_node_address
+
 
 @serve.deployment(max_ongoing_requests=200)
 @serve.ingress()
 class Gateway:
     def __init__(self, settings: dict, dispatcher, notifier=None) -> None:
+        bind_replica_grpc_to_node_address()
         from farm.config import FarmSettings
         from farm.db import Database
         from farm.jobs.store import JobStore

