@@ -50,9 +50,16 @@ def pool_name(pool: PoolSettings) -> str:
     return f"Denoiser:{pool.model}:{'+'.join(pool.experts)}"
 
 
+def replica_name(pool_deployment: str, index: int) -> str:
+    """Each replica of a scheduled pool is a deployment of its own, so the dispatcher can address it."""
+    return f"{pool_deployment}:{index}"
+
+
 def build_app(args: FarmAppArgs | dict) -> "Application":
-    """The whole farm as one Serve application: gateway → dispatcher → encoder, pools, finisher; notifier."""
-    from farm.serve.deployments import Denoiser, DispatcherDeployment, Encoder, Finisher
+    """The whole farm as one Serve application: gateway → dispatcher → the encoder, denoiser and
+    decode pools (one deployment per replica, scheduled by the dispatcher) and the finisher; notifier."""
+    from farm.jobs.placement import DECODE_POOL, ENCODE_POOL, denoise_pool
+    from farm.serve.deployments import Decoder, Denoiser, DispatcherDeployment, Encoder, Finisher
     from farm.serve.gateway import Gateway
     from farm.serve.notifier import Notifier
 
@@ -60,24 +67,25 @@ def build_app(args: FarmAppArgs | dict) -> "Application":
     settings = resolve_settings(args)
     # Python mode, not JSON: JSON masks SecretStr values (S3 secret, admin key) as '**********'.
     plain = settings.model_dump()
-    models = [m.model_dump(mode="json") for m in settings.models]
     ss = settings.serve
 
-    encoder = Encoder.options(
-        num_replicas=ss.encoder_replicas, ray_actor_options={"num_cpus": 0.25, "num_gpus": ss.encoder_num_gpus}
-    ).bind(models)
-    finisher = Finisher.options(num_replicas=ss.finisher_replicas, ray_actor_options={"num_cpus": 0.25}).bind(plain)
-    pools = []
+    def members(deployment, name: str, count: int, actor_options: dict, *bind_args) -> list[tuple[str, object]]:
+        return [(replica_name(name, i), deployment.options(name=replica_name(name, i), num_replicas=1,
+                                                            ray_actor_options=actor_options).bind(*bind_args))
+                for i in range(count)]
+
+    replicas: dict[str, list[tuple[str, object]]] = {
+        ENCODE_POOL: members(Encoder, "Encoder", ss.encoder_replicas,
+                             {"num_cpus": 0.25, "num_gpus": ss.encoder_num_gpus}, plain),
+        DECODE_POOL: members(Decoder, "Decoder", ss.decoder_replicas,
+                             {"num_cpus": 0.25, "num_gpus": ss.decoder_num_gpus}, plain),
+    }
     for pool in ss.pools or default_pools(settings):
-        handle = Denoiser.options(
-            name=pool_name(pool),
-            num_replicas=pool.replicas,
-            ray_actor_options={"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
-        ).bind(settings.model(pool.model).model_dump(mode="json"), pool.experts)
-        pools += [(pool.model, expert, handle) for expert in pool.experts]
-    dispatcher = DispatcherDeployment.options(ray_actor_options={"num_cpus": 0.1}).bind(
-        plain, encoder, pools, finisher, ss.max_active_jobs
-    )
+        options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
+        replicas[denoise_pool(pool.model, "+".join(pool.experts))] = members(
+            Denoiser, pool_name(pool), pool.replicas, options, plain, pool.model, pool.experts)
+    finisher = Finisher.options(num_replicas=ss.finisher_replicas, ray_actor_options={"num_cpus": 0.25}).bind(plain)
+    dispatcher = DispatcherDeployment.options(ray_actor_options={"num_cpus": 0.1}).bind(plain, replicas, finisher)
     notifier = Notifier.options(ray_actor_options={"num_cpus": 0.05}).bind(plain)
     return Gateway.options(num_replicas=ss.gateway_replicas, ray_actor_options={"num_cpus": 0.1}).bind(
         plain, dispatcher, notifier)

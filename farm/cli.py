@@ -172,7 +172,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {name:<40} {dep['status']:<10} {replicas}")
     farm = report["dispatcher"]
     depths = ", ".join(f"{k}={v}" for k, v in farm["queue_depths"].items())
-    print(f"queue: {depths}   active: {len(farm['active'])}/{farm['max_active']}   jobs: {farm['counts']}")
+    print(f"queue: {depths}   in flight: {len(farm['active'])}/{farm['max_in_flight']}   jobs: {farm['counts']}")
+    for pool, waiting in sorted(farm["waiting"].items()):
+        replicas = len(farm["pools"].get(pool, []))
+        print(f"  pool {pool:<36} {replicas} replica(s), waiting: interactive={waiting['interactive']} "
+              f"bulk={waiting['bulk']}, busy {farm['busy_s'].get(pool, 0):.1f}s")
     for job in farm["recent"]:
         print(f"  {job['id']}  {job['model']:<12} {job['status']:<12} {job['progress']:>3}%")
     return 0

@@ -55,8 +55,26 @@ class RenderSettings(BaseModel):
     default_size: str = Field(default="128x128", description="Clip size when a request names none.")
     checkpoints: bool = Field(
         default=True,
-        description="Write each job's denoise state to S3 (checkpoints/{id}/state.pt) after every shard, "
-        "so a job resumes from its last shard after a dispatcher restart or `farm down`/`farm up`.",
+        description="Checkpoint every job to S3: its conditioning once (checkpoints/{id}/conditioning.pt), "
+        "and after every shard but the last the state that shard made (checkpoints/{id}/state-NNNNNN.pt, "
+        "written in the background by the replica that made it; the previous one is deleted), so a job "
+        "resumes from its last acknowledged shard after a restart or `farm down`/`farm up`.",
+    )
+    max_jobs_in_flight: int = Field(
+        default=64, ge=1, le=100_000,
+        description="Jobs the dispatcher holds claimed at once, running or waiting at a shard boundary with "
+        "their state in Ray's object store: the bound on the states the farm keeps in memory. Which of them "
+        "runs on which replica, shard by shard, is the scheduling policy's choice.",
+    )
+    tenant_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Fair-share weight per account id (default 1.0): within each priority class, replicas "
+        "are shared between accounts waiting for a pool in proportion to their weights.",
+    )
+    bulk_aging_s: float | None = Field(
+        default=600.0, gt=0.0,
+        description="Bulk work waiting this long behind newer interactive work gets the next free replica of "
+        "its pool (one shard), so bulk never starves; null: strict priority.",
     )
     shard_retries: int = Field(
         default=2, ge=0, le=20,
@@ -66,7 +84,7 @@ class RenderSettings(BaseModel):
     replica_retries: int = Field(
         default=6, ge=0, le=100,
         description="Retries of a stage call whose replica died or became unreachable; each retry starts "
-        "from the state before the call (the last checkpoint) and goes to whichever replica Serve picks.",
+        "from the state before the call and goes to whichever replica the scheduling policy picks.",
     )
     retry_backoff_s: float = Field(
         default=0.5, gt=0.0, le=60.0, description="First retry delay; doubles with each retry (with jitter)."
@@ -79,8 +97,9 @@ class RenderSettings(BaseModel):
     )
     stage_timeout_s: float = Field(
         default=900.0, gt=0.0,
-        description="Longest one stage call (prepare, a shard, finish) may take before its replica counts as "
-        "lost and the call is retried elsewhere: a hung GPU or deadlock must not hold a job forever.",
+        description="Longest one stage call (encode, a shard, decode, finish) may run on its replica before the "
+        "replica counts as lost and the call is retried elsewhere (its wait for a replica is not counted): a "
+        "hung GPU or deadlock must not hold a job forever.",
     )
     max_attempts: int = Field(
         default=5, ge=1, le=100,
@@ -113,13 +132,23 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_queued: int = Field(default=200, ge=1, description="Queued jobs beyond which creates get 429.")
+    max_queued: int = Field(
+        default=200, ge=1,
+        description="Queued interactive jobs beyond which interactive creates get 429 (bulk jobs have their own "
+        "cap, max_queued_bulk, and never count against this one).",
+    )
+    max_queued_bulk: int = Field(
+        default=10_000, ge=1,
+        description="Queued bulk jobs beyond which bulk creates get 429 (interactive jobs never count against it).",
+    )
     poll_after_ms: int = Field(default=500, ge=0, description="The openai-poll-after-ms hint sent to clients.")
-    max_active_jobs: int = Field(default=4, ge=1, description="Jobs the dispatcher drives at once.")
     gateway_replicas: int = Field(default=1, ge=1, description="Gateway (HTTP ingress) replicas.")
     encoder_replicas: int = Field(default=1, ge=1, description="Text-encoder replicas.")
     encoder_num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per text-encoder replica.")
-    finisher_replicas: int = Field(default=1, ge=1, description="Finisher (decode, encode, sign, upload) replicas.")
+    decoder_replicas: int = Field(default=1, ge=1, description="Replicas of the decode pool (the VAE of every model).")
+    decoder_num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per decode replica.")
+    finisher_replicas: int = Field(
+        default=1, ge=1, description="Finisher replicas (CPU: watermark, H.264, thumbnail, C2PA, upload).")
     pools: list[PoolSettings] = Field(
         default_factory=list, description="Denoiser pools; empty: one pool per expert of every model, 1 replica each."
     )

@@ -100,11 +100,18 @@ class FarmMetrics:
             boundaries=_FAST, tag_keys=("pool",),
         )
 
-    # Finisher -----------------------------------------------------------------------
+    # Decode pool and finisher ------------------------------------------------------------
+    @cached_property
+    def decode_latency(self):
+        return self._m.Histogram(
+            "videofarm_decode_seconds", description="VAE decode of one clip's latents into frames.",
+            boundaries=_SLOW, tag_keys=("model",),
+        )
+
     @cached_property
     def finish_latency(self):
         return self._m.Histogram(
-            "videofarm_finish_seconds", description="Decode, watermark, encode and sign one clip.",
+            "videofarm_finish_seconds", description="Watermark, H.264 encode, thumbnail and C2PA signing of one clip.",
             boundaries=_SLOW, tag_keys=("model",),
         )
 

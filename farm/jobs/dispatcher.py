@@ -1,16 +1,27 @@
-"""The dispatcher: drives each job through its stages, from the job store's truth.
+"""The dispatcher: drives each job through its stages, from the job store's truth, scheduling
+every stage call on a replica the policy picks.
 
-    claim (priority, then oldest) → prepare (text encoding, noise) → denoise shards
-    → finish (decode, watermark, MP4, C2PA, upload) → completed
+    claim → encode (or resume from a checkpoint) → denoise shards → decode → finish → completed
 
-Ray Serve has no priorities and cancels only at an ``await``: both live here, at shard
-boundaries. After every shard the state is checkpointed to S3 and progress written to
-the store, so a dispatcher that dies and restarts resumes each job from its last shard.
-A stage call that fails is retried by the policy in :mod:`farm.jobs.retry`: a dead
-replica's shard is redone from the state it started with (the last checkpoint), a model
-that fails gets ``shard_retries`` more tries, storage outages are waited out within a budget.
-The stages are reached through :class:`StageClients`, so the same loop drives Serve
-deployments on a cluster or in-process stages in tests.
+Every stage that needs compute runs on a pool of replicas — the encoder pool, one pool per
+(model, expert), the decode pool — and each call waits for a replica in
+:class:`~farm.jobs.placement.Placement`, where the scheduling policy decides at every shard
+boundary: interactive before bulk, fair share between tenants, affinity to the replica that
+holds the job's state. A bulk job whose shard just ended gives its replica up to waiting
+interactive work and resumes from exactly its state when it next gets one.
+
+States never pass through here. Stage replicas hand each other *references* (Ray object refs
+on a cluster): the encoder's reply carries a reference to the initial state, each denoiser's
+reply a reference to the next one. The replica that made a state writes its checkpoint to S3
+in the background; this process only waits for the write's acknowledgement, beside the next
+shard, and records the key in the store, so a restarted dispatcher resumes from the last
+acknowledged checkpoint. It holds keys, progress and leases; it imports no torch.
+
+A stage call that fails is retried by :mod:`farm.jobs.retry`'s policy: a lost replica's call is
+redone from the state it started with, a model that fails gets ``shard_retries`` more tries,
+storage outages are waited out within a budget. ``stage_timeout_s`` counts a call's run on its
+replica, never its wait for one. A state whose holder died before anyone read it is
+reloaded from the last checkpoint, without counting as an attempt.
 """
 
 from __future__ import annotations
@@ -19,40 +30,41 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict, defaultdict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
-import torch
-
-from farm.jobs.retry import ReplicaLost, RetryPolicy, is_transient_storage_error, render_errors
+from farm.jobs.placement import DECODE_POOL, ENCODE_POOL, Placement, StageRequest
+from farm.jobs.retry import ReplicaLost, RetryPolicy, is_render_error, is_transient_storage_error
 from farm.jobs.store import Job, JobStore, Priority
-from farm.render.denoise import DenoiseState, NonFiniteLatents, ShardPlan, plan_shards
+from farm.render.plan import ShardPlan, StepLayout, plan_shards
 from farm.render.registry import ModelSpec, RenderParams, parse_size
+from farm.sched import SchedulerConfig
 from farm.storage.s3 import checkpoint_prefix
 
 log = logging.getLogger(__name__)
-_HISTORY = 64  # jobs whose shard history and final latents are kept in memory
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class ShardOutcome:
-    """What a denoiser replica hands back: the new state and who ran it."""
+class Prepared:
+    """The encoder's reply: a reference to the job's state and where in its schedule it stands."""
 
-    state: DenoiseState
-    replica: str
-    seconds: float
+    state: Any  # an opaque state reference (a Ray object ref box on a cluster)
+    layout: StepLayout  # which expert owns each step
+    step_index: int  # 0, or the step of the checkpoint it resumed from
+    replica: str = ""
 
 
 @dataclass(frozen=True)
-class ShardRecord:
-    start: int
-    end: int
-    expert: str
+class ShardOutcome:
+    """A denoiser's reply: a reference to the new state, who made it, and its checkpoint (pending)."""
+
+    state: Any
     replica: str
-    seconds: float
+    seconds: float  # the shard's run on its replica
+    checkpoint: str | None = None  # key being written in the background; None: no checkpoint
 
 
 @dataclass(frozen=True)
@@ -60,29 +72,45 @@ class RetryRecord:
     """One retried stage call, for `farm status` and tests."""
 
     job_id: str
-    stage: str  # "prepare", "shard 4-8", "finish"
+    stage: str  # "encode", "shard 4-8", "decode", "finish"
     reason: str  # an error code: replica_lost, non_finite_latents, out_of_memory
     retry: int
     delay_s: float
     error: str
 
 
+class StateLost(Exception):
+    """A state reference can no longer be read (its holder died): reload from the checkpoint."""
+
+
 class StageClients(Protocol):
-    async def prepare(self, model_id: str, params: RenderParams) -> DenoiseState: ...
+    """The stages, reached by replica id (ids come from :meth:`replicas`)."""
 
-    async def run_shard(
-        self, model_id: str, expert: str, state: DenoiseState, start: int, end: int, *, prompt: str = ""
-    ) -> ShardOutcome: ...
+    def replicas(self) -> dict[str, list[str]]: ...
 
-    async def finish(self, job_id: str, model_id: str, params: RenderParams, latents) -> dict[str, str]: ...
+    async def start(self, replica: str, job_id: str, model_id: str, params: RenderParams,
+                    resume_from: str | None) -> Prepared: ...
+
+    async def run_shard(self, replica: str, job_id: str, model_id: str, state: Any, plan: ShardPlan, *,
+                        checkpoint: str | None, prompt: str = "") -> ShardOutcome: ...
+
+    async def checkpointed(self, replica: str, key: str) -> bool: ...
+
+    async def decode(self, replica: str, job_id: str, model_id: str, state: Any) -> Any: ...
+
+    async def finish(self, job_id: str, model_id: str, params: RenderParams, frames: Any) -> dict[str, str]: ...
 
 
 class JobCancelled(Exception):
     pass
 
 
-def checkpoint_key(job_id: str) -> str:
-    return f"{checkpoint_prefix(job_id)}state.pt"
+def shard_checkpoint_key(job_id: str, step: int) -> str:
+    return f"{checkpoint_prefix(job_id)}state-{step:06d}.pt"
+
+
+def conditioning_key(job_id: str) -> str:
+    return f"{checkpoint_prefix(job_id)}conditioning.pt"
 
 
 def params_of(job: Job, spec: ModelSpec) -> RenderParams:
@@ -100,8 +128,18 @@ def params_of(job: Job, spec: ModelSpec) -> RenderParams:
     )
 
 
+@dataclass
+class _Flight:
+    """A job this dispatcher is driving."""
+
+    job: Job
+    task: asyncio.Task
+    checkpoints: list[asyncio.Task] = field(default_factory=list)  # acknowledgements awaited, in step order
+    newest: str | None = None  # the key of the newest recorded checkpoint
+
+
 class Dispatcher:
-    """One per farm (a lease in the store keeps a second one from double-running a job)."""
+    """Claims jobs and drives them; one per farm (the store's leases fence a second one)."""
 
     def __init__(
         self,
@@ -110,20 +148,21 @@ class Dispatcher:
         models: list[ModelSpec],
         *,
         objects=None,
-        max_active: int = 2,
+        max_in_flight: int = 64,
         shard_steps: int = 4,
         lease_s: float = 120.0,
         poll_s: float = 0.5,
         worker: str | None = None,
         metrics=None,
         policy: RetryPolicy | None = None,
+        scheduling: SchedulerConfig | None = None,
     ) -> None:
         self.store = store
         self.clients = clients
         self.models = {m.id: m for m in models}
         self.objects = objects  # an ObjectStore for checkpoints; None disables them
         self.policy = policy or RetryPolicy()
-        self.max_active = max_active
+        self.max_in_flight = max_in_flight
         self.shard_steps = shard_steps
         self.lease_s = lease_s
         self.poll_s = poll_s
@@ -132,13 +171,11 @@ class Dispatcher:
         self.role = worker or "dispatcher"
         self.worker = f"{self.role}:{uuid.uuid4().hex[:12]}"
         self.metrics = metrics  # a FarmMetrics, or None outside Ray
+        self.placement = Placement(clients.replicas(), scheduling)
         self._depth_at = 0.0
-        # Recent history for `farm status` and tests: shards per job, final latents.
-        self.shards: dict[str, list[ShardRecord]] = defaultdict(list)
-        self.final_latents: OrderedDict[str, object] = OrderedDict()
         self.retries: deque[RetryRecord] = deque(maxlen=200)
         self.resumed: deque[dict] = deque(maxlen=200)  # {"job_id", "step"}: jobs picked up from a checkpoint
-        self._active: dict[str, asyncio.Task] = {}
+        self._flights: dict[str, _Flight] = {}
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -148,7 +185,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Claim and drive jobs until :meth:`stop`."""
-        log.info("dispatcher %s started (max_active=%d)", self.worker, self.max_active)
+        log.info("dispatcher %s started (pools %s)", self.worker, self.placement.pools())
         for job_id, owner in await asyncio.to_thread(self.store.leases_of, self.role):
             # A dead predecessor's: back to the queue (the lost run counts as an attempt),
             # to resume from its checkpoint.
@@ -157,14 +194,14 @@ class Dispatcher:
         while not self._stopping:
             await self._report_depth()
             claimed = False
-            if len(self._active) < self.max_active:
+            if len(self._flights) < self.max_in_flight:
                 job = await asyncio.to_thread(
                     lambda: self.store.claim_next(self.worker, self.lease_s, max_attempts=self.policy.max_attempts))
                 if job is not None:
                     claimed = True
                     self._observe_claim(job)
                     task = asyncio.create_task(self._drive(job), name=job.id)
-                    self._active[job.id] = task
+                    self._flights[job.id] = _Flight(job, task)
                     task.add_done_callback(lambda _t, jid=job.id: self._done(jid))
             if not claimed:
                 self._wake.clear()
@@ -186,29 +223,25 @@ class Dispatcher:
             self.metrics.queue_wait.observe(max(wait, 0.0), tags={"model": job.model, "priority": _priority_name(job.priority)})
 
     def _done(self, job_id: str) -> None:
-        self._active.pop(job_id, None)
-        self._wake.set()  # a slot freed up
+        self._flights.pop(job_id, None)
+        self._wake.set()  # room for another job
 
     async def stop(self) -> None:
-        """Stop claiming; give running jobs back to the queue (they resume from their checkpoint)."""
+        """Stop claiming; give running jobs back to the queue (they resume from their last checkpoint)."""
         self._stopping = True
         self._wake.set()
-        active = dict(self._active)
-        for task in active.values():
-            task.cancel()  # interrupts at the next await: a shard boundary or a store call
-        await asyncio.gather(*active.values(), return_exceptions=True)
-        for job_id in active:
+        flights = dict(self._flights)
+        for flight in flights.values():
+            flight.task.cancel()  # interrupts at the next await: a wait for a replica, a call, a store write
+        await asyncio.gather(*(f.task for f in flights.values()), return_exceptions=True)
+        for job_id in flights:
             await asyncio.to_thread(self.store.requeue, job_id, self.worker, "dispatcher stopping")
-
-    def _remember(self, job_id: str, latents) -> None:
-        self.final_latents[job_id] = latents
-        while len(self.final_latents) > _HISTORY:
-            evicted, _ = self.final_latents.popitem(last=False)
-            self.shards.pop(evicted, None)
 
     def status(self) -> dict:
         return {
-            "worker": self.worker, "active": sorted(self._active), "max_active": self.max_active,
+            "worker": self.worker, "active": sorted(self._flights), "max_in_flight": self.max_in_flight,
+            "pools": self.placement.pools(), "waiting": self.placement.depths(),
+            "busy_s": {pool: round(s, 3) for pool, s in self.placement.busy_s.items()},
             "retries": [vars(r) for r in list(self.retries)[-20:]],
             "resumed": list(self.resumed)[-20:],
         }
@@ -222,22 +255,19 @@ class Dispatcher:
                 await self._fail(job, "model_unavailable", f"model {job.model!r} is not served by this farm")
                 return
             params = params_of(job, spec)
-            state = await self._resume_or_prepare(job, spec, params)
-            for plan in plan_shards(state, self.shard_steps):
+            outcome, held = await self._denoise(job, spec, params)
+            try:
                 await self._check_cancel(job)
-                # A failed shard is sent again with the same input state: the last checkpoint.
-                outcome = await self._call_stage(
-                    job, f"shard {plan.start}-{plan.end}",
-                    lambda plan=plan, state=state: self._timed_shard(job, spec, plan, state),
-                )
-                state = outcome.state
-                self.shards[job.id].append(ShardRecord(plan.start, plan.end, plan.expert, outcome.replica, outcome.seconds))
-                await self._after_shard(job, state)
-            await self._check_cancel(job)
-            self._remember(job.id, state.latents)
-            objects = await self._call_stage(
-                job, "finish", lambda: self.clients.finish(job.id, spec.id, params, state.latents)
-            )
+            except BaseException:
+                self.placement.release(held, job.id)
+                raise
+            frames, held = await self._call_stage(
+                job, "decode", DECODE_POOL, 0, 1, outcome.replica,
+                lambda replica: self.clients.decode(replica, job.id, spec.id, outcome.state), holding=held)
+            objects, _ = await self._call_stage(
+                job, "finish", None, 0, 1, None, lambda _r: self.clients.finish(job.id, spec.id, params, frames),
+                holding=held)
+            await self._settle_checkpoints(job)
             if not await asyncio.to_thread(self.store.complete, job.id, self.worker, objects):
                 log.warning("job %s: lease lost before completion; another worker owns it", job.id)
             elif self.metrics is not None:
@@ -248,20 +278,77 @@ class Dispatcher:
                     self.metrics.job_latency.observe(latency, tags={"model": job.model})
             await self._drop_checkpoint(job)
         except JobCancelled:
+            await self._settle_checkpoints(job)
             await asyncio.to_thread(self.store.finish_cancelled, job.id, self.worker)
             await self._drop_checkpoint(job)
         except asyncio.CancelledError:
+            await self._settle_checkpoints(job)
             raise
         except Exception as exc:  # one job's failure must not stop the farm
             log.exception("job %s failed", job.id)
+            await self._settle_checkpoints(job)
             if await self._fail(job, _error_code(exc), f"{type(exc).__name__}: {exc}"):
                 await self._drop_checkpoint(job)  # only while the job is still ours
         finally:
             lease.cancel()
 
+    async def _denoise(self, job: Job, spec: ModelSpec, params: RenderParams) -> tuple[ShardOutcome, str]:
+        """Encode (or resume), then every shard. Returns the last shard's outcome and the replica that
+        ran it, still held: a job hands its replica on only once its next call is queued, so at a
+        shard boundary the policy chooses between it and everyone else waiting."""
+        reloads = 0
+        while True:
+            held = None
+            try:
+                prepared, held = await self._start(job, spec, params)
+                state, holder = prepared.state, prepared.replica
+                plans = plan_shards(prepared.layout, prepared.step_index, self.shard_steps)
+                outcome = ShardOutcome(state, holder, 0.0)
+                for plan in plans:
+                    await self._check_cancel(job)
+                    last = plan.end >= prepared.layout.num_steps
+                    key = None if last or self.objects is None else shard_checkpoint_key(job.id, plan.end)
+                    # A failed shard is sent again with the same input state. The call releases
+                    # the replica this job holds once the shard is queued.
+                    previous, held = held, None
+                    outcome, held = await self._call_stage(
+                        job, f"shard {plan.start}-{plan.end}", self.placement.denoiser_pool(spec.id, plan.expert),
+                        plan.start, plan.end, holder,
+                        lambda replica, plan=plan, state=state, key=key: self.clients.run_shard(
+                            replica, job.id, spec.id, state, plan, checkpoint=key, prompt=job.prompt),
+                        holding=previous,
+                    )
+                    state, holder = outcome.state, outcome.replica
+                    await self._after_shard(job, plan.end, prepared.layout.num_steps, outcome)
+                return outcome, held
+            except StateLost as exc:
+                if held is not None:
+                    self.placement.release(held, job.id)
+                reloads += 1
+                if reloads > self.policy.replica_retries:
+                    raise ReplicaLost(f"job {job.id}: its state was lost {reloads} times") from exc
+                log.warning("job %s: state lost (%s); reloading from the last checkpoint", job.id, exc)
+                await self._settle_checkpoints(job)
+                job = await asyncio.to_thread(self.store.get, job.id) or job
+            except BaseException:
+                if held is not None:
+                    self.placement.release(held, job.id)
+                raise
+
+    async def _start(self, job: Job, spec: ModelSpec, params: RenderParams) -> tuple[Prepared, str]:
+        resume_from = job.checkpoint_key if self.objects is not None else None
+        prepared, held = await self._call_stage(
+            job, "encode", ENCODE_POOL, 0, 1, None,
+            lambda replica: self.clients.start(replica, job.id, spec.id, params, resume_from))
+        if prepared.step_index > 0:
+            log.info("job %s resumes at step %d/%d from %s", job.id, prepared.step_index,
+                     prepared.layout.num_steps, resume_from)
+            self.resumed.append({"job_id": job.id, "step": prepared.step_index})
+        return prepared, held
+
     async def _keep_lease(self, job: Job, driver: asyncio.Task | None) -> None:
-        """Renew the lease while the job waits (a storage outage, a slow finish), so the
-        store never sees it as abandoned and hands it out a second time; stop driving the
+        """Renew the lease while the job waits (for a replica, a storage outage, a slow finish), so
+        the store never sees it as abandoned and hands it out a second time; stop driving the
         job at once if the lease is gone (taken back, deleted)."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
@@ -280,22 +367,41 @@ class Dispatcher:
                 driver.cancel()
             return
 
-    async def _timed_shard(self, job: Job, spec: ModelSpec, plan: ShardPlan, state: DenoiseState) -> ShardOutcome:
-        sent = time.perf_counter()
-        outcome = await self.clients.run_shard(spec.id, plan.expert, state, plan.start, plan.end, prompt=job.prompt)
-        if self.metrics is not None:
-            handoff = max(time.perf_counter() - sent - outcome.seconds, 0.0)
-            self.metrics.shard_handoff.observe(handoff, tags={"pool": f"{spec.id}:{plan.expert}"})
-        return outcome
+    async def _call_stage(self, job: Job, stage: str, pool: str | None, start: int, end: int,
+                          holder: str | None, call: Callable[[str | None], Awaitable[T]], *,
+                          holding: str | None = None) -> tuple[T, str | None]:
+        """``call(replica)`` on a replica of ``pool`` the policy picks (None: no pool, a CPU stage
+        Serve routes), retried by the retry policy: a lost replica up to ``replica_retries``
+        times, a render error up to ``shard_retries`` times, each after a growing delay.
 
-    async def _call_stage(self, job: Job, stage: str, call: Callable[[], Awaitable[T]]) -> T:
-        """``call()``, retried by the policy: a lost replica up to ``replica_retries`` times,
-        a render error up to ``shard_retries`` times, each after a growing delay."""
+        ``holding`` is the replica of the job's previous call, released once this call is queued.
+        Returns the result and the replica that produced it, still held by the job: the caller
+        hands it to its next call, or releases it."""
         lost = failed = 0
         while True:
+            replica = None
             try:
-                async with asyncio.timeout(self.policy.stage_timeout_s):
-                    return await call()
+                if pool is not None:
+                    replica = await self.placement.acquire(StageRequest(
+                        job.id, job.owner or "anonymous", _priority_name(job.priority), pool, start, end,
+                        job.created_at.timestamp(), holder=holder), releasing=holding)
+                elif holding is not None:
+                    self.placement.release(holding, job.id)
+                holding = None
+                try:
+                    if replica is not None:
+                        await self._check_cancel(job)  # it may have been asked while the call waited
+                    sent = time.perf_counter()
+                    async with asyncio.timeout(self.policy.stage_timeout_s):
+                        result = await call(replica)
+                except BaseException:
+                    if replica is not None:
+                        self.placement.release(replica, job.id)
+                    raise
+                if pool is not None:
+                    self.placement.observe(pool, end - start, time.perf_counter() - sent)
+                    self._observe_handoff(pool, sent, result)
+                return result, replica
             except TimeoutError:  # a hung replica is as good as lost
                 lost += 1
                 if lost > self.policy.replica_retries:
@@ -306,11 +412,16 @@ class Dispatcher:
                 if lost > self.policy.replica_retries:
                     raise
                 retry, error = lost, exc
-            except render_errors() as exc:
+            except StateLost:
+                raise
+            except Exception as exc:
+                if not is_render_error(exc):
+                    raise
                 failed += 1
                 if failed > self.policy.shard_retries:
                     raise
                 retry, error = failed, exc
+            holder = None  # a retry may run anywhere
             delay = self.policy.delay(retry)
             reason = _error_code(error)
             first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
@@ -319,39 +430,56 @@ class Dispatcher:
             await asyncio.sleep(delay)
             await self._check_cancel(job)
 
-    async def _resume_or_prepare(self, job: Job, spec: ModelSpec, params: RenderParams) -> DenoiseState:
-        if job.checkpoint_key and self.objects is not None:
-            data = await self.policy.storage_call_async(
-                f"job {job.id}: read checkpoint", asyncio.to_thread, self.objects.get_bytes, job.checkpoint_key
-            )
-            state = DenoiseState.from_bytes(data)
-            log.info("job %s resumes at step %d/%d from %s", job.id, state.step_index, state.num_steps, job.checkpoint_key)
-            self.resumed.append({"job_id": job.id, "step": state.step_index})
-            return state
-        return await self._call_stage(job, "prepare", lambda: self.clients.prepare(spec.id, params))
+    def _observe_handoff(self, pool: str, sent: float, result: Any) -> None:
+        seconds = getattr(result, "seconds", None)
+        if self.metrics is not None and seconds is not None and pool not in (ENCODE_POOL, DECODE_POOL):
+            handoff = max(time.perf_counter() - sent - seconds, 0.0)
+            self.metrics.shard_handoff.observe(handoff, tags={"pool": pool})
 
-    async def _after_shard(self, job: Job, state: DenoiseState) -> None:
-        key = None
-        if self.objects is not None and not state.done:
-            key = checkpoint_key(job.id)
-            await self.policy.storage_call_async(
-                f"job {job.id}: write checkpoint", asyncio.to_thread,
-                self.objects.put_bytes, key, state.to_bytes(), "application/octet-stream",
-            )
-        # Denoising is 0–95 %; finishing takes the rest.
-        progress = int(95 * state.step_index / state.num_steps)
+    async def _after_shard(self, job: Job, step: int, num_steps: int, outcome: ShardOutcome) -> None:
+        """Record progress now; the checkpoint's key once its writer acknowledges it, beside the next shard."""
+        # Denoising is 0–95 %; decoding and finishing take the rest.
         held = await asyncio.to_thread(
-            self.store.record_progress,
-            job.id,
-            self.worker,
-            step_index=state.step_index,
-            num_steps=state.num_steps,
-            progress=progress,
-            checkpoint_key=key,
-            lease_s=self.lease_s,
+            self.store.record_progress, job.id, self.worker, step_index=step, num_steps=num_steps,
+            progress=int(95 * step / num_steps), lease_s=self.lease_s,
         )
         if not held:
             raise JobCancelled() if await self._cancel_requested(job) else RuntimeError("lease lost")
+        flight = self._flights.get(job.id)
+        if outcome.checkpoint is not None and flight is not None:
+            previous = flight.checkpoints[-1] if flight.checkpoints else None
+            flight.checkpoints.append(asyncio.create_task(self._confirm_checkpoint(job, step, outcome, previous)))
+
+    async def _confirm_checkpoint(self, job: Job, step: int, outcome: ShardOutcome,
+                                  previous: asyncio.Task | None) -> None:
+        """Record the checkpoint once its writer acknowledges it, after the earlier ones (in step
+        order), then delete the one it supersedes: a job keeps one checkpoint."""
+        try:
+            written = await self.clients.checkpointed(outcome.replica, outcome.checkpoint)
+        except Exception as exc:  # the writer died or S3 refused: the previous checkpoint stays the one
+            log.warning("job %s: checkpoint at step %d not written: %s", job.id, step, exc)
+            written = False
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        if not written or not await asyncio.to_thread(self.store.record_checkpoint, job.id, self.worker,
+                                                      outcome.checkpoint):
+            return
+        flight = self._flights.get(job.id)
+        stale = job.checkpoint_key
+        if flight is not None:
+            stale, flight.newest = flight.newest or stale, outcome.checkpoint
+        if stale and stale != outcome.checkpoint and stale.startswith(checkpoint_prefix(job.id)):
+            try:
+                await asyncio.to_thread(self.objects.delete, stale)
+            except Exception:
+                log.warning("job %s: superseded checkpoint %s not deleted", job.id, stale, exc_info=True)
+
+    async def _settle_checkpoints(self, job: Job) -> None:
+        """Wait for the job's checkpoint writes in flight, so none lands after its prefix is dropped."""
+        flight = self._flights.get(job.id)
+        if flight is not None and flight.checkpoints:
+            await asyncio.gather(*flight.checkpoints, return_exceptions=True)
+            flight.checkpoints.clear()
 
     async def _cancel_requested(self, job: Job) -> bool:
         current = await asyncio.to_thread(self.store.get, job.id)
@@ -387,10 +515,11 @@ def _priority_name(priority: int) -> str:
 
 
 def _error_code(exc: BaseException) -> str:
-    """The job's error code for a failure (isinstance also matches Ray's RayTaskError(cls) wrappers)."""
-    if isinstance(exc, NonFiniteLatents):
+    """The job's error code for a failure (class names, so Ray's RayTaskError(cls) wrappers match too)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "NonFiniteLatents" in names:
         return "non_finite_latents"
-    if isinstance(exc, torch.OutOfMemoryError) or "outofmemory" in type(exc).__name__.lower():
+    if "OutOfMemoryError" in names or any("outofmemory" in n.lower() for n in names):
         return "out_of_memory"  # torch's, or Ray's memory monitor killing a worker
     if isinstance(exc, ReplicaLost):
         return "replica_lost"

@@ -46,14 +46,14 @@ class ReplicaLost(Exception):
     """
 
 
-def render_errors() -> tuple[type[BaseException], ...]:
-    """Failures of the model itself. Ray re-raises a replica's exception as ``RayTaskError(cls)``,
-    which is still an instance of ``cls``, so these match across processes."""
-    import torch
+def is_render_error(exc: BaseException) -> bool:
+    """A failure of the model itself (NaN latents, out of memory), worth ``shard_retries`` more tries.
 
-    from farm.render.denoise import NonFiniteLatents
-
-    return (NonFiniteLatents, torch.OutOfMemoryError)
+    Matched by class name over the exception's MRO, so this module needs no torch, and Ray's
+    ``RayTaskError(cls)`` re-raise of a replica's exception (a subclass of ``cls``) matches too.
+    """
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return "NonFiniteLatents" in names or "OutOfMemoryError" in names
 
 
 def is_transient_storage_error(exc: BaseException) -> bool:

@@ -3,8 +3,8 @@
 diffusers' ``__call__`` cannot start mid-schedule, so the farm runs the Wan
 denoising loop itself over explicit step ranges::
 
-    state = prepare_state(...)                # latents, scheduler, conditioning
-    state = denoise(experts, state, 0, 3)     # on one replica
+    state = prepare_state(...)                # latents, scheduler, conditioning (on CPU)
+    state = denoise(experts, state, 0, 3)     # on one replica; the result is on CPU
     blob = state.to_bytes()                   # → object store / S3 checkpoint
     state = DenoiseState.from_bytes(blob)     # on another replica
     state = denoise(experts, state, 3, 8)
@@ -14,6 +14,18 @@ scheduler's full dynamic state (UniPC is multistep and keeps past model outputs,
 so re-running ``set_timesteps`` elsewhere would not be equivalent), the step
 index, the conditioning, and the RNG state for stochastic schedulers. Shards are
 pure functions of their input state, so re-running one after a crash is safe.
+
+A checkpoint may leave the conditioning out (``to_bytes(include_conditioning=False)``):
+it is constant per job, so it can be written once (:meth:`Conditioning.to_bytes`) and
+joined back on load (``DenoiseState.from_bytes(progress, conditioning=...)``).
+
+Devices and dtypes: :func:`denoise` moves the latents, the conditioning and every
+tensor of the scheduler's state (timesteps, sigmas, UniPC's ``model_outputs`` and
+``last_sample``, …) to the experts' device at shard start, and returns a state on CPU
+unless ``keep_on_device=True``. The model sees its input cast to its own dtype; the
+latents keep the dtype they came in with (float32 from :func:`prepare_state`, as
+``WanPipeline`` prepares them), so every shard hands on float32 latents whatever the
+model's dtype. The RNG of stochastic schedulers is a CPU generator on every device.
 """
 
 from __future__ import annotations
@@ -28,10 +40,20 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from farm.render.plan import (  # noqa: F401  (ShardPlan and the expert names are re-exported here)
+    HIGH_NOISE_EXPERT,
+    LOW_NOISE_EXPERT,
+    ShardPlan,
+    StepLayout,
+    expert_for_timestep,
+)
+from farm.render.plan import plan_shards as _plan_layout
+
 STATE_FORMAT = 1
-HIGH_NOISE_EXPERT = "transformer"
-LOW_NOISE_EXPERT = "transformer_2"
+CONDITIONING_FORMAT = 1
+_CONDITIONING_KIND = "conditioning"  # marks Conditioning.to_bytes payloads; state payloads have no "kind"
 _SCHEDULER_MODULE = "diffusers"
+_CPU = torch.device("cpu")
 
 
 class NonFiniteLatents(RuntimeError):
@@ -42,6 +64,42 @@ class NonFiniteLatents(RuntimeError):
     """
 
 
+# Moving tensors -----------------------------------------------------------------
+def _placed(value, device: torch.device, *, copy_tensors: bool):
+    """``value`` with every tensor inside (lists, tuples, dicts) moved to ``device``.
+
+    Containers are always rebuilt. ``copy_tensors=True`` also copies tensors already on
+    ``device``, so the result shares no tensor with ``value``.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(device, copy=copy_tensors)
+    if isinstance(value, list):
+        return [_placed(v, device, copy_tensors=copy_tensors) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_placed(v, device, copy_tensors=copy_tensors) for v in value)
+    if isinstance(value, dict):
+        return {k: _placed(v, device, copy_tensors=copy_tensors) for k, v in value.items()}
+    return copy.deepcopy(value) if copy_tensors else value
+
+
+def _load_payload(data: bytes, what: str) -> dict:
+    """torch.load with ``weights_only=True`` onto CPU: checkpoint bytes can never execute code."""
+    try:
+        payload = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # a truncated or foreign blob: name what was expected
+        raise ValueError(f"{what}: the bytes are not a torch.save archive ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict):
+        raise ValueError(f"{what}: expected a dict payload, got {type(payload).__name__}")
+    return payload
+
+
+def _save_payload(payload: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+# The state ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Conditioning:
     """Per-job constants every shard needs (the smallest form the loop accepts)."""
@@ -49,14 +107,34 @@ class Conditioning:
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None  # None: no classifier-free guidance
 
+    def to(self, device: str | torch.device) -> "Conditioning":
+        """The same embeddings on ``device`` (tensors already there are reused, not copied)."""
+        negative = self.negative_prompt_embeds
+        return Conditioning(self.prompt_embeds.to(device), None if negative is None else negative.to(device))
 
-@dataclass(frozen=True)
-class ShardPlan:
-    """One step range ``[start, end)`` and the expert that owns it."""
+    def to_bytes(self) -> bytes:
+        """torch.save of the embeddings; read back with :meth:`from_bytes`."""
+        return _save_payload(
+            {
+                "format": CONDITIONING_FORMAT,
+                "kind": _CONDITIONING_KIND,
+                "prompt_embeds": self.prompt_embeds,
+                "negative_prompt_embeds": self.negative_prompt_embeds,
+            }
+        )
 
-    start: int
-    end: int
-    expert: str
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Conditioning":
+        """Load bytes written by :meth:`to_bytes`, on CPU; ValueError for anything else."""
+        payload = _load_payload(data, "conditioning")
+        if payload.get("kind") != _CONDITIONING_KIND:
+            hint = " (these are DenoiseState bytes: use DenoiseState.from_bytes)" if "scheduler_class" in payload else ""
+            raise ValueError(f"conditioning: the bytes do not hold a Conditioning{hint}")
+        if payload.get("format") != CONDITIONING_FORMAT:
+            raise ValueError(
+                f"unsupported conditioning format {payload.get('format')!r}; expected {CONDITIONING_FORMAT}"
+            )
+        return cls(payload["prompt_embeds"], payload["negative_prompt_embeds"])
 
 
 @dataclass(frozen=True)
@@ -73,7 +151,7 @@ class DenoiseState:
     guidance_scale_2: float
     boundary_timestep: float | None
     conditioning: Conditioning
-    generator_state: torch.Tensor | None = None
+    generator_state: torch.Tensor | None = None  # a CPU generator's state, whatever the device
 
     @property
     def done(self) -> bool:
@@ -83,10 +161,30 @@ class DenoiseState:
     def timesteps(self) -> torch.Tensor:
         return self.scheduler_state["timesteps"]
 
+    def to(self, device: str | torch.device) -> "DenoiseState":
+        """The same state with latents, conditioning and scheduler tensors on ``device``.
+
+        ``generator_state`` stays on CPU: it seeds a CPU generator on every device.
+        """
+        device = torch.device(device)
+        return replace(
+            self,
+            latents=self.latents.to(device),
+            scheduler_state=_placed(self.scheduler_state, device, copy_tensors=False),
+            conditioning=self.conditioning.to(device),
+        )
+
     # Serialization ---------------------------------------------------------
     # torch.save of plain containers and tensors, loaded with weights_only=True:
     # a checkpoint read back from S3 can never execute code, unlike a pickle.
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, include_conditioning: bool = True) -> bytes:
+        """The state as bytes (format ``STATE_FORMAT`` = 1).
+
+        With ``include_conditioning=True`` (the default) the payload is exactly the one
+        format 1 has always had, so older readers load it. With ``False`` the embeddings are
+        left out and the payload carries ``"conditioning_included": False``; loading it
+        needs the job's conditioning (``from_bytes(data, conditioning=...)``).
+        """
         payload = {
             "format": STATE_FORMAT,
             "latents": self.latents,
@@ -98,19 +196,36 @@ class DenoiseState:
             "guidance_scale": self.guidance_scale,
             "guidance_scale_2": self.guidance_scale_2,
             "boundary_timestep": self.boundary_timestep,
-            "prompt_embeds": self.conditioning.prompt_embeds,
-            "negative_prompt_embeds": self.conditioning.negative_prompt_embeds,
-            "generator_state": self.generator_state,
         }
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        return buffer.getvalue()
+        if include_conditioning:
+            payload["prompt_embeds"] = self.conditioning.prompt_embeds
+            payload["negative_prompt_embeds"] = self.conditioning.negative_prompt_embeds
+        else:
+            payload["conditioning_included"] = False
+        payload["generator_state"] = self.generator_state
+        return _save_payload(payload)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "DenoiseState":
-        payload = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    def from_bytes(cls, data: bytes, conditioning: Conditioning | None = None) -> "DenoiseState":
+        """Load a state written by :meth:`to_bytes`; every tensor lands on CPU.
+
+        ``conditioning`` is required for bytes written with ``include_conditioning=False``
+        (ValueError without it). When given, it is the state's conditioning even if the
+        bytes carry one too.
+        """
+        payload = _load_payload(data, "denoise state")
+        if payload.get("kind") == _CONDITIONING_KIND:
+            raise ValueError("denoise state: the bytes hold a Conditioning (use Conditioning.from_bytes)")
         if payload.get("format") != STATE_FORMAT:
             raise ValueError(f"unsupported denoise state format {payload.get('format')!r}; expected {STATE_FORMAT}")
+        if conditioning is None:
+            if not payload.get("conditioning_included", True):
+                raise ValueError(
+                    "denoise state: these bytes were written without the conditioning "
+                    "(to_bytes(include_conditioning=False)); pass conditioning=Conditioning.from_bytes(...) "
+                    "with the same job's conditioning"
+                )
+            conditioning = Conditioning(payload["prompt_embeds"], payload["negative_prompt_embeds"])
         return cls(
             latents=payload["latents"],
             scheduler_class=payload["scheduler_class"],
@@ -121,25 +236,26 @@ class DenoiseState:
             guidance_scale=payload["guidance_scale"],
             guidance_scale_2=payload["guidance_scale_2"],
             boundary_timestep=payload["boundary_timestep"],
-            conditioning=Conditioning(payload["prompt_embeds"], payload["negative_prompt_embeds"]),
+            conditioning=conditioning,
             generator_state=payload["generator_state"],
         )
 
 
 # Scheduler state -------------------------------------------------------------
-def _export_scheduler(scheduler) -> tuple[str, dict, dict]:
-    """Split a scheduler into (class name, config, dynamic state)."""
-    state = {k: copy.deepcopy(v) for k, v in vars(scheduler).items() if k != "_internal_dict"}
-    return type(scheduler).__name__, dict(scheduler.config), state
+def _export_scheduler(scheduler, device: torch.device = _CPU) -> tuple[str, dict, dict]:
+    """Split a scheduler into (class name, config, dynamic state copied onto ``device``)."""
+    state = {k: v for k, v in vars(scheduler).items() if k != "_internal_dict"}
+    return type(scheduler).__name__, dict(scheduler.config), _placed(state, device, copy_tensors=True)
 
 
-def _import_scheduler(class_name: str, config: dict, state: dict):
+def _import_scheduler(class_name: str, config: dict, state: dict, device: torch.device = _CPU):
+    """A live scheduler from exported parts, its tensors copied onto ``device``."""
     cls = getattr(importlib.import_module(_SCHEDULER_MODULE), class_name, None)
     if cls is None or not hasattr(cls, "step"):
         raise ValueError(f"unknown scheduler class {class_name!r}")
     scheduler = cls.from_config(config)
-    # A deep copy keeps the caller's state untouched: shards are re-runnable.
-    vars(scheduler).update(copy.deepcopy(state))
+    # A copy keeps the caller's state untouched: shards are re-runnable.
+    vars(scheduler).update(_placed(state, device, copy_tensors=True))
     return scheduler
 
 
@@ -155,7 +271,11 @@ def prepare_state(
     boundary_ratio: float | None = None,
     device: str | torch.device = "cpu",
 ) -> DenoiseState:
-    """Set the schedule and draw the initial noise, exactly as ``WanPipeline`` does."""
+    """Set the schedule and draw the initial float32 noise from a CPU generator seeded with ``seed``,
+    as ``WanPipeline`` does when given such a generator.
+
+    The latents and the schedule are placed on ``device`` (CPU by default: states travel on CPU).
+    """
     from diffusers.utils.torch_utils import randn_tensor
 
     scheduler = copy.deepcopy(scheduler)
@@ -166,7 +286,7 @@ def prepare_state(
     boundary = None
     if boundary_ratio is not None:
         boundary = float(boundary_ratio * scheduler.config.num_train_timesteps)
-    class_name, config, state = _export_scheduler(scheduler)
+    class_name, config, state = _export_scheduler(scheduler, torch.device(device))
     return DenoiseState(
         latents=latents,
         scheduler_class=class_name,
@@ -183,32 +303,38 @@ def prepare_state(
     )
 
 
+# Planning ------------------------------------------------------------------------
+def layout_of(state: DenoiseState) -> StepLayout:
+    """The state's whole schedule as plain data: which expert owns each step."""
+    timesteps = state.timesteps.detach().to(_CPU).tolist()
+    experts = tuple(expert_for_timestep(float(t), state.boundary_timestep) for t in timesteps)
+    return StepLayout(num_steps=state.num_steps, experts=experts)
+
+
 def expert_for_step(state: DenoiseState, index: int) -> str:
     """Which expert owns step ``index``: high-noise steps (t ≥ boundary) use ``transformer``."""
-    if state.boundary_timestep is None:
-        return HIGH_NOISE_EXPERT
-    t = float(state.timesteps[index])
-    return HIGH_NOISE_EXPERT if t >= state.boundary_timestep else LOW_NOISE_EXPERT
+    return expert_for_timestep(float(state.timesteps[index]), state.boundary_timestep)
 
 
 def plan_shards(state: DenoiseState, shard_steps: int | None = None) -> list[ShardPlan]:
-    """Cut the remaining steps into ranges of at most ``shard_steps``, always cutting at the expert boundary."""
-    if shard_steps is not None and shard_steps < 1:
-        raise ValueError(f"shard_steps must be ≥ 1, got {shard_steps}")
-    plans: list[ShardPlan] = []
-    start = state.step_index
-    while start < state.num_steps:
-        expert = expert_for_step(state, start)
-        end = start + 1
-        limit = state.num_steps if shard_steps is None else min(state.num_steps, start + shard_steps)
-        while end < limit and expert_for_step(state, end) == expert:
-            end += 1
-        plans.append(ShardPlan(start, end, expert))
-        start = end
-    return plans
+    """Cut the remaining steps into ranges of at most ``shard_steps``, always cutting at the expert boundary.
+
+    The same as :func:`farm.render.plan.plan_shards` on ``layout_of(state)`` from ``state.step_index``.
+    """
+    return _plan_layout(layout_of(state), state.step_index, shard_steps)
 
 
+# The loop ------------------------------------------------------------------------
 StepCallback = Callable[[int, int], None]  # (step index just finished, total steps)
+
+
+def _module_device(model: torch.nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for parameter in model.parameters():
+        return parameter.device
+    return _CPU
 
 
 @torch.no_grad()
@@ -219,40 +345,56 @@ def denoise(
     end: int,
     *,
     on_step: StepCallback | None = None,
+    keep_on_device: bool = False,
 ) -> DenoiseState:
     """Run steps ``[start, end)`` and return the new state; the input state is not changed.
 
     ``experts`` maps expert names to loaded transformers; a replica that holds only one
-    expert may run only the steps that expert owns.
+    expert may run only the steps that expert owns (ValueError before any step runs).
+    The experts a shard uses must share one device (ValueError otherwise); the state's
+    latents, conditioning and scheduler tensors are moved there at shard start, and the
+    timestep each model sees is on it too. The returned state is on CPU, or on that device
+    with ``keep_on_device=True``; its latents have the input latents' dtype.
     """
     if start != state.step_index:
         raise ValueError(f"shard starts at step {start} but the state is at step {state.step_index}")
     if not start < end <= state.num_steps:
         raise ValueError(f"step range [{start}, {end}) is not within [{start}, {state.num_steps}]")
 
-    scheduler = _import_scheduler(state.scheduler_class, state.scheduler_config, state.scheduler_state)
+    # 0. Which expert runs each step, and the one device they share.
+    layout = layout_of(state)
+    for i in range(start, end):
+        if layout.experts[i] not in experts:
+            raise ValueError(f"step {i} needs expert {layout.experts[i]!r}, this replica holds {sorted(experts)}")
+    devices = {_module_device(experts[name]) for name in layout.experts[start:end]}
+    if len(devices) != 1:
+        raise ValueError(f"steps [{start}, {end}) use experts on different devices: {sorted(map(str, devices))}")
+    device = devices.pop()
+
+    # 1. Everything the loop touches goes to the model's device; the RNG stays a CPU generator.
+    sigmas = state.scheduler_state["sigmas"].detach().to(_CPU).tolist()  # host copies: no sync per step
+    scheduler = _import_scheduler(state.scheduler_class, state.scheduler_config, state.scheduler_state, device)
     step_kwargs = {}
     generator = None
     if state.generator_state is not None and "generator" in inspect.signature(scheduler.step).parameters:
         generator = torch.Generator(device="cpu")
         generator.set_state(state.generator_state)
         step_kwargs["generator"] = generator
-
-    cond = state.conditioning
-    latents = state.latents
+    cond = state.conditioning.to(device)
+    latent_dtype = state.latents.dtype
+    latents = state.latents.to(device)
     timesteps = scheduler.timesteps
+
     for i in range(start, end):
         t = timesteps[i]
-        name = expert_for_step(state, i)
-        model = experts.get(name)
-        if model is None:
-            raise ValueError(f"step {i} needs expert {name!r}, this replica holds {sorted(experts)}")
+        name = layout.experts[i]
+        model = experts[name]
         guidance = state.guidance_scale if name == HIGH_NOISE_EXPERT else state.guidance_scale_2
         model_input = latents.to(model.dtype)
         timestep = t.expand(latents.shape[0])
-        cache = {"step_index": i, "sigma": float(scheduler.sigmas[i]), "num_inference_steps": state.num_steps}
+        cache = {"step_index": i, "sigma": sigmas[i], "num_inference_steps": state.num_steps}
 
-        # 1. Conditional prediction, then the unconditional one for classifier-free guidance.
+        # 2. Conditional prediction, then the unconditional one for classifier-free guidance.
         with model.cache_context("cond", **cache):
             noise_pred = model(
                 hidden_states=model_input,
@@ -270,8 +412,9 @@ def denoise(
                 )[0]
             noise_pred = noise_uncond + guidance * (noise_pred - noise_uncond)
 
-        # 2. x_t → x_{t-1}
-        latents = scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
+        # 3. x_t → x_{t-1}. Flow-match Euler returns the model's dtype; cast back so the latents
+        #    keep one dtype across steps and shards (lossless: the next step upcasts anyway).
+        latents = scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0].to(latent_dtype)
         if on_step is not None:
             on_step(i, state.num_steps)
 
@@ -280,12 +423,16 @@ def denoise(
         raise NonFiniteLatents(
             f"steps [{start}, {end}) of {state.num_steps} left {bad} of {latents.numel()} latent values NaN or infinite"
         )
-    _, _, scheduler_state = _export_scheduler(scheduler)
+
+    # 4. Hand the state on: on CPU by default, on this device for a next shard on this replica.
+    out = device if keep_on_device else _CPU
+    _, _, scheduler_state = _export_scheduler(scheduler, out)
     return replace(
         state,
-        latents=latents,
+        latents=latents.to(out),
         scheduler_state=scheduler_state,
         step_index=end,
+        conditioning=cond if keep_on_device else state.conditioning.to(out),
         generator_state=generator.get_state() if generator is not None else state.generator_state,
     )
 
@@ -309,3 +456,9 @@ def run_shards(
 def roundtrip(state: DenoiseState) -> DenoiseState:
     """Serialize and deserialize: what crossing a process boundary does to a state."""
     return DenoiseState.from_bytes(state.to_bytes())
+
+
+def split_roundtrip(state: DenoiseState) -> DenoiseState:
+    """Serialize the progress and the conditioning apart and join them again on load."""
+    progress, conditioning = state.to_bytes(include_conditioning=False), state.conditioning.to_bytes()
+    return DenoiseState.from_bytes(progress, conditioning=Conditioning.from_bytes(conditioning))

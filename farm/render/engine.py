@@ -3,6 +3,17 @@
 A text-encoder replica holds the tokenizer and UMT5; a denoiser replica holds one
 or both experts; the finisher holds the VAE. The same code loads a tiny local model
 and ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` — only ``ModelSpec.path`` differs.
+
+Each stage names its device and dtype (``stage.device``, ``stage.dtype``):
+
+- ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``…, or None / ``"auto"`` for the current CUDA
+  device when CUDA is available, else CPU (:func:`pick_device`). It is stored resolved,
+  e.g. ``"cuda:0"``.
+- ``dtype``: ``ModelSpec.dtype`` for the text encoder and the experts; the Wan VAE always
+  runs in float32, as diffusers' Wan examples load it.
+- What crosses a stage boundary is on CPU: the encoder's :class:`Conditioning` (in the
+  spec's dtype), the denoiser's states (float32 latents) unless ``keep_on_device=True``,
+  and the decoder's uint8 frames (numpy).
 """
 
 from __future__ import annotations
@@ -37,8 +48,26 @@ def configure_torch() -> None:
         torch.set_num_threads(threads)
 
 
-def pick_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def pick_device(device: str | None = None) -> str:
+    """Resolve a stage's device name: None or "auto" is the current CUDA device when CUDA is
+    available, else "cpu"; a bare "cuda" becomes "cuda:N" for the current device.
+
+    ValueError for a name torch does not parse, or a CUDA device this process cannot see.
+    """
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {device!r} is not a torch device; use cpu, cuda, cuda:N or auto") from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} asks for CUDA, but CUDA is not available in this process")
+        index = torch.cuda.current_device() if parsed.index is None else parsed.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} does not exist; this process sees {torch.cuda.device_count()} CUDA device(s)")
+        return f"cuda:{index}"
+    return str(parsed)
 
 
 def pick_attention_backend(device: str) -> str:
@@ -107,16 +136,20 @@ def make_scheduler(spec: ModelSpec, kind: str):
 
 
 class TextEncoderStage:
-    """Prompt → embeddings (UMT5), the same way ``WanPipeline.encode_prompt`` does it."""
+    """Prompt → embeddings (UMT5), the same way ``WanPipeline.encode_prompt`` does it.
+
+    UMT5 runs on ``device`` in the spec's dtype; :meth:`encode` returns the embeddings on CPU.
+    """
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         self.spec = spec
-        self.device = device or pick_device()
+        self.device = pick_device(device)
+        self.dtype = _DTYPES[spec.dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(spec.path, subfolder="tokenizer")
         self.text_encoder = (
-            UMT5EncoderModel.from_pretrained(spec.path, subfolder="text_encoder", dtype=_DTYPES[spec.dtype])
+            UMT5EncoderModel.from_pretrained(spec.path, subfolder="text_encoder", dtype=self.dtype)
             .to(self.device)
             .eval()
         )
@@ -141,9 +174,10 @@ class TextEncoderStage:
         seq_len = int(mask.gt(0).sum())
         out = torch.zeros_like(hidden)
         out[:, :seq_len] = hidden[:, :seq_len]
-        return out.to(_DTYPES[self.spec.dtype])
+        return out.to("cpu", self.dtype)
 
     def encode(self, prompt: str) -> Conditioning:
+        """The job's conditioning, on CPU in the spec's dtype (no negative embeddings when guidance ≤ 1)."""
         # Guidance ≤ 1 means no unconditional pass, as in diffusers.
         uses_cfg = self.spec.guidance_scale > 1.0
         negative = self._embed(self.spec.negative_prompt) if uses_cfg else None
@@ -151,47 +185,77 @@ class TextEncoderStage:
 
 
 class DenoiserStage:
-    """Holds one or both experts resident and runs step ranges on them."""
+    """Holds one or both experts resident on ``device`` in the spec's dtype and runs step ranges on them.
 
-    def __init__(self, spec: ModelSpec, experts: tuple[str, ...] | None = None, device: str | None = None) -> None:
+    ``attention`` names a diffusers attention backend ("native" is torch SDPA, "xformers", …);
+    None picks one with :func:`pick_attention_backend`.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        experts: tuple[str, ...] | None = None,
+        device: str | None = None,
+        *,
+        attention: str | None = None,
+    ) -> None:
         from diffusers import WanTransformer3DModel
 
         self.spec = spec
-        self.device = device or pick_device()
+        self.device = pick_device(device)
+        self.dtype = _DTYPES[spec.dtype]
         self.layout = ModelLayout.read(spec.path)
         wanted = experts or self.layout.experts
         missing = set(wanted) - set(self.layout.experts)
         if missing:
             raise ValueError(f"model {spec.id!r} has no expert(s) {sorted(missing)}; it has {list(self.layout.experts)}")
-        backend = pick_attention_backend(self.device)
+        self.attention = attention or pick_attention_backend(self.device)
         self.experts: dict[str, torch.nn.Module] = {}
         for name in wanted:
-            model = WanTransformer3DModel.from_pretrained(spec.path, subfolder=name, torch_dtype=_DTYPES[spec.dtype])
+            model = WanTransformer3DModel.from_pretrained(spec.path, subfolder=name, torch_dtype=self.dtype)
             model = model.to(self.device).eval()
-            if backend != "native":
-                model.set_attention_backend(backend)
+            if self.attention != "native":
+                model.set_attention_backend(self.attention)
             self.experts[name] = model
-        log.info("denoiser for %s holds %s (attention: %s)", spec.id, list(self.experts), backend)
+        log.info(
+            "denoiser for %s holds %s on %s in %s (attention: %s)",
+            spec.id, list(self.experts), self.device, spec.dtype, self.attention,
+        )
 
-    def run(self, state: DenoiseState, start: int, end: int, on_step: StepCallback | None = None) -> DenoiseState:
-        return denoise(self.experts, state, start, end, on_step=on_step)
+    def run(
+        self,
+        state: DenoiseState,
+        start: int,
+        end: int,
+        on_step: StepCallback | None = None,
+        *,
+        keep_on_device: bool = False,
+    ) -> DenoiseState:
+        """Steps ``[start, end)`` of ``state`` (on any device) on this stage's device.
+
+        The returned state is on CPU, or stays on this device with ``keep_on_device=True``
+        (for a next shard on the same replica); see :func:`~farm.render.denoise.denoise`.
+        """
+        return denoise(self.experts, state, start, end, on_step=on_step, keep_on_device=keep_on_device)
 
 
 class DecoderStage:
-    """Latents → uint8 RGB frames ``(F, H, W, 3)`` with the Wan VAE."""
+    """Latents → uint8 RGB frames ``(F, H, W, 3)`` with the Wan VAE, run in float32 on ``device``."""
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         from diffusers import AutoencoderKLWan
         from diffusers.video_processor import VideoProcessor
 
         self.spec = spec
-        self.device = device or pick_device()
-        self.vae = AutoencoderKLWan.from_pretrained(spec.path, subfolder="vae", torch_dtype=torch.float32)
+        self.device = pick_device(device)
+        self.dtype = torch.float32  # the Wan VAE's precision, whatever spec.dtype says
+        self.vae = AutoencoderKLWan.from_pretrained(spec.path, subfolder="vae", torch_dtype=self.dtype)
         self.vae = self.vae.to(self.device).eval()
         self.processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents from any device → frames as a numpy array on CPU."""
         cfg = self.vae.config
         latents = latents.to(self.device, self.vae.dtype)
         mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents)
@@ -204,7 +268,8 @@ class DecoderStage:
 def initial_state(
     spec: ModelSpec, params: RenderParams, conditioning: Conditioning, *, device: str = "cpu"
 ) -> DenoiseState:
-    """The job's state before step 0: schedule set, noise drawn from the seed."""
+    """The job's state before step 0: schedule set, float32 noise drawn from the seed, on ``device``
+    (CPU by default, where states travel; any denoiser moves it to its own device)."""
     layout = ModelLayout.read(spec.path)
     return prepare_state(
         make_scheduler(spec, params.scheduler),

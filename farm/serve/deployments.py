@@ -1,14 +1,23 @@
-"""Ray Serve deployments: the render stages as replica pools, and the dispatcher.
+"""Ray Serve deployments: the render stages as pools of replicas, and the dispatcher.
 
-Each replica loads its weights once in ``__init__``. Denoiser replicas take one
-shard at a time (``max_ongoing_requests=1``): the dispatcher sends no more shards
-than a pool has replicas, so queued work waits in the dispatcher, in priority order,
-not inside Serve. States travel as Ray objects between replicas.
+Each replica loads its weights once in ``__init__``. Every replica of the encoder, denoiser
+and decoder pools is a Serve deployment of its own (``Denoiser:<model>:<expert>:<i>``,
+``Encoder:<i>``, ``Decoder:<i>``): the dispatcher's scheduling policy, not Serve's router,
+decides which replica runs each call (Serve's router knows neither priorities nor which
+replica holds a job's state), and it sends a replica one call at a time. Finishing (watermark,
+MP4, C2PA, upload) runs on CPU in the ``Finisher`` deployment, which Serve routes.
+
+States travel as Ray objects: a stage ``ray.put``s what it made and replies with a
+:class:`ObjectBox` (a box, so Serve hands the reference on instead of resolving it), and the
+next stage ``ray.get``s it — the dispatcher only passes boxes on. A denoiser writes the state
+it made to S3 in the background while its reply is already on its way; ``checkpointed`` waits
+for that write. The encoder writes a job's conditioning once.
 
 Faults: :class:`ServeStages` turns Ray's "the replica died" errors into
-:class:`~farm.jobs.retry.ReplicaLost` for the dispatcher's retry policy; the finisher
-retries its upload while S3 is unreachable; the denoiser applies the operator's chaos
-faults (``render.faults``) to its own model, so they run the real code path.
+:class:`~farm.jobs.retry.ReplicaLost` and "the state's holder died" into
+:class:`~farm.jobs.dispatcher.StateLost` for the dispatcher's retry policy; the finisher
+retries its upload while S3 is unreachable; the denoiser applies the operator's chaos faults
+(``render.faults``) to its own model, so they run the real code path.
 """
 
 from __future__ import annotations
@@ -18,112 +27,199 @@ import contextlib
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ray import serve
 
-from farm.jobs.dispatcher import ShardOutcome
+from farm.jobs.dispatcher import Prepared, ShardOutcome, StateLost
 from farm.jobs.retry import ReplicaLost
 from farm.render.faults import FaultInjection, matching
+from farm.render.plan import ShardPlan
 from farm.render.registry import ModelSpec, RenderParams
 from farm.serve.loopback import bind_replica_grpc_to_node_address
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ObjectBox:
+    """A Ray object reference, boxed: Serve resolves top-level references in a call's arguments,
+    and the state must reach the replica that reads it as a reference, not be fetched on the way."""
+
+    ref: Any
+
+
+def _put(value) -> ObjectBox:
+    import ray
+
+    return ObjectBox(ray.put(value))
+
+
+def _get(box: ObjectBox):
+    """The boxed value; StateLost when its holder (the replica that put it) is gone."""
+    import ray
+    from ray.exceptions import ObjectLostError
+
+    try:
+        return ray.get(box.ref)
+    except ObjectLostError as exc:
+        raise StateLost(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+
+
 def _replica_id() -> str:
     try:
-        return serve.get_replica_context().replica_id.unique_id
+        return serve.get_replica_context().deployment
     except Exception:  # outside Serve (tests calling the class directly)
         return "local"
 
 
-# One request at a time per replica: torch runs one thread per replica here, and
-# concurrent first imports inside diffusers' lazy modules are not thread-safe.
+def _storage(settings: dict):
+    from farm.config import FarmSettings
+    from farm.jobs.retry import RetryPolicy
+    from farm.storage.connect import open_store
+
+    parsed = FarmSettings.model_validate(settings)
+    if not parsed.render.checkpoints:
+        return parsed, None, None
+    return parsed, open_store(parsed, start=False), RetryPolicy.from_settings(parsed.render)
+
+
+# One call at a time per replica (the dispatcher sends no more; a denoiser also answers
+# `checkpointed` while its next shard runs). torch runs one thread per replica here.
 @serve.deployment(max_ongoing_requests=1)
 class Encoder:
-    """Prompt → conditioning → the job's initial denoise state, for every served model."""
+    """Prompt → conditioning → the job's initial state, for every served model; or a job's
+    state read back from its last checkpoint."""
 
-    def __init__(self, models: list[dict]) -> None:
+    def __init__(self, settings: dict) -> None:
         bind_replica_grpc_to_node_address()
         from farm.render.engine import TextEncoderStage, configure_torch
 
         configure_torch()
-        self.specs = {m["id"]: ModelSpec(**m) for m in models}
+        self.settings, self.objects, self.retry = _storage(settings)
+        self.specs = {m.id: m for m in self.settings.models}
         self.stages = {mid: TextEncoderStage(spec) for mid, spec in self.specs.items()}
 
-    def prepare(self, model_id: str, params: RenderParams):
+    async def start(self, job_id: str, model_id: str, params: RenderParams, resume_from: str | None) -> Prepared:
+        return await asyncio.to_thread(self._start, job_id, model_id, params, resume_from)
+
+    def _start(self, job_id: str, model_id: str, params: RenderParams, resume_from: str | None) -> Prepared:
+        from farm.render.denoise import layout_of
         from farm.render.engine import initial_state
+        from farm.serve.checkpoints import read_checkpoint, write_conditioning
 
-        spec = self.specs[model_id]
-        conditioning = self.stages[model_id].encode(params.prompt)
-        return initial_state(spec, params, conditioning)
+        state = None
+        if resume_from and self.objects is not None:
+            state = read_checkpoint(self.objects, self.retry, job_id, resume_from)
+        if state is None:
+            conditioning = self.stages[model_id].encode(params.prompt)
+            state = initial_state(self.specs[model_id], params, conditioning)
+            if self.objects is not None:  # once per job: shard checkpoints leave it out
+                write_conditioning(self.objects, self.retry, job_id, conditioning)
+        return Prepared(_put(state), layout_of(state), state.step_index, _replica_id())
 
 
-@serve.deployment(max_ongoing_requests=1)
+@serve.deployment(max_ongoing_requests=2)
 class Denoiser:
-    """One pool per (model, expert): holds that expert resident, runs step ranges."""
+    """One replica of one (model, expert) pool: holds that expert resident, runs step ranges."""
 
-    def __init__(self, model: dict, experts: list[str]) -> None:
+    def __init__(self, settings: dict, model_id: str, experts: list[str]) -> None:
         bind_replica_grpc_to_node_address()
         from farm.metrics import FarmMetrics
         from farm.render.engine import DenoiserStage, configure_torch
+        from farm.serve.checkpoints import CheckpointWriter
 
         configure_torch()
-        self.stage = DenoiserStage(ModelSpec(**model), tuple(experts))
-        self.pool = f"{model['id']}:{'+'.join(experts)}"
+        self.settings, objects, retry = _storage(settings)
+        self.stage = DenoiserStage(self.settings.model(model_id), tuple(experts))
+        self.pool = f"{model_id}:{'+'.join(experts)}"
+        self.writer = CheckpointWriter(objects, retry) if objects is not None else None
         self.metrics = FarmMetrics()
 
-    def run_shard(self, state, start: int, end: int, faults: list[dict] | None = None) -> ShardOutcome:
-        """Steps ``[start, end)``; ``faults`` are chaos faults (``render.faults``) for this job.
+    async def run_shard(self, box: ObjectBox, plan: ShardPlan, checkpoint: str | None,
+                        faults: list[dict] | None = None) -> ShardOutcome:
+        """Steps ``[plan.start, plan.end)`` of the boxed state; ``faults`` are chaos faults for this job.
 
-        Raises NonFiniteLatents when the shard left NaN/Inf latents (the denoise loop checks).
+        Raises NonFiniteLatents when the shard left NaN/Inf latents (the denoise loop checks),
+        StateLost when the input state's holder is gone.
         """
+        state = await asyncio.to_thread(_get, box)
+        started = time.perf_counter()
+        new_state = await asyncio.to_thread(self._run, state, plan, faults)
+        seconds = time.perf_counter() - started
+        if checkpoint is not None and self.writer is not None:
+            self.writer.start(checkpoint, new_state)
+        else:
+            checkpoint = None
+        tags = {"pool": self.pool}
+        self.metrics.shard_latency.observe(seconds, tags=tags)
+        self.metrics.step_latency.observe(seconds / (plan.end - plan.start), tags=tags)
+        return ShardOutcome(_put(new_state), _replica_id(), seconds, checkpoint)
+
+    def _run(self, state, plan: ShardPlan, faults: list[dict] | None):
         import torch
 
         from farm.render.faults import injected
 
-        started = time.perf_counter()
         try:
             with injected(self.stage.experts, [FaultInjection.model_validate(f) for f in faults or ()]):
-                new_state = self.stage.run(state, start, end)
+                return self.stage.run(state, plan.start, plan.end)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the allocator's cache back before the next shard
             raise
-        seconds = time.perf_counter() - started
-        tags = {"pool": self.pool}
-        self.metrics.shard_latency.observe(seconds, tags=tags)
-        self.metrics.step_latency.observe(seconds / (end - start), tags=tags)
-        return ShardOutcome(new_state, _replica_id(), seconds)
+
+    async def checkpointed(self, key: str) -> bool:
+        """Wait for the background write of ``key``; True once it is in S3."""
+        return self.writer is not None and await self.writer.done(key)
 
 
 @serve.deployment(max_ongoing_requests=1)
-class Finisher:
-    """Decode, watermark, MP4, thumbnail, spritesheet, C2PA, then upload to S3."""
+class Decoder:
+    """One replica of the decode pool: the VAE of every served model (on a GPU when given one)."""
 
     def __init__(self, settings: dict) -> None:
         bind_replica_grpc_to_node_address()
         from farm.config import FarmSettings
-        from farm.render.engine import configure_torch
-        from farm.storage.connect import open_store
+        from farm.metrics import FarmMetrics
+        from farm.render.engine import DecoderStage, configure_torch
 
         configure_torch()
         self.settings = FarmSettings.model_validate(settings)
-        from farm.render.engine import DecoderStage
-
-        from farm.metrics import FarmMetrics
-
-        self.store = open_store(self.settings, start=False)
         self.decoders = {spec.id: DecoderStage(spec) for spec in self.settings.models}
         self.metrics = FarmMetrics()
 
-    def finish(self, job_id: str, model_id: str, params: RenderParams, latents) -> dict[str, str]:
+    async def decode(self, model_id: str, box: ObjectBox) -> ObjectBox:
+        """The boxed final state's latents → boxed frames (uint8, F×H×W×3)."""
+        state = await asyncio.to_thread(_get, box)
+        started = time.perf_counter()
+        frames = await asyncio.to_thread(self.decoders[model_id].decode, state.latents)
+        self.metrics.decode_latency.observe(time.perf_counter() - started, tags={"model": model_id})
+        return _put(frames)
+
+
+@serve.deployment(max_ongoing_requests=1)
+class Finisher:
+    """Watermark, MP4, thumbnail, spritesheet, C2PA, then upload to S3: CPU work beside decode."""
+
+    def __init__(self, settings: dict) -> None:
+        bind_replica_grpc_to_node_address()
+        from farm.config import FarmSettings
+        from farm.metrics import FarmMetrics
+        from farm.storage.connect import open_store
+
+        self.settings = FarmSettings.model_validate(settings)
+        self.store = open_store(self.settings, start=False)
+        self.metrics = FarmMetrics()
+
+    def finish(self, job_id: str, model_id: str, params: RenderParams, frames: ObjectBox) -> dict[str, str]:
         from farm.jobs.publish import clip_keys, clip_record, finish_frames
 
         spec = self.settings.model(model_id)
+        frames = _get(frames)
         started = time.perf_counter()
-        frames = self.decoders[model_id].decode(latents)
         with tempfile.TemporaryDirectory(prefix="finish-") as tmp:
             clip = finish_frames(self.settings, spec, params, frames, job_id, Path(tmp))
             finished = time.perf_counter()
@@ -177,55 +273,73 @@ def _lost_replica_errors() -> tuple[type[BaseException], ...]:
 
 
 class ServeStages:
-    """StageClients over Serve handles: what the dispatcher calls on a cluster."""
+    """StageClients over Serve handles, one handle per replica: what the dispatcher calls on a cluster."""
 
-    def __init__(self, encoder, pools: dict[tuple[str, str], object], finisher, faults=()) -> None:
-        self.encoder = encoder
-        self.pools = pools
+    def __init__(self, replicas: dict[str, list[tuple[str, object]]], finisher, faults=()) -> None:
+        self.pools = {pool: [rid for rid, _ in members] for pool, members in replicas.items()}
+        self.handles = {rid: handle for members in replicas.values() for rid, handle in members}
         self.finisher = finisher
         self.faults = [FaultInjection.model_validate(f) for f in faults]
 
+    def replicas(self) -> dict[str, list[str]]:
+        return self.pools
+
     async def _call(self, what: str, response):
+        from ray.exceptions import ObjectLostError
+
         try:
             return await response
         except _lost_replica_errors() as exc:
-            raise ReplicaLost(f"{what}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+            raise ReplicaLost(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        except ObjectLostError as exc:
+            raise StateLost(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from exc
 
-    async def prepare(self, model_id, params):
-        return await self._call("encoder", self.encoder.prepare.remote(model_id, params))
+    async def start(self, replica, job_id, model_id, params, resume_from):
+        return await self._call(replica, self.handles[replica].start.remote(job_id, model_id, params, resume_from))
 
-    async def run_shard(self, model_id, expert, state, start, end, *, prompt=""):
+    async def run_shard(self, replica, job_id, model_id, state, plan, *, checkpoint, prompt=""):
         faults = [f.model_dump() for f in matching(self.faults, prompt)]
-        pool = self.pools[(model_id, expert)]
-        return await self._call(f"denoiser {model_id}:{expert}", pool.run_shard.remote(state, start, end, faults))
+        return await self._call(replica, self.handles[replica].run_shard.remote(state, plan, checkpoint, faults))
 
-    async def finish(self, job_id, model_id, params, latents):
-        return await self._call("finisher", self.finisher.finish.remote(job_id, model_id, params, latents))
+    async def checkpointed(self, replica, key):
+        return await self._call(replica, self.handles[replica].checkpointed.remote(key))
+
+    async def decode(self, replica, job_id, model_id, state):
+        return await self._call(replica, self.handles[replica].decode.remote(model_id, state))
+
+    async def finish(self, job_id, model_id, params, frames):
+        return await self._call("finisher", self.finisher.finish.remote(job_id, model_id, params, frames))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=16)
 class DispatcherDeployment:
     """Hosts the dispatcher loop; the gateway wakes it when a job is created."""
 
-    def __init__(self, settings: dict, encoder, pools: list[tuple[str, str, object]], finisher, max_active: int) -> None:
+    def __init__(self, settings: dict, replicas: dict[str, list[tuple[str, object]]], finisher) -> None:
         bind_replica_grpc_to_node_address()
         from farm.config import FarmSettings
         from farm.jobs.dispatcher import Dispatcher
         from farm.jobs.retry import RetryPolicy
         from farm.jobs.store import JobStore
         from farm.metrics import FarmMetrics
+        from farm.sched import SchedulerConfig
         from farm.storage.connect import open_store
 
         self.settings = FarmSettings.model_validate(settings)
         store = JobStore(self.settings.job_store_url())
-        store.migrate()
         render = self.settings.render
-        stages = ServeStages(encoder, {(m, e): h for m, e, h in pools}, finisher, faults=render.faults)
+        stages = ServeStages(replicas, finisher, faults=render.faults)
         self.dispatcher = Dispatcher(
             store, stages, self.settings.models,
             objects=open_store(self.settings, start=False) if render.checkpoints else None,
-            max_active=max_active, shard_steps=render.shard_steps,
+            max_in_flight=render.max_jobs_in_flight, shard_steps=render.shard_steps,
             worker="dispatcher", metrics=FarmMetrics(), policy=RetryPolicy.from_settings(render),
+            scheduling=SchedulerConfig(tenant_weights=dict(render.tenant_weights), bulk_aging_s=render.bulk_aging_s),
         )
         self._task = asyncio.get_running_loop().create_task(self.dispatcher.run())
 
@@ -246,12 +360,6 @@ class DispatcherDeployment:
                 for j in store.recent(10)
             ],
         }
-
-    def shard_history(self, job_id: str) -> list[dict]:
-        return [vars(r) for r in self.dispatcher.shards.get(job_id, [])]
-
-    def final_latents(self, job_id: str):
-        return self.dispatcher.final_latents.get(job_id)
 
     async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
         await self.dispatcher.stop()

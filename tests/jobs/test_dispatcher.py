@@ -1,29 +1,35 @@
-"""The dispatcher's fault policy, in one process: real tiny-model stages, faults injected on purpose.
+"""The dispatcher in one process: real tiny-model stages, the scheduling policy, faults injected on purpose.
 
 A lost replica is retried from the state before the shard; a model that fails (NaN, out of
 memory) gets ``shard_retries`` more tries and then fails its job with a clear code while other
 jobs complete; a storage outage is waited out within its budget; a restarted dispatcher
-resumes from the checkpoint. The same faults are injected for real against `farm up` in
+resumes from the last acknowledged checkpoint; an interactive job overtakes a running bulk
+job at its next shard boundary, and the bulk job still ends with the latents of an
+uninterrupted run. The same faults are injected for real against `farm up` in
 tests/serve/test_faults.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections import Counter
 
 import pytest
 import torch
 
-from farm.jobs.dispatcher import Dispatcher, ShardOutcome, _error_code, checkpoint_key, params_of
+from farm.jobs.dispatcher import Dispatcher, Prepared, ShardOutcome, _error_code, params_of, shard_checkpoint_key
 from farm.jobs.retry import ReplicaLost, RetryPolicy, is_transient_storage_error
+from farm.jobs.store import Priority
 from farm.render.denoise import NonFiniteLatents, plan_shards, run_shards
 from farm.render.faults import FaultInjection, injected, matching
 from farm.storage.s3 import ObjectNotFound, StorageError, StorageUnavailable
 
 STEPS, SHARD_STEPS = 6, 2
 FAST = RetryPolicy(shard_retries=2, replica_retries=3, backoff_s=0.01, backoff_max_s=0.05, storage_retry_s=5.0)
+POOL = "wan-tiny:transformer"
 
 
 @pytest.fixture
@@ -45,49 +51,87 @@ def stages(tiny_spec):
 
 
 class LocalStages:
-    """StageClients in this process, with faults to inject:
+    """StageClients in this process, replica ids and all, with faults to inject:
 
     ``lose[n]``: the n-th shard call (0-based) dies half-way, as a killed replica would;
-    ``faults``: chaos faults applied to the model exactly as the Denoiser replica applies them.
+    ``faults``: chaos faults applied to the model exactly as the Denoiser replica applies them;
+    ``gates``: prompt, or (prompt, start step) → event a shard of that prompt waits for before it runs.
+    ``ran`` records every shard as (prompt, start, end, replica), in the order they ran.
     """
 
-    def __init__(self, spec, stages, *, lose=(), faults=(), gate: asyncio.Event | None = None) -> None:
+    def __init__(self, spec, stages, *, lose=(), faults=(), denoisers=2, objects=None, gates=None,
+                 storage=FAST) -> None:
         self.spec = spec
         self.encoder, self.denoiser = stages
         self.lose = set(lose)
         self.faults = [FaultInjection.model_validate(f) for f in faults]
-        self.gate = gate  # when set, shards wait for it (lets a test stop the dispatcher mid-job)
+        self.objects = objects
+        self.storage = storage  # the replicas' own storage retries
+        self.gates = gates or {}
+        self.denoisers = [f"denoiser-{i}" for i in range(denoisers)]
         self.calls: Counter[str] = Counter()
         self.shard_calls = 0
+        self.ran: list[tuple[str, int, int, str]] = []
         self.finished: dict[str, torch.Tensor] = {}
-        self._replica = asyncio.Lock()  # one shard at a time, as a replica runs them (hooks are per model)
+        self._model = asyncio.Lock()  # one model in this process: shards take turns, as on one replica
+        self._writer = None
 
-    async def prepare(self, model_id, params):
+    def replicas(self):
+        return {"encode": ["encoder-0"], POOL: self.denoisers, "decode": ["decoder-0"]}
+
+    async def start(self, replica, job_id, model_id, params, resume_from):
+        """What the Encoder replica does, with the same checkpoint code (farm/serve/checkpoints.py)."""
+        from farm.render.denoise import layout_of
         from farm.render.engine import initial_state
+        from farm.serve.checkpoints import read_checkpoint, write_conditioning
 
-        return initial_state(self.spec, params, self.encoder.encode(params.prompt))
+        state = None
+        if resume_from and self.objects is not None:
+            state = await asyncio.to_thread(read_checkpoint, self.objects, self.storage, job_id, resume_from)
+        if state is None:
+            cond = self.encoder.encode(params.prompt)
+            state = initial_state(self.spec, params, cond)
+            if self.objects is not None:
+                await asyncio.to_thread(write_conditioning, self.objects, self.storage, job_id, cond)
+        return Prepared(state, layout_of(state), state.step_index, replica)
 
-    async def run_shard(self, model_id, expert, state, start, end, *, prompt=""):
+    async def run_shard(self, replica, job_id, model_id, state, plan, *, checkpoint, prompt=""):
         call = self.shard_calls
         self.shard_calls += 1
         self.calls[prompt] += 1
-        if self.gate is not None:
-            await self.gate.wait()
+        gate = self.gates.get((prompt, plan.start)) or self.gates.get(prompt)
+        if gate is not None:
+            await gate.wait()
         if call in self.lose:
-            self.denoiser.run(state, start, start + 1)  # work done, then the process is gone
-            raise ReplicaLost(f"replica died running steps {start}-{end}")
-        async with self._replica:
+            self.denoiser.run(state, plan.start, plan.start + 1)  # work done, then the process is gone
+            raise ReplicaLost(f"replica died running steps {plan.start}-{plan.end}")
+        async with self._model:
+            self.ran.append((prompt, plan.start, plan.end, replica))
             with injected(self.denoiser.experts, matching(self.faults, prompt)):
-                new_state = await asyncio.to_thread(self.denoiser.run, state, start, end)
-        return ShardOutcome(new_state, f"replica-{call % 2}", 0.0)
+                new_state = await asyncio.to_thread(self.denoiser.run, state, plan.start, plan.end)
+        if checkpoint is not None and self.objects is not None:
+            from farm.serve.checkpoints import CheckpointWriter
 
-    async def finish(self, job_id, model_id, params, latents):
-        self.finished[job_id] = latents
+            self._writer = self._writer or CheckpointWriter(self.objects, self.storage)
+            self._writer.start(checkpoint, new_state)
+        return ShardOutcome(new_state, replica, 0.0, checkpoint if self.objects is not None else None)
+
+    async def checkpointed(self, replica, key):
+        return self._writer is not None and await self._writer.done(key)
+
+    async def decode(self, replica, job_id, model_id, state):
+        return state.latents  # the tests compare latents: no VAE needed
+
+    async def finish(self, job_id, model_id, params, frames):
+        self.finished[job_id] = frames
         return {"video": f"videos/{job_id}/video.mp4"}
+
+    def shards_of(self, prompt):
+        return [(start, end) for p, start, end, _ in self.ran if p == prompt]
 
 
 class MemoryObjects:
-    """The three ObjectStore calls the dispatcher makes; ``outage`` calls fail as an unreachable S3 does."""
+    """The ObjectStore calls checkpoints make; ``outage`` calls fail as an unreachable S3 does."""
 
     def __init__(self, outage: int = 0) -> None:
         self.data: dict[str, bytes] = {}
@@ -108,6 +152,10 @@ class MemoryObjects:
         if key not in self.data:
             raise ObjectNotFound(f"{key} does not exist")
         return self.data[key]
+
+    def delete(self, key):
+        self._maybe_down(key)
+        self.data.pop(key, None)
 
     def delete_prefix(self, prefix):
         for key in [k for k in self.data if k.startswith(prefix)]:
@@ -146,8 +194,8 @@ async def _run_until_done(dispatcher, store, ids, timeout=120.0):
 
 
 def test_lost_replica_mid_shard_is_retried_from_the_state_before_it(store, tiny_spec, stages):
-    clients = LocalStages(tiny_spec, stages, lose={1})  # the second shard's replica dies
     objects = MemoryObjects()
+    clients = LocalStages(tiny_spec, stages, lose={1}, objects=objects)  # the second shard's replica dies
     dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS, policy=FAST)
     job_id = _submit(store, tiny_spec, "a red fox runs through fresh snow", 7)
 
@@ -155,7 +203,7 @@ def test_lost_replica_mid_shard_is_retried_from_the_state_before_it(store, tiny_
 
     assert job.status == "completed", job.error_message
     assert [(r.stage, r.reason) for r in dispatcher.retries] == [("shard 2-4", "replica_lost")]
-    assert [(s.start, s.end) for s in dispatcher.shards[job_id]] == [(0, 2), (2, 4), (4, 6)]
+    assert clients.shards_of("a red fox runs through fresh snow") == [(0, 2), (2, 4), (4, 6)]
     reference = _reference(tiny_spec, stages, "a red fox runs through fresh snow", 7)
     assert torch.equal(clients.finished[job_id], reference)
     assert objects.data == {}  # the checkpoint is dropped once the job is done
@@ -175,7 +223,7 @@ def test_replicas_lost_beyond_the_budget_fail_the_job(store, tiny_spec, stages):
 @pytest.mark.parametrize(("kind", "code"), [("nan", "non_finite_latents"), ("oom", "out_of_memory")])
 def test_failing_model_fails_its_job_after_its_retries_and_others_complete(store, tiny_spec, stages, kind, code):
     clients = LocalStages(tiny_spec, stages, faults=[{"kind": kind, "prompt_contains": "chaos"}])
-    dispatcher = Dispatcher(store, clients, [tiny_spec], max_active=2, shard_steps=SHARD_STEPS, policy=FAST)
+    dispatcher = Dispatcher(store, clients, [tiny_spec], shard_steps=SHARD_STEPS, policy=FAST)
     bad = _submit(store, tiny_spec, f"chaos {kind}: a storm", 3)
     good = [_submit(store, tiny_spec, f"calm sea {i}", i) for i in range(2)]
 
@@ -189,11 +237,11 @@ def test_failing_model_fails_its_job_after_its_retries_and_others_complete(store
 
 def test_a_render_error_that_clears_on_retry_does_not_fail_the_job(store, tiny_spec, stages):
     class FlakyOnce(LocalStages):
-        async def run_shard(self, model_id, expert, state, start, end, *, prompt=""):
+        async def run_shard(self, replica, job_id, model_id, state, plan, *, checkpoint, prompt=""):
             if self.shard_calls == 2:
                 self.shard_calls += 1
                 raise torch.OutOfMemoryError("CUDA out of memory (once)")
-            return await super().run_shard(model_id, expert, state, start, end, prompt=prompt)
+            return await super().run_shard(replica, job_id, model_id, state, plan, checkpoint=checkpoint, prompt=prompt)
 
     clients = FlakyOnce(tiny_spec, stages)
     dispatcher = Dispatcher(store, clients, [tiny_spec], shard_steps=SHARD_STEPS, policy=FAST)
@@ -206,9 +254,9 @@ def test_a_render_error_that_clears_on_retry_does_not_fail_the_job(store, tiny_s
 
 
 def test_storage_outage_is_waited_out_without_using_the_retry_budgets(store, tiny_spec, stages):
-    clients = LocalStages(tiny_spec, stages)
     objects = MemoryObjects(outage=4)  # four checkpoint writes refused in a row
     policy = RetryPolicy(shard_retries=0, replica_retries=0, backoff_s=0.01, backoff_max_s=0.05, storage_retry_s=10.0)
+    clients = LocalStages(tiny_spec, stages, objects=objects, storage=policy)
     dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS, policy=policy)
     job_id = _submit(store, tiny_spec, "桜の花びらが舞う京都の路地を歩く猫", 9)
 
@@ -219,9 +267,9 @@ def test_storage_outage_is_waited_out_without_using_the_retry_budgets(store, tin
 
 
 def test_storage_outage_longer_than_its_budget_fails_the_job_in_bounded_time(store, tiny_spec, stages):
-    clients = LocalStages(tiny_spec, stages)
     objects = MemoryObjects(outage=10**6)
     policy = RetryPolicy(backoff_s=0.05, backoff_max_s=0.2, storage_retry_s=1.0)
+    clients = LocalStages(tiny_spec, stages, objects=objects, storage=policy)
     dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS, policy=policy)
     job_id = _submit(store, tiny_spec, "a lighthouse at night", 2)
 
@@ -239,34 +287,82 @@ def test_restarted_dispatcher_resumes_from_the_checkpoint(store, tiny_spec, stag
     job_id = _submit(store, tiny_spec, prompt, 11)
 
     async def first_run():
-        gate = asyncio.Event()
-        gate.set()
-        clients = LocalStages(tiny_spec, stages, gate=gate)
+        never = asyncio.Event()  # the third shard waits forever: the dispatcher dies there, mid-job
+        clients = LocalStages(tiny_spec, stages, objects=objects, gates={(prompt, 2 * SHARD_STEPS): never})
         dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS,
                                 worker="dispatcher", policy=FAST)
         runner = asyncio.create_task(dispatcher.run())
-        while store.get(job_id).step_index < 2 * SHARD_STEPS:  # two shards done and checkpointed
+        # Two shards done and the second one's checkpoint acknowledged.
+        while store.get(job_id).checkpoint_key != shard_checkpoint_key(job_id, 2 * SHARD_STEPS):
             await asyncio.sleep(0.01)
-        gate.clear()  # the third shard waits: the dispatcher dies now, mid-job, without requeueing
-        tasks = [runner, *dispatcher._active.values()]
-        for task in tasks:
+        tasks = [runner, *(f.task for f in dispatcher._flights.values())]
+        for task in tasks:  # no requeue: as if the process were killed
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(first_run())
     held = store.get(job_id)
-    assert (held.status, held.checkpoint_key) == ("in_progress", checkpoint_key(job_id))
+    assert (held.status, held.checkpoint_key) == ("in_progress", shard_checkpoint_key(job_id, 4))
     assert held.lease_owner.startswith("dispatcher:")  # role:instance
+    # One checkpoint per job: the first shard's was deleted once the second one's was recorded.
+    assert sorted(objects.data) == [f"checkpoints/{job_id}/conditioning.pt", shard_checkpoint_key(job_id, 4)]
 
-    clients = LocalStages(tiny_spec, stages)
+    clients = LocalStages(tiny_spec, stages, objects=objects)
     dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS,
                             worker="dispatcher", policy=FAST)
     [job] = asyncio.run(_run_until_done(dispatcher, store, [job_id]))
 
     assert job.status == "completed"
-    assert [(s.start, s.end) for s in dispatcher.shards[job_id]] == [(4, 6)]  # only what was left
+    assert clients.shards_of(prompt) == [(4, 6)]  # only what was left
     assert dispatcher.status()["resumed"] == [{"job_id": job_id, "step": 4}]
     assert torch.equal(clients.finished[job_id], _reference(tiny_spec, stages, prompt, 11))
+    assert objects.data == {}
+
+
+def test_interactive_overtakes_a_running_bulk_job_at_its_next_shard_boundary(store, tiny_spec, stages):
+    """One denoiser replica. A bulk job's first shard is running when an interactive job arrives:
+    the replica goes to every interactive shard next, the bulk job waits with its state, resumes
+    from exactly there, and ends with the latents of an uninterrupted run."""
+    bulk_prompt, interactive_prompt = "a slow bulk render of waves", "an urgent interactive fox"
+    release = asyncio.Event()
+    clients = LocalStages(tiny_spec, stages, denoisers=1, gates={(bulk_prompt, 0): release})
+    dispatcher = Dispatcher(store, clients, [tiny_spec], shard_steps=SHARD_STEPS, policy=FAST, poll_s=0.05)
+    bulk = store.create(model=tiny_spec.id, prompt=bulk_prompt, size="64x64", seconds=1,
+                        params={"steps": STEPS, "seed": 3}, priority=Priority.BULK).id
+
+    async def scenario():
+        runner = asyncio.create_task(dispatcher.run())
+        try:
+            while clients.calls[bulk_prompt] == 0:  # the bulk job holds the replica, in its first shard
+                await asyncio.sleep(0.01)
+            interactive = _submit(store, tiny_spec, interactive_prompt, 4)
+            dispatcher.wake()
+            while dispatcher.placement.depths()[POOL]["interactive"] == 0:  # its first shard waits
+                await asyncio.sleep(0.01)
+            release.set()  # the bulk shard ends: a shard boundary
+            while not all(store.get(i).terminal for i in (bulk, interactive)):
+                await asyncio.sleep(0.02)
+            return interactive
+        finally:
+            await dispatcher.stop()
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    interactive = asyncio.run(scenario())
+    order = [(prompt, start) for prompt, start, _end, _replica in clients.ran]
+    assert order == [(bulk_prompt, 0), (interactive_prompt, 0), (interactive_prompt, 2), (interactive_prompt, 4),
+                     (bulk_prompt, 2), (bulk_prompt, 4)]
+    assert store.get(bulk).status == store.get(interactive).status == "completed"
+    assert torch.equal(clients.finished[bulk], _reference(tiny_spec, stages, bulk_prompt, 3))
+    assert torch.equal(clients.finished[interactive], _reference(tiny_spec, stages, interactive_prompt, 4))
+
+
+def test_the_dispatcher_imports_no_torch():
+    code = ("import sys; import farm.jobs.dispatcher, farm.jobs.placement, farm.sched; "
+            "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')); "
+            "assert not leaked, leaked[:5]")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_error_codes_match_through_rays_wrapping():
@@ -306,7 +402,7 @@ def test_serve_stages_turn_a_dead_replica_into_replica_lost():
     async def fails(exc):
         raise exc
 
-    stages = ServeStages(None, {}, None)
+    stages = ServeStages({}, None)
 
     async def call(exc):
         return await stages._call("denoiser", fails(exc))
