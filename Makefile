@@ -18,6 +18,7 @@ $(BIN)/.installed: pyproject.toml
 	# torch first and pinned: 2.13.0 is a local CPU wheel here; anything else downloads gigabytes.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	bash scripts/install-system-packages.sh
 	touch $@
 
 install: $(BIN)/.installed

@@ -145,6 +145,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    settings = _farm_settings_with_ray(args)
+    from farm import cluster
+
+    deployment = Path(args.deployment) if args.deployment else cluster.default_deployment_file()
+    try:
+        runtime = cluster.redeploy(settings, deployment)
+    except (cluster.FarmError, ValueError) as exc:
+        raise CliError(_one_line(exc)) from None
+    runtime.save(settings.state_dir)
+    print(f"deployed {deployment} to the farm at {runtime.http_url}")
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     settings = _farm_settings_with_ray(args)
     from farm import cluster
@@ -407,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "127.0.0.1: everything on loopback)")
     up.add_argument("--metrics-port", type=_whole_number, help="Prometheus port of Ray's metrics export")
     up.set_defaults(func=cmd_up)
+    redeploy = sub.add_parser("deploy", help="apply a Serve config file to the running farm (a rolling update)")
+    redeploy.add_argument("--deployment", help="Serve config file (default: deployments/local.yaml)")
+    redeploy.set_defaults(func=cmd_deploy)
     down = sub.add_parser("down", help="stop what `farm up` started")
     down.set_defaults(func=cmd_down)
     stat = sub.add_parser("status", help="pools, replicas, queue depths and recent jobs")

@@ -103,6 +103,20 @@ def serve_config(app: ServeApp, args: FarmAppArgs, port: int) -> dict:
     return config
 
 
+def _checked_args(app: ServeApp, settings: FarmSettings, deployment_file: Path) -> tuple[FarmAppArgs, FarmSettings]:
+    """The app's args as deployed and the settings the app will run with (`up` prepares the same
+    storage, store and models); refuses settings that `farm up` itself reads before the file."""
+    args = app_args(app, settings)
+    deployed = resolve_settings(args)
+    if deployed.cluster != settings.cluster:
+        raise FarmError(f"{deployment_file}: cluster.node_address is a setting of `farm up` itself, read before the "
+                        "deployment file; set it in the settings file (FARM_CONFIG) or with --node-address")
+    if deployed.state_dir != settings.state_dir:
+        raise FarmError(f"{deployment_file}: state_dir {str(deployed.state_dir)!r} differs from this farm's "
+                        f"{str(settings.state_dir)!r}, where `farm down` and `farm status` look; set FARM_HOME to it")
+    return args, deployed
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -142,15 +156,7 @@ def up(
 
     app = read_deployment(deployment_file)
     port = port or app.port
-    args = app_args(app, settings)
-    deployed = resolve_settings(args)  # what the app will run with: `up` prepares the same storage, store, models
-    if deployed.cluster != settings.cluster:
-        raise FarmError(f"{deployment_file}: cluster.node_address is a setting of `farm up` itself, read before the "
-                        "deployment file; set it in the settings file (FARM_CONFIG) or with --node-address")
-    if deployed.state_dir != settings.state_dir:
-        raise FarmError(f"{deployment_file}: state_dir {str(deployed.state_dir)!r} differs from this farm's "
-                        f"{str(settings.state_dir)!r}, where `farm down` and `farm status` look; set FARM_HOME to it")
-    settings = deployed
+    args, settings = _checked_args(app, settings, deployment_file)
     existing = FarmRuntime.load(settings.state_dir)
     if existing is not None:
         if healthy(existing.http_url):
@@ -203,6 +209,31 @@ def up(
         raise
     ray.shutdown()  # the application lives on in the cluster; this driver leaves
     return runtime
+
+
+def redeploy(settings: FarmSettings, deployment_file: Path, *, timeout_s: float = 300.0) -> FarmRuntime:
+    """Apply ``deployment_file`` to the running farm: Serve updates in place what changed (a rolling
+    update), the rest keeps running. The HTTP port stays the running farm's."""
+    import ray
+
+    runtime = FarmRuntime.load(settings.state_dir)
+    if runtime is None or not healthy(runtime.http_url):
+        raise FarmError(f"no farm is up for {settings.state_dir}; start one with `farm up`")
+    app = read_deployment(deployment_file)
+    if app.name != runtime.app_name:
+        raise FarmError(f"{deployment_file}: application {app.name!r} is not the running farm's {runtime.app_name!r}")
+    args, settings = _checked_args(app, settings, deployment_file)
+    config = serve_config(app, args, int(runtime.http_url.rsplit(":", 1)[1]))
+    (settings.state_dir / SERVE_CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    ray.init(address=runtime.ray_address, namespace="videofarm", log_to_driver=False)
+    try:
+        deploy(config)
+        time.sleep(1.0)  # the controller marks the app DEPLOYING once it takes the new config
+        _wait_running(app.name, runtime.http_url, timeout_s)
+    finally:
+        ray.shutdown()
+    return FarmRuntime(runtime.app_name, runtime.ray_address, runtime.started_ray, runtime.http_url,
+                       runtime.metrics_url, str(deployment_file), runtime.ray_temp_dir)
 
 
 def deploy(config: dict) -> None:
@@ -334,10 +365,22 @@ def _stop_ray_processes(temp_dir: str, grace_s: float) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _reachable(address: str, timeout_s: float = 3.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def _serve_shutdown(runtime: FarmRuntime, delete_only: bool = False) -> None:
     import ray
     from ray import serve
 
+    if not _reachable(runtime.ray_address):  # ray.init would wait for a dead GCS for minutes
+        log.warning("Ray at %s does not answer; skipping the Serve shutdown", runtime.ray_address)
+        return
     try:
         ray.init(address=runtime.ray_address, namespace="videofarm", log_to_driver=False)
         # Drain first: running jobs go back to the queue at once, with their checkpoints.
@@ -390,4 +433,4 @@ def default_deployment_file() -> Path:
     return Path(__file__).resolve().parent.parent / "deployments" / "local.yaml"
 
 
-__all__ = ["FarmError", "FarmRuntime", "down", "read_deployment", "status", "up", "default_deployment_file"]
+__all__ = ["FarmError", "FarmRuntime", "down", "read_deployment", "redeploy", "status", "up", "default_deployment_file"]

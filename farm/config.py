@@ -101,6 +101,12 @@ class RenderSettings(BaseModel):
         "replica counts as lost and the call is retried elsewhere (its wait for a replica is not counted): a "
         "hung GPU or deadlock must not hold a job forever.",
     )
+    leader_lease_s: float = Field(
+        default=15.0, gt=1.0, le=600.0,
+        description="The dispatcher's leader lease, renewed every third of it: one dispatcher drives jobs; a "
+        "second replica (a rolling update's) waits until the leader hands over on a graceful stop, or until "
+        "this long after the leader died.",
+    )
     max_attempts: int = Field(
         default=5, ge=1, le=100,
         description="Times a job may be taken back from a worker that died before it fails with worker_lost.",

@@ -52,8 +52,9 @@ from farm.api.schemas import (
     create_body_schemas,
     read_create_request,
 )
-from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, IdempotencyConflict, QueueFull
 from farm.api.uploads import UploadLimits, check_image, decode_data_url
+from farm.api.wire import video_object
+from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, IdempotencyConflict, QueueFull
 from farm.render.registry import ModelSpec, find_model, validate_request
 from farm.storage.s3 import ClipLayout, ObjectNotFound, checkpoint_prefix, delete_clip
 
@@ -90,7 +91,11 @@ class GatewayDeps:
     store: JobStore
     objects: ObjectStore | Callable[[], ObjectStore]  # a factory defers the boto3 client
     models: list[ModelSpec]
-    max_queued: int | None = None  # queued jobs beyond which creates get 429
+    # Queue caps per priority class, each counted apart (a bulk flood never refuses interactive
+    # creates): queued interactive jobs beyond which interactive creates get 429, and the same
+    # for bulk. None: no cap for that class.
+    max_queued: int | None = None
+    max_queued_bulk: int | None = None
     poll_after_ms: int = 1000  # the openai-poll-after-ms hint the SDK's poll() honours
     on_created: Callable[[str], Awaitable[None] | None] | None = None  # wakes the dispatcher
     # API keys and rate limits; None serves one anonymous tenant (embedding, unit tests).
@@ -116,8 +121,9 @@ class GatewayDeps:
         for name in ("poll_after_ms", "max_prompt_chars", "max_body_bytes"):
             if getattr(self, name) < (0 if name == "poll_after_ms" else 1):
                 raise ValueError(f"GatewayDeps.{name} must be positive, got {getattr(self, name)}")
-        if self.max_queued is not None and self.max_queued < 1:
-            raise ValueError(f"GatewayDeps.max_queued must be >= 1 or None, got {self.max_queued}")
+        for name in ("max_queued", "max_queued_bulk"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"GatewayDeps.{name} must be >= 1 or None, got {getattr(self, name)}")
 
     def object_store(self) -> ObjectStore:
         """The object store, built by the factory on first use (blocking: call it off the event loop)."""
@@ -266,10 +272,6 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         """The caller's account id, as the auth gate (``AuthGate``) established it; None without auth."""
         return request.state.principal.account_id if deps.auth else None
 
-    def video(job: Job) -> dict[str, Any]:
-        # cancel_requested tells a client that a running job will stop at its next shard.
-        return {**job.to_openai(), "cancel_requested": job.cancel_requested}
-
     async def get_job(video_id: str, who: str | None) -> Job:
         job = await run_in_threadpool(deps.store.get, video_id, owner=who)
         if job is None:
@@ -341,7 +343,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             )
         except ValueError as exc:  # an `after` id that does not exist (for this caller)
             raise NotFound(str(exc), param="after") from None
-        data = [video(j) for j in jobs]
+        data = [video_object(j) for j in jobs]
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
@@ -350,7 +352,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     async def retrieve_video(video_id: str, request: Request, response: Response) -> dict[str, Any]:
         job = await get_job(video_id, await owner(request))
         response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
-        return video(job)
+        return video_object(job)
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, summary="Delete a video and its assets",
                 operation_id="deleteVideo",
@@ -378,7 +380,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             # A queued job may hold a checkpoint (it was running before a restart): keep nothing.
             # (A running job's dispatcher drops its own when it stops at the shard boundary.)
             await run_in_threadpool(lambda: deps.object_store().delete_prefix(checkpoint_prefix(video_id)))
-        return video(job)
+        return video_object(job)
 
     @app.get(
         "/v1/videos/{video_id}/content", summary="Download a finished video or a preview",
@@ -433,17 +435,19 @@ async def _create_job(
         raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
     stored = {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler,
               "request_fingerprint": fingerprint}
+    bulk = priority == "bulk"
     try:
         job = await run_in_threadpool(
             lambda: deps.store.create(
                 model=spec.id, prompt=params.prompt, size=size, seconds=seconds, params=stored,
-                priority=PRIORITY_BULK if priority == "bulk" else PRIORITY_INTERACTIVE,
-                owner=who, max_queued=deps.max_queued, max_queued_per_owner=deps.max_queued_per_account,
+                priority=PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE, owner=who,
+                max_queued=deps.max_queued_bulk if bulk else deps.max_queued,  # the cap of this class
+                max_queued_per_owner=deps.max_queued_per_account,
                 idempotency_key=idempotency_key,
             )
         )
     except QueueFull as exc:
-        whose = "your account's" if exc.scope == "account" else "the farm's"
+        whose = "your account's" if exc.scope == "account" else f"the farm's {priority}"
         raise RateLimited(f"{whose} render queue is full ({exc.queued} jobs waiting, limit {exc.max_queued}); "
                           "nothing was created, retry later", retry_after_s=exc.retry_after_s,
                           code="account_queue_full" if exc.scope == "account" else "queue_full") from None
@@ -458,7 +462,7 @@ async def _create_job(
         except Exception:  # the job exists; a broken metrics hook must not turn that into an error
             log.exception("metrics hook failed")
     response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
-    return {**job.to_openai(), "cancel_requested": job.cancel_requested}
+    return video_object(job)
 
 
 async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_header: str | None) -> StreamingResponse:

@@ -156,6 +156,7 @@ class Dispatcher:
         metrics=None,
         policy: RetryPolicy | None = None,
         scheduling: SchedulerConfig | None = None,
+        leader_lease_s: float = 15.0,
     ) -> None:
         self.store = store
         self.clients = clients
@@ -165,6 +166,7 @@ class Dispatcher:
         self.max_in_flight = max_in_flight
         self.shard_steps = shard_steps
         self.lease_s = lease_s
+        self.leader_lease_s = leader_lease_s
         self.poll_s = poll_s
         # Leases carry role:instance. The role lets a restarted dispatcher take its jobs straight
         # back; the instance fences the old one, whose writes then miss (no job runs twice).
@@ -175,24 +177,31 @@ class Dispatcher:
         self._depth_at = 0.0
         self.retries: deque[RetryRecord] = deque(maxlen=200)
         self.resumed: deque[dict] = deque(maxlen=200)  # {"job_id", "step"}: jobs picked up from a checkpoint
+        # Where recent stage calls ran, for `farm status`: which replica, what priority, when, how long.
+        self.calls: deque[dict] = deque(maxlen=200)
         self._flights: dict[str, _Flight] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        self._leading = False
+        self._led_at = self._reaped_at = float("-inf")
 
     # Lifecycle ------------------------------------------------------------------
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def leading(self) -> bool:
+        return self._leading
+
     async def run(self) -> None:
-        """Claim and drive jobs until :meth:`stop`."""
+        """Lead (or stand by until the leader's lease lapses), claim and drive jobs until :meth:`stop`."""
         log.info("dispatcher %s started (pools %s)", self.worker, self.placement.pools())
-        for job_id, owner in await asyncio.to_thread(self.store.leases_of, self.role):
-            # A dead predecessor's: back to the queue (the lost run counts as an attempt),
-            # to resume from its checkpoint.
-            await asyncio.to_thread(
-                lambda: self.store.requeue(job_id, owner, f"taken back by {self.worker}", voluntary=False))
         while not self._stopping:
+            if not await self._lead():
+                await self._idle()  # a standby: the leader lives
+                continue
             await self._report_depth()
+            await self._maybe_reap()
             claimed = False
             if len(self._flights) < self.max_in_flight:
                 job = await asyncio.to_thread(
@@ -204,11 +213,48 @@ class Dispatcher:
                     self._flights[job.id] = _Flight(job, task)
                     task.add_done_callback(lambda _t, jid=job.id: self._done(jid))
             if not claimed:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
-                except asyncio.TimeoutError:
-                    pass
+                await self._idle()
+
+    async def _idle(self) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _lead(self) -> bool:
+        """Hold the farm's one leader lease, renewing it every third of its length. At most one
+        dispatcher drives jobs: a second replica (a rolling update's, a standby) waits here until
+        the leader releases the lease (a graceful stop) or stops renewing it (it died)."""
+        if self._leading and time.monotonic() - self._led_at < self.leader_lease_s / 3:
+            return True
+        held = await asyncio.to_thread(self.store.acquire_leadership, self.role, self.worker, self.leader_lease_s)
+        if not held:
+            if self._leading:  # another took over while we stalled: our writes are fenced; stop driving
+                log.warning("dispatcher %s lost the leader lease; abandoning %d job(s)", self.worker, len(self._flights))
+                self._leading = False
+                for flight in list(self._flights.values()):
+                    flight.task.cancel()
+            return False
+        self._led_at = time.monotonic()
+        if not self._leading:
+            self._leading = True
+            log.info("dispatcher %s leads", self.worker)
+            # Jobs still leased by another instance of this role belong to a leader that died (a live
+            # one releases the lease only after handing its jobs back): back to the queue, the lost
+            # run counted as an attempt, to resume from their checkpoints.
+            for job_id, owner in await asyncio.to_thread(self.store.leases_of, self.role):
+                if owner != self.worker:
+                    await asyncio.to_thread(
+                        lambda: self.store.requeue(job_id, owner, f"taken back by {self.worker}", voluntary=False))
+        return True
+
+    async def _maybe_reap(self) -> None:
+        """Settle expired job leases now and then (a timer, not every claim)."""
+        if time.monotonic() - self._reaped_at < max(self.lease_s / 4, 1.0):
+            return
+        self._reaped_at = time.monotonic()
+        await asyncio.to_thread(self.store.reap, self.policy.max_attempts)
 
     async def _report_depth(self) -> None:
         if self.metrics is None or time.monotonic() - self._depth_at < 1.0:
@@ -236,14 +282,19 @@ class Dispatcher:
         await asyncio.gather(*(f.task for f in flights.values()), return_exceptions=True)
         for job_id in flights:
             await asyncio.to_thread(self.store.requeue, job_id, self.worker, "dispatcher stopping")
+        if self._leading:  # hand over at once: a standby need not wait the lease out
+            await asyncio.to_thread(self.store.release_leadership, self.role, self.worker)
+            self._leading = False
 
     def status(self) -> dict:
         return {
-            "worker": self.worker, "active": sorted(self._flights), "max_in_flight": self.max_in_flight,
+            "worker": self.worker, "leading": self._leading, "active": sorted(self._flights),
+            "max_in_flight": self.max_in_flight,
             "pools": self.placement.pools(), "waiting": self.placement.depths(),
             "busy_s": {pool: round(s, 3) for pool, s in self.placement.busy_s.items()},
             "retries": [vars(r) for r in list(self.retries)[-20:]],
             "resumed": list(self.resumed)[-20:],
+            "calls": list(self.calls),
         }
 
     # One job ----------------------------------------------------------------------
@@ -391,16 +442,20 @@ class Dispatcher:
                 try:
                     if replica is not None:
                         await self._check_cancel(job)  # it may have been asked while the call waited
-                    sent = time.perf_counter()
+                    sent, sent_at = time.perf_counter(), time.time()
                     async with asyncio.timeout(self.policy.stage_timeout_s):
                         result = await call(replica)
                 except BaseException:
                     if replica is not None:
                         self.placement.release(replica, job.id)
                     raise
+                took = time.perf_counter() - sent
                 if pool is not None:
-                    self.placement.observe(pool, end - start, time.perf_counter() - sent)
+                    self.placement.observe(pool, end - start, took)
                     self._observe_handoff(pool, sent, result)
+                    self.calls.append({"job_id": job.id, "stage": stage, "pool": pool, "replica": replica,
+                                       "priority": _priority_name(job.priority), "started": sent_at,
+                                       "seconds": round(took, 4)})
                 return result, replica
             except TimeoutError:  # a hung replica is as good as lost
                 lost += 1

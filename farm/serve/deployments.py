@@ -340,6 +340,7 @@ class DispatcherDeployment:
             max_in_flight=render.max_jobs_in_flight, shard_steps=render.shard_steps,
             worker="dispatcher", metrics=FarmMetrics(), policy=RetryPolicy.from_settings(render),
             scheduling=SchedulerConfig(tenant_weights=dict(render.tenant_weights), bulk_aging_s=render.bulk_aging_s),
+            leader_lease_s=render.leader_lease_s,
         )
         self._task = asyncio.get_running_loop().create_task(self.dispatcher.run())
 

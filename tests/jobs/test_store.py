@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from farm.api.wire import video_object
 from farm.jobs.store import (
     PRIORITY_BULK,
     PRIORITY_INTERACTIVE,
@@ -81,7 +82,7 @@ def test_migrate_is_idempotent(store: JobStore, store_url: str) -> None:
     job = make(store)
     store.migrate()
     JobStore(store_url).migrate()
-    assert version_of(store_url) == ["0002"]
+    assert version_of(store_url) == ["0003"]
     assert store.get(job.id) == job
 
 
@@ -101,7 +102,7 @@ def test_migrate_concurrently_from_threads_and_processes(store_url: str) -> None
             future.result()
     for child in children:
         finish(child)
-    assert version_of(store_url) == ["0002"]
+    assert version_of(store_url) == ["0003"]
     store = JobStore(store_url)
     assert store.get(make(store).id) is not None
 
@@ -138,7 +139,7 @@ def test_create_and_get_round_trip(store: JobStore) -> None:
     assert pickle.loads(pickle.dumps(stored)) == stored
     assert {f.name for f in dataclasses.fields(Job)} == set(Video.__table__.c.keys())
 
-    video = stored.to_openai()
+    video = video_object(stored)
     assert video == {
         "id": job.id,
         "object": "video",
@@ -155,6 +156,7 @@ def test_create_and_get_round_trip(store: JobStore) -> None:
         "priority": "bulk",
         "seed": 7,
         "remixed_from_video_id": None,
+        "cancel_requested": False,
     }
     assert store.get("video_" + "0" * 32) is None
 
@@ -334,7 +336,11 @@ def test_expired_lease_is_reclaimed_and_stale_writes_refused(store: JobStore, cl
     first = store.claim_next("w1", LEASE_S)
     assert first.id == job.id
     assert store.claim_next("w2", 60) is None  # the lease still holds
+    assert len(store.reap()) == 0  # and reaping leaves a live lease alone
     clock.advance(LEASE_S + 1)
+    assert store.claim_next("w2", 60) is None  # a claim never looks at expired leases...
+    assert store.reap().requeued == (job.id,)  # ...the reaper puts the job back in the queue
+    assert store.get(job.id).status == "queued" and store.get(job.id).attempts == 1  # the lost run counted
     reclaimed = store.claim_next("w2", 60)
     assert (reclaimed.id, reclaimed.lease_owner, reclaimed.attempts) == (job.id, "w2", 2)
     assert reclaimed.started_at == first.started_at
@@ -361,10 +367,11 @@ def test_lost_workers_exhaust_attempts(store: JobStore, clock: Clock) -> None:
     job = make(store)
     store.claim_next("w1", LEASE_S)
     clock.advance(LEASE_S + 1)
+    assert store.reap(max_attempts=1).failed == (job.id,)
     assert store.claim_next("w2", 60, max_attempts=1) is None
     failed = store.get(job.id)
     assert (failed.status, failed.error_code) == ("failed", "worker_lost")
-    assert failed.to_openai()["error"]["code"] == "worker_lost"
+    assert video_object(failed)["error"]["code"] == "worker_lost"
 
 
 def test_progress_never_goes_backwards(store: JobStore) -> None:
@@ -399,7 +406,7 @@ def test_failure_is_reported_in_openai_shape(store: JobStore) -> None:
     job = make(store)
     store.claim_next("w1", 60)
     assert store.fail(job.id, "w1", "render_error", "the denoiser ran out of memory")
-    video = store.get(job.id).to_openai()
+    video = video_object(store.get(job.id))
     assert video["status"] == "failed" and isinstance(video["completed_at"], int)
     assert video["error"] == {"code": "render_error", "message": "the denoiser ran out of memory"}
 
@@ -444,8 +451,10 @@ def test_cancelled_job_of_a_dead_worker_is_settled(store: JobStore, clock: Clock
     store.claim_next("w1", LEASE_S)
     store.request_cancel(job.id)
     clock.advance(LEASE_S + 1)
+    assert store.reap(max_attempts=1).cancelled == (job.id,)  # cancelled, not failed: it was asked for
     assert store.claim_next("w2", 60) is None
     assert store.get(job.id).status == "cancelled"
+    assert [e.type for e in store.events_since(0)] == ["video.cancelled"]
 
 
 def test_requeue_of_a_cancel_requested_job_cancels_it(store: JobStore) -> None:

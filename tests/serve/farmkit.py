@@ -44,13 +44,15 @@ def farm_cli(*args: str, env: dict[str, str], timeout: float = 400, check: bool 
     return done
 
 
-def deployment_with(settings: dict[str, Any], path: Path) -> Path:
-    """A copy of deployments/local.yaml with ``settings`` deep-merged into its app's args."""
+def deployment_with(settings: dict[str, Any], path: Path, extras: dict[str, Any] | None = None) -> Path:
+    """A copy of deployments/local.yaml with ``settings`` deep-merged into its app's args and
+    ``extras`` (other application fields: runtime_env, deployments, …) set on the app."""
     from farm.builders import merge_settings
 
     config = yaml.safe_load(LOCAL_DEPLOYMENT.read_text())
     app = config["applications"][0]
     app["args"]["settings"] = merge_settings(app["args"].get("settings") or {}, settings)
+    app.update(extras or {})
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -131,27 +133,51 @@ class Farm:
         return json.loads(farm_cli("status", "--json", env=self.env, timeout=120).stdout)
 
     def replica_pids(self, deployment: str, app: str = "videofarm") -> dict[int, bool]:
-        """Pids of this farm's replicas of ``deployment`` (e.g. ``Denoiser:wan-tiny:transformer``),
-        each with whether it is running a request now.
+        """Pids of this farm's replicas of ``deployment`` (e.g. ``DispatcherDeployment``), or of a
+        pool's replicas (``Denoiser:wan-tiny:transformer``: each replica is a deployment
+        ``…:transformer:<i>``), each with whether it is running a request now.
 
         Ray titles a replica's process ``ray::ServeReplica:<app>:<deployment>``, and appends
         ``.<method>`` while a request runs in it. Only processes whose environment carries this
         farm's FARM_HOME count, so other farms on the machine are never touched.
         """
+        import re
+
         import psutil
 
-        title = f"ray::ServeReplica:{app}:{deployment}"
+        title = re.compile(rf"ray::ServeReplica:{re.escape(app)}:{re.escape(deployment)}(:\d+)?(\.\w+)?")
         found: dict[int, bool] = {}
         for proc in psutil.process_iter(["pid", "cmdline"]):
             cmdline = proc.info["cmdline"] or []
-            if not cmdline or not (cmdline[0] == title or cmdline[0].startswith(title + ".")):
+            match = title.fullmatch(cmdline[0]) if cmdline else None
+            if match is None:
                 continue
             try:
                 if proc.environ().get("FARM_HOME") != str(self.home):
                     continue
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            found[proc.info["pid"]] = cmdline[0] != title
+            found[proc.info["pid"]] = match.group(2) is not None
+        return found
+
+    def processes(self) -> dict[int, str]:
+        """Every process this farm started, found by what it is, not by its name: `farm up` ran with
+        FARM_HOME=home, and each process it started (Ray's daemons, agents and client server, which
+        rename themselves or are re-parented to pid 1; SeaweedFS; the replicas) inherits that
+        environment. Their descendants count too. Other farms on the machine have other homes.
+        Returns pid → command line."""
+        import psutil
+
+        found: dict[int, str] = {}
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if proc.environ().get("FARM_HOME") != str(self.home) or proc.pid == os.getpid():
+                    continue
+                found[proc.pid] = " ".join(proc.info["cmdline"] or ())
+                for child in proc.children(recursive=True):
+                    found[child.pid] = " ".join(child.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
         return found
 
     def client(self, api_key: str | None = None, **options):
@@ -201,13 +227,15 @@ def count_line(submitted: int, jobs: list, rows: int, events: list | None = None
 
 
 @contextmanager
-def running_farm(tmp_path: Path, *, settings: dict[str, Any] | None = None, start: bool = True) -> Iterator[Farm]:
+def running_farm(tmp_path: Path, *, settings: dict[str, Any] | None = None, extras: dict[str, Any] | None = None,
+                 start: bool = True) -> Iterator[Farm]:
     """`farm up` in a fresh state folder; always `farm down` afterwards."""
     home = tmp_path / "farm-home"
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FARM_HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("FARM_CONFIG", None)
-    farm = Farm(home, free_port(), free_port(), deployment_with(settings or {}, tmp_path / "deployment.yaml"), env)
+    farm = Farm(home, free_port(), free_port(),
+                deployment_with(settings or {}, tmp_path / "deployment.yaml", extras), env)
     try:
         if start:
             farm.up()

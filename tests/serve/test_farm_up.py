@@ -35,72 +35,17 @@ def _farm(*args: str, env: dict, timeout: float = 400) -> subprocess.CompletedPr
     return subprocess.run([str(farm), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _farm_processes(home: Path) -> dict[int, str]:
-    """Every process this farm started, found by what it is, not by its name: `farm up` ran with
-    FARM_HOME=home, and each process it started (Ray's daemons, agents and client server, which
-    rename themselves or are re-parented to pid 1; SeaweedFS; the replicas) inherits that
-    environment. Their descendants count too. Other farms on the machine have other homes.
-    Returns pid → command line."""
-    import psutil
-
-    found: dict[int, str] = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if proc.environ().get("FARM_HOME") != str(home) or proc.pid == os.getpid():
-                continue
-            found[proc.pid] = " ".join(proc.info["cmdline"] or ())
-            for child in proc.children(recursive=True):
-                found[child.pid] = " ".join(child.cmdline())
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-# Everything `farm up` reads from a Serve config file beyond the app's args: checked applied below.
-DEPLOYMENT_EXTRAS = {
-    "runtime_env": {"env_vars": {"VIDEOFARM_DEPLOYMENT_MARK": "applied"}},
-    "deployments": [{"name": "Notifier", "num_replicas": 2}],
-}
-
-
 @pytest.fixture(scope="module")
-def farm(tmp_path_factory):
-    import psutil
-    import yaml
+def farm(shared_farm):
+    """The session's shared `farm up` (tests/serve/conftest.py), as these tests read it."""
+    return {"home": shared_farm.home, "env": shared_farm.env, "port": shared_farm.port,
+            "metrics": shared_farm.metrics_url, "kit": shared_farm}
 
-    home = tmp_path_factory.mktemp("farm-up")
-    port, metrics_port = _free_port(), _free_port()
-    env = {**os.environ, "FARM_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    from tests.serve.farmkit import deployment_with
 
-    # Webhook receivers in these tests listen on loopback: the operator allowlists it.
-    deployment = deployment_with({"webhooks": {"allow_hosts": ["127.0.0.0/8"], "poll_s": 0.2}},
-                                 home / "deployment.yaml")
-    config = yaml.safe_load(deployment.read_text())
-    config["applications"][0].update(DEPLOYMENT_EXTRAS)
-    deployment.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-    started = _farm("up", "--port", str(port), "--metrics-port", str(metrics_port), "--deployment", str(deployment),
-                    env=env)
-    assert started.returncode == 0, started.stderr[-3000:]
-    try:
-        yield {"home": home, "env": env, "port": port, "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
-    finally:
-        ours = _farm_processes(home)
-        # The check below can see every kind: Ray's daemons, its client server, replicas, SeaweedFS.
-        assert any("ray.util.client.server" in line for line in ours.values()), ours
-        assert any("gcs_server" in line for line in ours.values()) and any("weed" in line for line in ours.values())
-        stopped = _farm("down", env=env)
-        assert stopped.returncode == 0, stopped.stderr[-2000:]
-        time.sleep(1)
-        left = []
-        for pid, line in ours.items():
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    left.append(line)
-            except psutil.NoSuchProcess:
-                pass
-        left += [line for pid, line in _farm_processes(home).items() if pid not in ours]
-        assert left == [], f"`farm down` left {len(left)} process(es): {left}"
+def _farm_processes(home: Path) -> dict[int, str]:
+    from tests.serve.farmkit import Farm
+
+    return Farm(home, 0, 0, Path(), {}).processes()
 
 
 def test_the_farm_listens_on_loopback_only(farm):
@@ -213,8 +158,12 @@ def test_status_shows_pools_replicas_and_queues(farm):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout[done.stdout.index("{"):])
     assert report["app_status"] == "RUNNING"
-    assert report["deployments"]["Denoiser:wan-tiny:transformer"]["replicas"] == {"RUNNING": 2}
-    assert {"Denoiser:wan-tiny-2x:transformer", "Denoiser:wan-tiny-2x:transformer_2"} <= set(report["deployments"])
+    # Every replica of a scheduled pool is a deployment of its own.
+    assert {"Denoiser:wan-tiny:transformer:0", "Denoiser:wan-tiny:transformer:1", "Encoder:0", "Decoder:0",
+            "Denoiser:wan-tiny-2x:transformer:0", "Denoiser:wan-tiny-2x:transformer_2:0"} <= set(report["deployments"])
+    assert report["deployments"]["Denoiser:wan-tiny:transformer:1"]["replicas"] == {"RUNNING": 1}
+    assert report["dispatcher"]["pools"]["wan-tiny:transformer"] == [
+        "Denoiser:wan-tiny:transformer:0", "Denoiser:wan-tiny:transformer:1"]
     assert set(report["dispatcher"]["queue_depths"]) == {"interactive", "bulk"}
 
 
@@ -261,10 +210,13 @@ def test_cancel_stops_at_a_shard_boundary_frees_the_replica_and_keeps_nothing(fa
     from farm.storage.connect import open_store
 
     store = JobStore(f"sqlite:///{farm['home'] / 'jobs.sqlite'}")
+    from tests.serve.conftest import SHARD_STEPS
+
+    steps = 4 * SHARD_STEPS
     video = client.videos.create(model="wan-tiny", prompt="長い夜の雨の街", seconds="4", size="128x128",
-                                 extra_body={"steps": 40, "seed": 5})
-    deadline = time.monotonic() + 120
-    while store.get(video.id).step_index < 4:  # two shards done: a checkpoint exists
+                                 extra_body={"steps": steps, "seed": 5})
+    deadline = time.monotonic() + 180
+    while store.get(video.id).step_index < SHARD_STEPS:  # a shard done: a checkpoint is being written
         assert time.monotonic() < deadline, "the job never got going"
         time.sleep(0.1)
     reply = httpx.post(f"http://127.0.0.1:{farm['port']}/v1/videos/{video.id}/cancel",
@@ -276,7 +228,7 @@ def test_cancel_stops_at_a_shard_boundary_frees_the_replica_and_keeps_nothing(fa
         time.sleep(0.1)
     job = store.get(video.id)
     assert (job.status, job.error_code) == ("cancelled", "cancelled")
-    assert job.step_index <= asked_at + 2 < 40  # at most the shard in flight (shard_steps 2) ran after the ask
+    assert job.step_index <= asked_at + SHARD_STEPS < steps  # at most the shard in flight ran after the ask
     seen = client.videos.retrieve(video.id)
     assert seen.status == "cancelled" and seen.error.code == "cancelled"
     # Nothing kept: no checkpoint, no clip objects.

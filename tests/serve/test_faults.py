@@ -1,6 +1,7 @@
 """Faults injected for real against `farm up`; every job ends completed or failed with a code.
 
-One farm serves the whole module (the faults follow each other, never overlap):
+The session's shared farm (tests/serve/conftest.py) serves them (the faults follow each other,
+never overlap):
 
 1. a model that fails (NaN latents, a simulated out-of-memory, via ``render.faults``) fails its
    job with ``non_finite_latents`` / ``out_of_memory`` after its retries; other jobs complete;
@@ -24,28 +25,20 @@ import numpy as np
 import pytest
 
 from tests.figures import report
-from tests.serve.farmkit import count_line, farm_cli, running_farm, wait_for
+from tests.serve.conftest import SHARD_RETRIES, SHARD_STEPS
+from tests.serve.farmkit import count_line, farm_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
-SHARD_STEPS = 25  # long shards (~2.5 s at 256x256, 4 s) leave time to kill one mid-way
-CHAOS = [{"kind": "nan", "prompt_contains": "chaos-nan"}, {"kind": "oom", "prompt_contains": "chaos-oom"}]
-SHARD_RETRIES = 2
 SMALL = {"size": "64x64", "seconds": 1, "steps": 8}  # one shard
 MEDIUM = {"size": "128x128", "seconds": 2, "steps": 40}  # two shards: 0-25, 25-40
 LONG = {"size": "256x256", "seconds": 4, "steps": 50}  # two shards: 0-25, 25-50
-POOL = "Denoiser:wan-tiny:transformer"
+POOL = "Denoiser:wan-tiny:transformer"  # its replicas: deployments POOL:0 and POOL:1
 
 
 @pytest.fixture(scope="module")
-def farm(tmp_path_factory):
-    settings = {
-        "render": {"shard_steps": SHARD_STEPS, "shard_retries": SHARD_RETRIES, "faults": CHAOS},
-        # Only the pool these tests use (2 replicas, so a killed one has a sibling): a faster `farm up`.
-        "serve": {"pools": [{"model": "wan-tiny", "experts": ["transformer"], "replicas": 2}]},
-    }
-    with running_farm(tmp_path_factory.mktemp("faults"), settings=settings) as farm:
-        yield farm
+def farm(shared_farm):
+    return shared_farm
 
 
 def _create(client, prompt: str, *, size: str, seconds: int, steps: int, seed: int = 0) -> str:
@@ -190,7 +183,7 @@ def test_killed_dispatcher_is_restarted_and_every_job_completes(farm):
 def test_jobs_queued_and_running_survive_farm_down_and_up(farm):
     client = farm.client()
     store = farm.store()
-    # Long jobs, more than max_active_jobs (4): some run, one waits, when `farm down` drains the farm.
+    # Long jobs, more than the pool's two replicas: some run, some wait, when `farm down` drains the farm.
     ids = [_create(client, f"雪の森 {i}", seed=i, **LONG) for i in range(5)]
     wait_for(lambda: any(store.get(i).status == "in_progress" and store.get(i).step_index > 0 for i in ids),
              180, interval=0.2, what="a job mid-flight")

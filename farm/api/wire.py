@@ -1,0 +1,43 @@
+"""The OpenAI wire shape of a job: the ``video`` object the gateway sends (``VideoObject``).
+
+The job store keeps bookkeeping (``farm.jobs.job.Job``); what a client sees of it is decided
+here, at the edge. Farm extensions beside OpenAI's fields: ``prompt``, ``priority``, ``seed``,
+``remixed_from_video_id`` and ``cancel_requested``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from farm.db import unix
+from farm.jobs.job import Job, Priority
+
+
+def video_object(job: Job) -> dict[str, Any]:
+    """The ``video`` object of ``job``, as the routes return it."""
+    try:
+        priority: str | int = Priority(job.priority).name.lower()
+    except ValueError:
+        priority = job.priority
+    error = None
+    if job.error_code is not None or job.error_message is not None:
+        error = {"code": job.error_code, "message": job.error_message}
+    return {
+        "id": job.id,
+        "object": "video",
+        "model": job.model,
+        "status": job.status,
+        "progress": job.progress,
+        "created_at": unix(job.created_at),
+        "completed_at": unix(job.completed_at),
+        "expires_at": unix(job.expires_at),
+        "seconds": str(job.seconds),
+        "size": job.size,
+        "error": error,
+        "prompt": job.prompt,
+        "priority": priority,
+        "seed": job.params.get("seed"),
+        "remixed_from_video_id": job.params.get("remixed_from_video_id"),
+        # A running job whose cancellation was asked for stops at its next shard.
+        "cancel_requested": job.cancel_requested,
+    }

@@ -1,0 +1,52 @@
+"""One real `farm up` for every farm-level test that can share it (test_farm_up, test_faults).
+
+Its settings are the union of what those tests need: long shards (a replica can be killed
+mid-shard; an interactive job can overtake at a boundary), chaos faults for prompts that ask
+for them, webhooks to loopback, both tiny models, and deployment-file fields beyond the
+app's args (checked applied). At the end of the session `farm down` must leave no process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.serve.farmkit import running_farm
+
+SHARD_STEPS = 25  # long shards (~2.5 s at 256x256, 4 s) leave time to kill one mid-way
+SHARD_RETRIES = 2
+CHAOS = [{"kind": "nan", "prompt_contains": "chaos-nan"}, {"kind": "oom", "prompt_contains": "chaos-oom"}]
+SETTINGS = {
+    "render": {"shard_steps": SHARD_STEPS, "shard_retries": SHARD_RETRIES, "faults": CHAOS},
+    # Webhook receivers in these tests listen on loopback: the operator allowlists it.
+    "webhooks": {"allow_hosts": ["127.0.0.0/8"], "poll_s": 0.2},
+}
+# Serve config fields beyond the app's args: test_farm_up checks they reach the running farm.
+DEPLOYMENT_EXTRAS = {
+    "runtime_env": {"env_vars": {"VIDEOFARM_DEPLOYMENT_MARK": "applied"}},
+    "deployments": [{"name": "Notifier", "num_replicas": 2}],
+}
+
+
+@pytest.fixture(scope="session")
+def shared_farm(tmp_path_factory):
+    import psutil
+
+    with running_farm(tmp_path_factory.mktemp("shared-farm"), settings=SETTINGS, extras=DEPLOYMENT_EXTRAS) as farm:
+        yield farm
+        ours = farm.processes()
+        # The check below can see every kind: Ray's daemons, its client server, replicas, SeaweedFS.
+        assert any("ray.util.client.server" in line for line in ours.values()), ours
+        assert any("gcs_server" in line for line in ours.values()) and any("weed" in line for line in ours.values())
+        farm.down()
+        time.sleep(1)
+        left = []
+        for pid, line in ours.items():
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    left.append(line)
+            except psutil.NoSuchProcess:
+                pass
+        left += [line for pid, line in farm.processes().items() if pid not in ours]
+        assert left == [], f"`farm down` left {len(left)} process(es): {left}"
