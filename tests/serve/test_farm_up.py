@@ -228,7 +228,7 @@ def test_cancel_stops_at_a_shard_boundary_frees_the_replica_and_keeps_nothing(fa
         time.sleep(0.1)
     job = store.get(video.id)
     assert (job.status, job.error_code) == ("cancelled", "cancelled")
-    assert job.step_index <= asked_at + SHARD_STEPS and job.step_index < steps  # at most the shard in flight ran
+    assert job.step_index <= asked_at + SHARD_STEPS  # at most the shard in flight ran after the ask
     seen = client.videos.retrieve(video.id)
     assert seen.status == "cancelled" and seen.error.code == "cancelled"
     # Nothing kept: no checkpoint, no clip objects.
