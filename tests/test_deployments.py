@@ -21,8 +21,9 @@ def _deployments(app) -> dict:
         todo += [a._bound_deployment for a in list(node.init_args) + list(node.init_kwargs.values())
                  if hasattr(a, "_bound_deployment")]
         for arg in node.init_args:
-            if isinstance(arg, list):
-                todo += [x[2]._bound_deployment for x in arg if isinstance(x, tuple) and len(x) == 3]
+            if isinstance(arg, dict):  # the dispatcher's pools: pool → [(replica name, bound deployment)]
+                todo += [member[1]._bound_deployment for members in arg.values() if isinstance(members, list)
+                         for member in members if isinstance(member, tuple) and len(member) == 2]
     return found
 
 
@@ -32,8 +33,11 @@ def test_local_yaml_is_a_valid_serve_config_and_builds():
     settings = resolve_settings(app.args)
     assert [p.replicas for p in settings.serve.pools if p.model == "wan-tiny"] == [2]
     nodes = _deployments(build_app(app.args))
-    assert {"Gateway", "DispatcherDeployment", "Encoder", "Finisher", "Denoiser:wan-tiny:transformer",
-            "Denoiser:wan-tiny-2x:transformer", "Denoiser:wan-tiny-2x:transformer_2"} <= set(nodes)
+    assert {"Gateway", "DispatcherDeployment", "Encoder:0", "Decoder:0", "Finisher", "Notifier",
+            "Denoiser:wan-tiny:transformer:0", "Denoiser:wan-tiny:transformer:1",
+            "Denoiser:wan-tiny-2x:transformer:0", "Denoiser:wan-tiny-2x:transformer_2:0"} <= set(nodes)
+    # One deployment per replica: the dispatcher addresses each replica itself.
+    assert all(nodes[name].num_replicas == 1 for name in nodes if name.startswith(("Denoiser:", "Encoder:")))
 
 
 def test_gpu_yaml_describes_one_pool_per_expert_on_gpus():
@@ -50,8 +54,9 @@ def test_gpu_yaml_describes_one_pool_per_expert_on_gpus():
                           ("wan2.2-t2v-a14b", ("transformer_2",))}
     assert all(p.num_gpus >= 1 for p in pools.values())
     nodes = _deployments(build_app(app.args))
-    high = nodes["Denoiser:wan2.2-t2v-a14b:transformer"]
-    assert high.ray_actor_options["num_gpus"] == 1 and high.num_replicas == 4
+    high = [node for name, node in nodes.items() if name.startswith("Denoiser:wan2.2-t2v-a14b:transformer:")]
+    assert len(high) == 4 and all(n.ray_actor_options["num_gpus"] == 1 and n.num_replicas == 1 for n in high)
+    assert nodes["Decoder:0"].ray_actor_options["num_gpus"] > 0  # the VAE decodes on a GPU
 
 
 def test_default_pools_give_each_expert_its_own_pool():

@@ -138,31 +138,36 @@ def test_concurrent_creates_never_exceed_account_caps_or_double_a_key(store: Job
 
 def test_creates_lock_per_owner_and_per_class_not_globally(store: JobStore) -> None:
     """While one transaction holds alice's lock and the bulk class's counter, bob's creates and
-    interactive creates go ahead; only the creates that could change that answer wait."""
+    interactive creates go ahead; only the creates that could change that answer wait (a bulk insert
+    waits too: the trigger moves the bulk counter it holds)."""
     if store._sqlite:
         pytest.skip("SQLite has one writer at a time: its creates serialise by design")
+    pool = ThreadPoolExecutor(4)
     with store._writer.connect() as holder:
         holder.begin()
-        holder.execute(sa.select(sa.func.pg_advisory_xact_lock(
-            sa.cast(sa.literal(_LOCK_OWNER), sa.Integer), sa.cast(sa.literal(_hash32("alice")), sa.Integer))))
-        holder.execute(sa.text("SELECT queued FROM queue_depths WHERE priority = 1 FOR UPDATE"))
-        with ThreadPoolExecutor(4) as pool:
+        try:
+            holder.execute(sa.select(sa.func.pg_advisory_xact_lock(
+                sa.cast(sa.literal(_LOCK_OWNER), sa.Integer), sa.cast(sa.literal(_hash32("alice")), sa.Integer))))
+            holder.execute(sa.text("SELECT queued FROM queue_depths WHERE priority = 1 FOR UPDATE"))
             free = [
                 pool.submit(make, store, owner="bob", max_queued_per_owner=5, idempotency_key="b1"),
                 pool.submit(make, store, owner="bob", max_queued=5),  # interactive: another counter
-                pool.submit(make, store, owner="alice", priority=PRIORITY_BULK),  # no cap, no key: no lock
+                pool.submit(make, store, owner="carol"),  # interactive, no cap, no key: no lock at all
             ]
             for future in free:
-                future.result(timeout=10)
+                assert isinstance(future.result(timeout=10), Job)
             waiting = [
                 pool.submit(make, store, owner="alice", idempotency_key="a1"),
                 pool.submit(make, store, owner="bob", priority=PRIORITY_BULK, max_queued=5),
+                pool.submit(make, store, owner="carol", priority=PRIORITY_BULK),
             ]
             time.sleep(0.5)
             assert not any(f.done() for f in waiting)
-            holder.rollback()
-            for future in waiting:
-                assert isinstance(future.result(timeout=10), Job)
+        finally:
+            holder.rollback()  # before anything else: the waiting creates hold the pool's threads
+    for future in waiting:
+        assert isinstance(future.result(timeout=10), Job)
+    pool.shutdown()
 
 
 # -- the gateway passes the cap of the request's class ---------------------------------------------
