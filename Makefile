@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 DEMO_PROMPT ?= 桜の花びらが舞う京都の古い路地を猫が歩く、映画のような映像
 DEMO_OUT ?= out/demo.mp4
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-gpu install bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest --durations=25
+
+# On a machine with CUDA (pip install -e '.[gpu]' adds xformers): the device-contract tests.
+test-gpu: $(BIN)/.installed
+	$(BIN)/python -m pytest -m gpu tests/render
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_shards.py

@@ -85,7 +85,10 @@ def build_app(args: FarmAppArgs | dict) -> "Application":
         replicas[denoise_pool(pool.model, "+".join(pool.experts))] = members(
             Denoiser, pool_name(pool), pool.replicas, options, plain, pool.model, pool.experts)
     finisher = Finisher.options(num_replicas=ss.finisher_replicas, ray_actor_options={"num_cpus": 0.25}).bind(plain)
-    dispatcher = DispatcherDeployment.options(ray_actor_options={"num_cpus": 0.1}).bind(plain, replicas, finisher)
+    # Serve waits this long for the dispatcher's graceful stop: its jobs drain to a shard boundary first.
+    dispatcher = DispatcherDeployment.options(
+        ray_actor_options={"num_cpus": 0.1}, graceful_shutdown_timeout_s=settings.render.drain_s + 30.0,
+    ).bind(plain, replicas, finisher)
     notifier = Notifier.options(ray_actor_options={"num_cpus": 0.05}).bind(plain)
     return Gateway.options(num_replicas=ss.gateway_replicas, ray_actor_options={"num_cpus": 0.1}).bind(
         plain, dispatcher, notifier)

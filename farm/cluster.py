@@ -298,13 +298,13 @@ def down(settings: FarmSettings, *, grace_s: int = 15) -> bool:
     if runtime is not None:
         if runtime.started_ray:
             # Serve's graceful shutdown lets the dispatcher requeue its running jobs first.
-            _serve_shutdown(runtime)
+            _serve_shutdown(runtime, drain_timeout_s=settings.render.drain_s + 60)
             if runtime.ray_temp_dir:
                 _stop_ray_processes(runtime.ray_temp_dir, grace_s)
             else:
                 log.warning("farm.json names no Ray temp dir; stop that Ray cluster by hand (`ray stop`)")
         else:
-            _serve_shutdown(runtime, delete_only=True)
+            _serve_shutdown(runtime, delete_only=True, drain_timeout_s=settings.render.drain_s + 60)
         (settings.state_dir / RUNTIME_FILE).unlink(missing_ok=True)
     server = running_embedded(settings) if settings.storage.mode == "embedded" else None
     if server is not None:
@@ -374,7 +374,7 @@ def _reachable(address: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _serve_shutdown(runtime: FarmRuntime, delete_only: bool = False) -> None:
+def _serve_shutdown(runtime: FarmRuntime, delete_only: bool = False, drain_timeout_s: float = 120.0) -> None:
     import ray
     from ray import serve
 
@@ -383,9 +383,9 @@ def _serve_shutdown(runtime: FarmRuntime, delete_only: bool = False) -> None:
         return
     try:
         ray.init(address=runtime.ray_address, namespace="videofarm", log_to_driver=False)
-        # Drain first: running jobs go back to the queue at once, with their checkpoints.
+        # Drain first: running jobs go back to the queue at their next shard boundary, checkpointed.
         dispatcher = serve.get_deployment_handle("DispatcherDeployment", app_name=runtime.app_name)
-        dispatcher.drain.remote().result(timeout_s=60)
+        dispatcher.drain.remote().result(timeout_s=drain_timeout_s)
         if delete_only:
             serve.delete(runtime.app_name)
         else:

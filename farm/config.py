@@ -101,6 +101,14 @@ class RenderSettings(BaseModel):
         "replica counts as lost and the call is retried elsewhere (its wait for a replica is not counted): a "
         "hung GPU or deadlock must not hold a job forever.",
     )
+    drain_s: float = Field(
+        default=60.0, ge=0.0, le=3600.0,
+        description="On a graceful stop of the dispatcher (a rolling update, `farm down`), how long running jobs "
+        "go on to their next shard boundary before they are handed back to the queue; a job stopped at a "
+        "boundary resumes from that checkpoint with nothing redone. Jobs still running after this resume "
+        "from their last recorded checkpoint. Serve's graceful shutdown timeout of the dispatcher is set "
+        "above it.",
+    )
     leader_lease_s: float = Field(
         default=15.0, gt=1.0, le=600.0,
         description="The dispatcher's leader lease, renewed every third of it: one dispatcher drives jobs; a "

@@ -79,6 +79,10 @@ class RetryRecord:
     error: str
 
 
+class Drained(Exception):
+    """The dispatcher is stopping: the job stopped at a shard boundary, its checkpoint current."""
+
+
 class StateLost(Exception):
     """A state reference can no longer be read (its holder died): reload from the checkpoint."""
 
@@ -179,6 +183,8 @@ class Dispatcher:
         self.resumed: deque[dict] = deque(maxlen=200)  # {"job_id", "step"}: jobs picked up from a checkpoint
         # Where recent stage calls ran, for `farm status`: which replica, what priority, when, how long.
         self.calls: deque[dict] = deque(maxlen=200)
+        # The stage calls running now, keyed by job: what `farm status` shows as running where.
+        self.running: dict[str, dict] = {}
         self._flights: dict[str, _Flight] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -272,11 +278,18 @@ class Dispatcher:
         self._flights.pop(job_id, None)
         self._wake.set()  # room for another job
 
-    async def stop(self) -> None:
-        """Stop claiming; give running jobs back to the queue (they resume from their last checkpoint)."""
+    async def stop(self, drain_s: float = 0.0) -> None:
+        """Stop claiming; give running jobs back to the queue (they resume from their last checkpoint).
+
+        For up to ``drain_s`` seconds, running jobs go on to their next shard boundary (a job past
+        its last shard finishes), so the checkpoint they resume from is where they stopped and no
+        work is redone (a rolling update, `farm down`). What is still running then is interrupted
+        and resumes from its last recorded checkpoint."""
         self._stopping = True
         self._wake.set()
         flights = dict(self._flights)
+        if flights and drain_s > 0:
+            await asyncio.wait([f.task for f in flights.values()], timeout=drain_s)
         for flight in flights.values():
             flight.task.cancel()  # interrupts at the next await: a wait for a replica, a call, a store write
         await asyncio.gather(*(f.task for f in flights.values()), return_exceptions=True)
@@ -295,6 +308,7 @@ class Dispatcher:
             "retries": [vars(r) for r in list(self.retries)[-20:]],
             "resumed": list(self.resumed)[-20:],
             "calls": list(self.calls),
+            "running": sorted(self.running.values(), key=lambda c: c["started"]),
         }
 
     # One job ----------------------------------------------------------------------
@@ -332,6 +346,8 @@ class Dispatcher:
             await self._settle_checkpoints(job)
             await asyncio.to_thread(self.store.finish_cancelled, job.id, self.worker)
             await self._drop_checkpoint(job)
+        except Drained:  # `stop` gives it back to the queue
+            await self._settle_checkpoints(job)
         except asyncio.CancelledError:
             await self._settle_checkpoints(job)
             raise
@@ -357,6 +373,8 @@ class Dispatcher:
                 outcome = ShardOutcome(state, holder, 0.0)
                 for plan in plans:
                     await self._check_cancel(job)
+                    if self._stopping:
+                        raise Drained()  # at a boundary: the last shard's checkpoint is on its way
                     last = plan.end >= prepared.layout.num_steps
                     key = None if last or self.objects is None else shard_checkpoint_key(job.id, plan.end)
                     # A failed shard is sent again with the same input state. The call releases
@@ -443,12 +461,16 @@ class Dispatcher:
                     if replica is not None:
                         await self._check_cancel(job)  # it may have been asked while the call waited
                     sent, sent_at = time.perf_counter(), time.time()
+                    self.running[job.id] = {"job_id": job.id, "stage": stage, "pool": pool, "replica": replica,
+                                            "priority": _priority_name(job.priority), "started": sent_at}
                     async with asyncio.timeout(self.policy.stage_timeout_s):
                         result = await call(replica)
                 except BaseException:
                     if replica is not None:
                         self.placement.release(replica, job.id)
                     raise
+                finally:
+                    self.running.pop(job.id, None)
                 took = time.perf_counter() - sent
                 if pool is not None:
                     self.placement.observe(pool, end - start, took)

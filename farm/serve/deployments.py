@@ -348,8 +348,9 @@ class DispatcherDeployment:
         self.dispatcher.wake()
 
     async def drain(self) -> None:
-        """Stop claiming and hand running jobs back to the queue (first step of `farm down`)."""
-        await self.dispatcher.stop()
+        """Stop claiming and hand running jobs back to the queue at their next shard boundary
+        (first step of `farm down`)."""
+        await self.dispatcher.stop(drain_s=self.settings.render.drain_s)
 
     def status(self) -> dict:
         store = self.dispatcher.store
@@ -362,8 +363,8 @@ class DispatcherDeployment:
             ],
         }
 
-    async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
-        await self.dispatcher.stop()
+    async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown (rolling update)
+        await self.dispatcher.stop(drain_s=self.settings.render.drain_s)
 
 
 def _name(priority: int) -> str:

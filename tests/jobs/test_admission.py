@@ -136,12 +136,12 @@ def test_concurrent_creates_never_exceed_account_caps_or_double_a_key(store: Job
     assert queued == {owner: 3 for owner in owners}  # each owner filled its cap, never more
 
 
+# PostgreSQL only: SQLite has one writer at a time, so its creates serialise by design.
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_creates_lock_per_owner_and_per_class_not_globally(store: JobStore) -> None:
     """While one transaction holds alice's lock and the bulk class's counter, bob's creates and
     interactive creates go ahead; only the creates that could change that answer wait (a bulk insert
     waits too: the trigger moves the bulk counter it holds)."""
-    if store._sqlite:
-        pytest.skip("SQLite has one writer at a time: its creates serialise by design")
     pool = ThreadPoolExecutor(4)
     with store._writer.connect() as holder:
         holder.begin()

@@ -319,6 +319,45 @@ def test_restarted_dispatcher_resumes_from_the_checkpoint(store, tiny_spec, stag
     assert objects.data == {}
 
 
+def test_a_graceful_stop_drains_to_the_shard_boundary_and_the_next_dispatcher_redoes_nothing(
+        store, tiny_spec, stages):
+    """`stop(drain_s)` mid-shard: the shard ends, its checkpoint is recorded, the job goes back to the
+    queue without spending an attempt, and the next dispatcher runs only the shards left."""
+    objects = MemoryObjects()
+    prompt = "a lantern festival at night"
+    job_id = _submit(store, tiny_spec, prompt, 13)
+    release = asyncio.Event()
+
+    async def first_run():
+        clients = LocalStages(tiny_spec, stages, objects=objects, gates={(prompt, SHARD_STEPS): release})
+        dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS,
+                                worker="dispatcher", policy=FAST)
+        runner = asyncio.create_task(dispatcher.run())
+        while clients.calls[prompt] < 2:  # the second shard is running (held at its gate)
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(dispatcher.stop(drain_s=30))
+        await asyncio.sleep(0.2)
+        assert not stopping.done()  # it waits for the shard in flight
+        release.set()
+        await stopping
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        return clients
+
+    first = asyncio.run(first_run())
+    held = store.get(job_id)
+    assert first.shards_of(prompt) == [(0, 2), (2, 4)]  # no third shard was started
+    assert (held.status, held.attempts, held.checkpoint_key) == ("queued", 0, shard_checkpoint_key(job_id, 4))
+
+    clients = LocalStages(tiny_spec, stages, objects=objects)
+    dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS,
+                            worker="dispatcher", policy=FAST)
+    [job] = asyncio.run(_run_until_done(dispatcher, store, [job_id]))
+    assert job.status == "completed" and job.attempts == 1
+    assert clients.shards_of(prompt) == [(4, 6)]
+    assert torch.equal(clients.finished[job_id], _reference(tiny_spec, stages, prompt, 13))
+
+
 def test_interactive_overtakes_a_running_bulk_job_at_its_next_shard_boundary(store, tiny_spec, stages):
     """One denoiser replica. A bulk job's first shard is running when an interactive job arrives:
     the replica goes to every interactive shard next, the bulk job waits with its state, resumes

@@ -1,6 +1,7 @@
 """The device contract on CUDA: sharded equals unsharded with SDPA and xformers; states travel on CPU.
 
-Skipped without CUDA (the build machines have none); run with ``pytest -m gpu tests/render``.
+Deselected from ``make test`` (pyproject's ``-m 'not gpu'``); ``make test-gpu`` runs them, skipped
+without CUDA (the build machines have none).
 """
 
 from __future__ import annotations

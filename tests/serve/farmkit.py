@@ -132,6 +132,17 @@ class Farm:
         """`farm status --json`: deployments, replica states, the dispatcher's status (retries included)."""
         return json.loads(farm_cli("status", "--json", env=self.env, timeout=120).stdout)
 
+    def wait_idle(self, timeout: float = 300.0) -> None:
+        """Until no job of any test is queued or in progress: tests that watch replicas or timings
+        on the shared farm start from an idle one, not beside an earlier test's leftovers."""
+        store = self.store()
+
+        def idle() -> bool:
+            counts = store.counts_by_status()
+            return counts["queued"] == 0 and counts["in_progress"] == 0
+
+        wait_for(idle, timeout, interval=0.5, what="the shared farm to be idle")
+
     def replica_pids(self, deployment: str, app: str = "videofarm") -> dict[int, bool]:
         """Pids of this farm's replicas of ``deployment`` (e.g. ``DispatcherDeployment``), or of a
         pool's replicas (``Denoiser:wan-tiny:transformer``: each replica is a deployment

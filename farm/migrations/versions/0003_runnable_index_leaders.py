@@ -2,7 +2,7 @@
 
 Revision ID: 0003
 Revises: 0002
-Create Date: 2026-12-20
+Create Date: 2026-12-01
 
 ``ix_videos_claim`` and ``ix_videos_lease`` led with ``status`` and covered every row, finished
 ones included. Claims now read ``ix_videos_runnable`` (queued, uncancelled rows in claim order),
