@@ -4,12 +4,15 @@ A fault rides the real code path: it is applied as a forward pre-hook on the loa
 transformer (PyTorch's own extension point), so a ``nan`` fault turns the model's input
 into NaN and the denoising loop, the scheduler and the non-finite-latents guard all run
 as they would for a model that really diverged; an ``oom`` fault raises
-``torch.OutOfMemoryError`` from inside the forward pass, where CUDA would.
+``torch.OutOfMemoryError`` from inside the forward pass, where CUDA would; a ``slow`` fault
+sleeps ``delay_s`` before every forward pass (a straggling or throttled GPU: the numbers are
+unchanged, the shard just takes longer).
 
     render:
       faults:
         - {kind: nan, prompt_contains: "chaos-nan"}
         - {kind: oom, prompt_contains: "chaos-oom"}
+        - {kind: slow, prompt_contains: "chaos-slow", delay_s: 0.2}
 
 Leave the list empty in production: a matching prompt then never renders.
 """
@@ -31,10 +34,12 @@ class FaultInjection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["nan", "oom"] = Field(
+    kind: Literal["nan", "oom", "slow"] = Field(
         description="'nan': the transformer's input becomes NaN (the shard ends with non-finite latents); "
-        "'oom': the transformer raises torch.OutOfMemoryError."
+        "'oom': the transformer raises torch.OutOfMemoryError; 'slow': every forward pass first sleeps "
+        "delay_s (same result, later)."
     )
+    delay_s: float = Field(default=0.2, gt=0.0, le=60.0, description="Seconds a 'slow' fault adds per forward pass.")
     prompt_contains: str = Field(
         min_length=1, description="The fault fires on every shard of jobs whose prompt contains this text."
     )
@@ -52,6 +57,8 @@ def matching(faults: Iterable[FaultInjection | Mapping], prompt: str) -> list[Fa
 @contextmanager
 def injected(experts: Mapping[str, "torch.nn.Module"], faults: Iterable[FaultInjection]) -> Iterator[None]:
     """Apply ``faults`` to every expert for the duration of the block; hooks are removed after."""
+    import time
+
     import torch
 
     faults = list(faults)
@@ -59,6 +66,8 @@ def injected(experts: Mapping[str, "torch.nn.Module"], faults: Iterable[FaultInj
 
     def hook(module, args, kwargs):
         for fault in faults:
+            if fault.kind == "slow":
+                time.sleep(fault.delay_s)
             if fault.kind == "oom":
                 raise torch.OutOfMemoryError(
                     f"simulated out of memory (render.faults: prompt contains {fault.prompt_contains!r})"

@@ -459,6 +459,26 @@ def test_params_carry_the_prompt_the_faults_match(store, tiny_spec):
     assert [f.kind for f in matching(faults, params_of(job, tiny_spec).prompt)] == ["nan"]
 
 
+def test_a_slow_fault_delays_every_forward_pass_and_changes_no_number(tiny_spec, stages):
+    from farm.render.engine import initial_state
+    from farm.render.registry import validate_request
+
+    encoder, denoiser = stages
+    params = validate_request(tiny_spec, prompt="chaos-slow: a heron", size="64x64", seconds=1, steps=2, seed=5)
+    state = initial_state(tiny_spec, params, encoder.encode(params.prompt))
+    calls = []
+    counter = next(iter(denoiser.experts.values())).register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        started = time.perf_counter()
+        with injected(denoiser.experts, [FaultInjection(kind="slow", prompt_contains="chaos-slow", delay_s=0.1)]):
+            slow = run_shards(denoiser.experts, state, plan_shards(state)).latents
+        took = time.perf_counter() - started
+    finally:
+        counter.remove()
+    assert took >= 0.1 * len(calls) and calls
+    assert torch.equal(slow, run_shards(denoiser.experts, state, plan_shards(state)).latents)
+
+
 def test_finisher_upload_waits_out_an_outage_and_aborts_what_it_left_open(tmp_path):
     from farm.config import FarmSettings
     from farm.finish.chain import FinishedClip

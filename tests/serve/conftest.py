@@ -16,7 +16,11 @@ from tests.serve.farmkit import running_farm
 
 SHARD_STEPS = 25  # long shards (~2.5 s at 256x256, 4 s) leave time to kill one mid-way
 SHARD_RETRIES = 2
-CHAOS = [{"kind": "nan", "prompt_contains": "chaos-nan"}, {"kind": "oom", "prompt_contains": "chaos-oom"}]
+# Prompts name the fault they ask for. The slow ones stretch shards (same frames, later) so tests
+# that act mid-shard (kill a replica, cancel, roll the dispatcher) have seconds to act in, not a race.
+CHAOS = [{"kind": "nan", "prompt_contains": "chaos-nan"}, {"kind": "oom", "prompt_contains": "chaos-oom"},
+         {"kind": "slow", "prompt_contains": "chaos-slow", "delay_s": 0.15},
+         {"kind": "slow", "prompt_contains": "chaos-crawl", "delay_s": 0.4}]
 SETTINGS = {
     "render": {"shard_steps": SHARD_STEPS, "shard_retries": SHARD_RETRIES, "faults": CHAOS},
     # Webhook receivers in these tests listen on loopback: the operator allowlists it.

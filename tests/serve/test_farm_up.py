@@ -213,7 +213,7 @@ def test_cancel_stops_at_a_shard_boundary_frees_the_replica_and_keeps_nothing(fa
     from tests.serve.conftest import SHARD_STEPS
 
     steps = 2 * SHARD_STEPS  # two shards (the model allows at most 50 steps)
-    video = client.videos.create(model="wan-tiny", prompt="長い夜の雨の街", seconds="4", size="128x128",
+    video = client.videos.create(model="wan-tiny", prompt="chaos-slow: 長い夜の雨の街", seconds="4", size="128x128",
                                  extra_body={"steps": steps, "seed": 5})
     deadline = time.monotonic() + 180
     while store.get(video.id).step_index < 1:  # the first shard is running

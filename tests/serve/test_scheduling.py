@@ -29,7 +29,7 @@ def test_interactive_overtakes_running_bulk_jobs_at_a_shard_boundary(shared_farm
     farm.wait_idle()  # both replicas must be free for this test's two bulk jobs
     client = farm.client()
     store = farm.store()
-    prompt = "a slow bulk render of waves on a shore"
+    prompt = "chaos-slow: a bulk render of waves on a shore"  # slowed shards: the boundary is not a race
 
     solo = client.videos.create_and_poll(model="wan-tiny", prompt=prompt, **BULK,
                                          extra_body={"seed": 21, "steps": BULK_STEPS})
@@ -37,7 +37,7 @@ def test_interactive_overtakes_running_bulk_jobs_at_a_shard_boundary(shared_farm
 
     bulk = [client.videos.create(model="wan-tiny", prompt=p, **BULK, extra_body={"seed": s, "steps": BULK_STEPS,
                                                                                      "priority": "bulk"}).id
-            for p, s in ((prompt, 21), ("bulk clouds over hills", 22))]
+            for p, s in ((prompt, 21), ("chaos-slow: bulk clouds over hills", 22))]
     # Both replicas of the pool busy with bulk shards (each job in its first shard).
     wait_for(lambda: sum(farm.replica_pids(POOL).values()) == 2 and all(store.get(b).step_index == 0 for b in bulk),
              120, interval=0.05, what="both replicas running bulk shards")
