@@ -255,6 +255,12 @@ class Dispatcher:
                         lambda: self.store.requeue(job_id, owner, f"taken back by {self.worker}", voluntary=False))
         return True
 
+    async def _keep_leading(self) -> None:
+        """Renew the leader lease until cancelled (the run loop, which renews it, has stopped)."""
+        while self._leading:
+            await self._lead()
+            await asyncio.sleep(self.leader_lease_s / 6)
+
     async def _maybe_reap(self) -> None:
         """Settle expired job leases now and then (a timer, not every claim)."""
         if time.monotonic() - self._reaped_at < max(self.lease_s / 4, 1.0):
@@ -288,8 +294,14 @@ class Dispatcher:
         self._stopping = True
         self._wake.set()
         flights = dict(self._flights)
-        if flights and drain_s > 0:
-            await asyncio.wait([f.task for f in flights.values()], timeout=drain_s)
+        if flights and drain_s > 0 and self._leading:
+            # Still the leader while jobs drain: a standby taking over now would count them lost.
+            keep = asyncio.create_task(self._keep_leading())
+            try:
+                await asyncio.wait([f.task for f in flights.values()], timeout=drain_s)
+            finally:
+                keep.cancel()
+                await asyncio.gather(keep, return_exceptions=True)
         for flight in flights.values():
             flight.task.cancel()  # interrupts at the next await: a wait for a replica, a call, a store write
         await asyncio.gather(*(f.task for f in flights.values()), return_exceptions=True)

@@ -331,13 +331,15 @@ def test_a_graceful_stop_drains_to_the_shard_boundary_and_the_next_dispatcher_re
     async def first_run():
         clients = LocalStages(tiny_spec, stages, objects=objects, gates={(prompt, SHARD_STEPS): release})
         dispatcher = Dispatcher(store, clients, [tiny_spec], objects=objects, shard_steps=SHARD_STEPS,
-                                worker="dispatcher", policy=FAST)
+                                worker="dispatcher", policy=FAST, leader_lease_s=1.2)
         runner = asyncio.create_task(dispatcher.run())
         while clients.calls[prompt] < 2:  # the second shard is running (held at its gate)
             await asyncio.sleep(0.01)
         stopping = asyncio.create_task(dispatcher.stop(drain_s=30))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(2.0)  # longer than the leader lease
         assert not stopping.done()  # it waits for the shard in flight
+        # ... and still leads: a standby must not take the draining jobs back as lost.
+        assert store.leader_of("dispatcher").holder == dispatcher.worker
         release.set()
         await stopping
         runner.cancel()

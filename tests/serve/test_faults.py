@@ -70,11 +70,6 @@ def _report(farm, ids: list[str], jobs: list) -> None:
     assert lost == 0 and duplicated == 0, line
 
 
-def _busy_replica(farm, deployment: str) -> int | None:
-    busy = [pid for pid, running in farm.replica_pids(deployment).items() if running]
-    return busy[0] if len(busy) == 1 else None
-
-
 def test_failing_model_fails_its_job_with_a_code_and_other_jobs_complete(farm):
     client = farm.client()
     nan = _create(client, "chaos-nan: a storm at sea", seed=1, **SMALL)
@@ -102,16 +97,18 @@ def test_killed_denoiser_replica_resumes_from_the_checkpoint_with_the_same_video
 
     client = farm.client()
     store = farm.store()
-    prompt = "chaos-slow: a red fox runs through fresh snow"  # slowed shards: seconds to find and kill one
+    prompt = "chaos-crawl: a red fox runs through fresh snow"  # crawling shards: time to find and kill one
     reference = _create(client, prompt, seed=42, **LONG)  # the fault-free render, first and alone
     assert _settled(farm, [reference], timeout=180)[0].status == "completed"
 
     victim = _create(client, prompt, seed=42, **LONG)
-    # Once the first shard's checkpoint is recorded, its writer is done: the one busy replica of
-    # the pool is the one running the second shard.
-    wait_for(lambda: (store.get(victim).checkpoint_key or "").endswith(f"state-{SHARD_STEPS:06d}.pt"), 180,
-             interval=0.05, what="the first checkpoint")
-    pid = wait_for(lambda: _busy_replica(farm, POOL), 30, interval=0.05, what="a denoiser replica running the shard")
+    wait_for(lambda: store.get(victim).step_index >= SHARD_STEPS, 180, interval=0.1, what="the first shard")
+    # The dispatcher says which replica runs the second shard (`farm status`: its running calls).
+    second = f"shard {SHARD_STEPS}-50"
+    running = wait_for(lambda: [c for c in farm.status()["dispatcher"]["running"]
+                                if c["job_id"] == victim and c["stage"] == second], 60, interval=0.2,
+                       what="the second shard to run")
+    [pid] = farm.replica_pids(running[0]["replica"])
     os.kill(pid, signal.SIGKILL)
     killed_at_step = store.get(victim).step_index
 
