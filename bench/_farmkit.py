@@ -14,12 +14,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DEPLOYMENT = ROOT / "deployments" / "local.yaml"
+# The openai SDK warns on every videos call that OpenAI's hosted Sora API will shut down; the farm serves its own.
+warnings.filterwarnings("ignore", message="The Sora API")
 APP_SETTINGS_NOTE = "serve.rate_limit and queue caps raised so the bench's own polling is never refused"
 
 
@@ -31,12 +34,13 @@ def one_line(exc: BaseException | str) -> str:
     return " ".join(str(exc).split())[:600] or type(exc).__name__
 
 
-_T0 = time.monotonic()
+# Child processes count from their parent's start.
+_T0 = float(os.environ.setdefault("BENCH_T0", str(time.time())))
 
 
 def log(message: str) -> None:
     """Progress on stderr (a full-size run takes minutes); the figures go to stdout."""
-    print(f"[{time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+    print(f"[{time.time() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
@@ -46,7 +50,7 @@ def free_port() -> int:
 
 
 def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile: p50 of [1, 2, 3, 4] is 3 (the upper median), p95 of 16 values is the 16th."""
+    """The value at rank round(q * (n - 1)) (as bench_farm.py): p50 of 5 values is the median, p95 of 16 the 15th."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
@@ -70,6 +74,7 @@ class Farm:
         self.env = process_env(threads) | {"FARM_HOME": str(self.home)}
         self.port = free_port()
         self.client = None
+        self.app_settings: dict = {}
         self.pools: list[dict] = []
 
     def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -90,7 +95,8 @@ class Farm:
         config = yaml.safe_load(self.deployment.read_text())
         app = config["applications"][0].setdefault("args", {})
         app["settings"] = merge_settings(app.get("settings") or {}, self.overrides)
-        self.pools = app["settings"].get("serve", {}).get("pools", [])
+        self.app_settings = app["settings"]  # the deployed file's inline settings, overrides merged
+        self.pools = self.app_settings.get("serve", {}).get("pools", [])
         written = self.home / "bench-deployment.yaml"
         written.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
         log(f"farm up ({self.home.name})")
@@ -99,12 +105,15 @@ class Farm:
             code = self.cli("invite", "create", "-q").stdout.strip()
             self.cli("redeem", code, "--name", "bench")
         except BaseException:
-            self.down()
+            try:
+                self.down()  # `farm up` cleans up after itself; this catches an invite or redeem failure
+            except BenchError:
+                pass
             raise
         import openai
 
         key = (self.home / "api_key").read_text().strip()
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=2)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0)  # a retried create could make a second job
         return self
 
     def __exit__(self, exc_type, *_) -> None:
@@ -154,8 +163,11 @@ class Farm:
         url = self.runtime().metrics_url
         if not url:
             return {}
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            text = reply.read().decode()
+        try:
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return {}
         sums = dict.fromkeys(names, 0.0)
         for line in text.splitlines():
             match = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{.*\})?\s+(\S+)", line)

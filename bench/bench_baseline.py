@@ -12,12 +12,13 @@
             farm's own finishing chain (`farm.jobs.publish.finish_frames`: watermark, H.264 MP4 with
             PyAV/libx264, thumbnail, spritesheet, C2PA signature: the same files per clip), then
             uploading them with boto3 to the farm's S3 store. A FastAPI ingress deployment spreads
-            requests round-robin over the replicas; each client POSTs and waits for the answer.
+            requests round-robin over the replicas; each replica renders one at a time and queues
+            the rest in arrival order. Each client POSTs and waits for the answer.
 
 Both get the same threads per process (OMP_NUM_THREADS = FARM_TORCH_THREADS = --threads) and Ray
 workers at the same niceness. Each side is warmed up first (one clip per replica); with --repeats > 1
-the runs alternate (farm, baseline, baseline, farm, …); both Rays stay up throughout, the idle one
-costing the same background CPU either way. Printed: clips/minute of each, the ratio farm/baseline,
+the runs alternate (farm, baseline, baseline, farm, …); both Rays stay up throughout, so each
+side runs beside the other's idle processes. Printed: clips/minute of each, the ratio farm/baseline,
 p50/p95 end-to-end latency (the farm's includes up to one poll interval), and the farm's per-stage
 busy fractions: the dispatcher's busy_s (a replica held by a call) for each pool, and the
 finisher's finish + upload seconds from its Prometheus metrics, each over wall time × replicas.
@@ -60,38 +61,56 @@ class Run:
 
 
 # The farm ---------------------------------------------------------------------------------------
-def farm_run(farm: Farm, args, seeds: list[int]) -> Run:
-    status = farm.status()["dispatcher"]
-    busy_before, finish_before = status["busy_s"], farm.metric_sums(*FINISH_METRICS)
+class FarmSide:
+    """Clips through the farm's API; the per-stage busy seconds of each measured run."""
 
-    def one(seed: int) -> float:
+    def __init__(self, farm: Farm, args) -> None:
+        self.farm, self.args = farm, args
+        self.finished = 0  # clips the farm finished so far: what the finisher's metrics must count
+
+    def finisher_metrics(self, timeout_s: float = 60) -> dict | None:
+        """The finisher's metric sums once they count every clip so far (Ray exports replica
+        metrics every few seconds); None if they do not catch up in time."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            sums = self.farm.metric_sums(*FINISH_METRICS)
+            if not sums:
+                return None  # no metrics endpoint
+            if sums["ray_videofarm_finish_seconds_count"] >= self.finished:
+                return sums
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(2)
+
+    def run(self, seeds: list[int], measure: bool = True) -> Run:
+        args, farm = self.args, self.farm
+        if measure:  # `farm status` is a CLI process of its own: outside the timed window
+            busy_before, finish_before = farm.status()["dispatcher"]["busy_s"], self.finisher_metrics()
+
+        def one(seed: int) -> float:
+            started = time.perf_counter()
+            raw = farm.create(model=args.model, prompt=PROMPT, size=args.size, seconds=args.seconds,
+                              steps=args.steps, seed=seed)
+            # As the SDK's create_and_poll does: polling faster steals the CPU the farm renders with.
+            farm.wait(raw.parse(), int(raw.headers.get("openai-poll-after-ms", "500")) / 1000)
+            return time.perf_counter() - started
+
         started = time.perf_counter()
-        raw = farm.create(model=args.model, prompt=PROMPT, size=args.size, seconds=args.seconds,
-                          steps=args.steps, seed=seed)
-        # As the SDK's create_and_poll does: polling faster steals the CPU the farm renders with.
-        farm.wait(raw.parse(), int(raw.headers.get("openai-poll-after-ms", "500")) / 1000)
-        return time.perf_counter() - started
-
-    started = time.perf_counter()
-    with cf.ThreadPoolExecutor(len(seeds)) as pool:
-        latencies = list(pool.map(one, seeds))
-    run = Run(time.perf_counter() - started, latencies)
-
-    status = farm.status()
-    for pool, seconds in status["dispatcher"]["busy_s"].items():
-        run.busy[pool] = seconds - busy_before.get(pool, 0.0)
-        run.replicas[pool] = len(status["dispatcher"]["pools"].get(pool, [])) or 1
-    # Ray exports replica metrics every few seconds: wait until the finisher's count has caught up.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        finish = farm.metric_sums(*FINISH_METRICS)
-        if finish["ray_videofarm_finish_seconds_count"] - finish_before["ray_videofarm_finish_seconds_count"] >= len(seeds):
-            run.busy["finisher"] = sum(finish[m] - finish_before[m] for m in FINISH_METRICS[:2])
-            finisher = status["deployments"].get("Finisher", {}).get("replicas", {})
-            run.replicas["finisher"] = finisher.get("RUNNING", 1) or 1
-            break
-        time.sleep(2)
-    return run
+        with cf.ThreadPoolExecutor(len(seeds)) as pool:
+            latencies = list(pool.map(one, seeds))
+        run = Run(time.perf_counter() - started, latencies)
+        self.finished += len(seeds)
+        if not measure:
+            return run
+        status = farm.status()
+        for pool, seconds in status["dispatcher"]["busy_s"].items():
+            run.busy[pool] = seconds - busy_before.get(pool, 0.0)
+            run.replicas[pool] = len(status["dispatcher"]["pools"].get(pool, [])) or 1
+        finish_after = self.finisher_metrics()
+        if finish_before is not None and finish_after is not None:
+            run.busy["finisher"] = sum(finish_after[m] - finish_before[m] for m in FINISH_METRICS[:2])
+            run.replicas["finisher"] = status["deployments"].get("Finisher", {}).get("replicas", {}).get("RUNNING", 1)
+        return run
 
 
 # The baseline -----------------------------------------------------------------------------------
@@ -102,15 +121,20 @@ def baseline_app(settings, model_id: str, s3: dict, replicas: int, num_cpus: flo
 
     api = FastAPI()
 
-    @serve.deployment(max_ongoing_requests=1)  # one render at a time, like one GPU
+    # Requests queue inside the replica, in arrival order, and render one at a time (like one GPU):
+    # with max_ongoing_requests=1 they would wait in Serve's router instead, which retries with
+    # backoff and leaves the replica idle between renders.
+    @serve.deployment(max_ongoing_requests=10_000)
     class PipelineReplica:
         def __init__(self) -> None:
+            import asyncio
             import boto3
             import torch
             from botocore.config import Config
             from diffusers import WanPipeline
 
             torch.set_num_threads(threads)
+            self.turn = asyncio.Lock()  # FIFO: asyncio wakes waiters in the order they came
             self.spec = settings.model(model_id)
             self.pipe = WanPipeline.from_pretrained(self.spec.path, torch_dtype=torch.float32)  # once per replica
             self.pipe.set_progress_bar_config(disable=True)
@@ -124,7 +148,8 @@ def baseline_app(settings, model_id: str, s3: dict, replicas: int, num_cpus: flo
         async def render(self, body: dict) -> dict:
             import asyncio
 
-            return await asyncio.to_thread(self._render, body)  # keep the replica's loop free
+            async with self.turn:
+                return await asyncio.to_thread(self._render, body)  # the replica's loop stays free
 
         def _render(self, body: dict) -> dict:
             import json
@@ -264,9 +289,10 @@ def main() -> None:
         raise BenchError("--clips, --repeats and --threads must be at least 1")
 
     # Before ray is imported here: the same threads as the farm's workers, Ray on loopback only,
-    # and its workers at the niceness the farm gives its own (Ray's default would be nice 15).
+    # its workers at the niceness the farm gives its own (Ray's default would be nice 15), and
+    # no local Ray started behind our back should a call outlive ray.shutdown().
     os.environ.update(process_env(args.threads))
-    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_worker_niceness="0")
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_worker_niceness="0", RAY_ENABLE_AUTO_CONNECT="0")
     overrides = {"serve": {"rate_limit": "1000000/minute", "max_queued": 10_000, "max_queued_per_account": 10_000}}
     farm_runs: list[Run] = []
     base_runs: list[Run] = []
@@ -279,13 +305,14 @@ def main() -> None:
         spec = settings.model(args.model)
         validate_request(spec, prompt=PROMPT, size=args.size, seconds=args.seconds, steps=args.steps, seed=0)
         pool = farm.pool(args.model)
-        shard_steps = (yaml_settings(farm).get("render") or {}).get("shard_steps", settings.render.shard_steps)
+        shard_steps = farm.app_settings.get("render", {}).get("shard_steps", settings.render.shard_steps)
         log("baseline app up")
         baseline = Baseline(settings, args.model, pool["replicas"], pool["num_cpus"], args.threads)
         try:
             log("warm-up: one clip per replica on each side")
             warm = list(range(pool["replicas"]))
-            farm_run(farm, args, warm)  # first calls load kernels, C2PA keys, S3 connections
+            farm_side = FarmSide(farm, args)
+            farm_side.run(warm, measure=False)  # first calls load kernels, C2PA keys, S3 connections
             baseline.run(args, warm)
             for repeat in range(args.repeats):
                 seeds = list(range(1000 * (repeat + 1), 1000 * (repeat + 1) + args.clips))
@@ -293,7 +320,7 @@ def main() -> None:
                 for side in order:
                     log(f"repeat {repeat + 1}/{args.repeats}: {side}, {args.clips} clips")
                     if side == "farm":
-                        farm_runs.append(farm_run(farm, args, seeds))
+                        farm_runs.append(farm_side.run(seeds))
                     else:
                         base_runs.append(baseline.run(args, seeds))
         finally:
@@ -304,13 +331,6 @@ def main() -> None:
             raise BenchError(f"{len(missing)} baseline clip(s) not in S3, e.g. {missing[0]}")
 
     report(args, spec, pool, shard_steps, farm_runs, base_runs)
-
-
-def yaml_settings(farm: Farm) -> dict:
-    import yaml
-
-    config = yaml.safe_load((farm.home / "bench-deployment.yaml").read_text())
-    return config["applications"][0]["args"]["settings"]
 
 
 def report(args, spec, pool: dict, shard_steps: int, farm_runs: list[Run], base_runs: list[Run]) -> None:

@@ -186,10 +186,17 @@ def up(
                f"--temp-dir={ray_temp_dir}"]
         if not node.loopback:
             cmd.append(f"--node-ip-address={node.node_address}")  # Ray maps a loopback address to the routable one
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
-                              env=env.ray_head_env(ray_temp_dir, loopback=node.loopback))
-        if done.returncode != 0:
-            raise FarmError(f"`ray start` failed: {done.stderr.strip()[-800:]}")
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                                  env=env.ray_head_env(ray_temp_dir, loopback=node.loopback))
+        except subprocess.TimeoutExpired:
+            done = None
+        if done is None or done.returncode != 0:
+            # A head that timed out starting leaves its GCS and agents running, and no farm.json
+            # names them: stop what carries this farm's Ray mark before giving up.
+            _stop_ray_processes(ray_temp_dir, 5)
+            why = "timed out after 180s" if done is None else done.stderr.strip()[-800:]
+            raise FarmError(f"`ray start` failed: {why}")
         address = f"{node.node_address}:{ray_port}"
         metrics_url = f"http://{node.node_address}:{metrics_port}/metrics"
 
