@@ -113,7 +113,8 @@ class Farm:
         import openai
 
         key = (self.home / "api_key").read_text().strip()
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0)  # a retried create could make a second job
+        # No retries: a retried create could make a second job.
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0)
         return self
 
     def __exit__(self, exc_type, *_) -> None:

@@ -363,7 +363,8 @@ def report(args, spec, pool: dict, shard_steps: int, farm_runs: list[Run], base_
     parts = [p for r in base_runs for p in r.parts]
     mean = {k: statistics.fmean(p[k] for p in parts) for k in ("pipeline_s", "finish_s", "upload_s")}
     busy = sum(sum(p[k] for k in mean) for p in parts) / sum(r.wall_s * pool["replicas"] for r in base_runs)
-    print(f"baseline per clip: pipe() (denoise + VAE decode) {mean['pipeline_s']:.2f} s, finish {mean['finish_s']:.2f} s, "
+    print(f"baseline per clip: pipe() (denoise + VAE decode) {mean['pipeline_s']:.2f} s, "
+          f"finish {mean['finish_s']:.2f} s, "
           f"upload {mean['upload_s']:.2f} s; replica busy fraction {busy:.2f}")
 
 

@@ -265,9 +265,10 @@ def one_farm(args, home: Path, label: str, shard_steps: int):
 def report(args, spec, outcomes: list[Outcome]) -> None:
     sharded, main_ = outcomes
     unit = sharded.bulk_call_s
-    print(f"job: {args.model} {args.size}, {spec.num_frames(args.seconds)} frames ({args.seconds} s at {spec.fps} fps); "
-          f"{args.bulk} bulk jobs x {args.steps} steps, {args.interactive} interactive x {args.interactive_steps} steps "
-          f"({'at once' if args.burst else 'one at a time, each after the previous left the pool + up to 1 bulk call'})")
+    order = "at once" if args.burst else "one at a time, each after the previous left the pool + up to 1 bulk call"
+    print(f"job: {args.model} {args.size}, {spec.num_frames(args.seconds)} frames ({args.seconds} s at {spec.fps} "
+          f"fps); {args.bulk} bulk jobs x {args.steps} steps, {args.interactive} interactive x "
+          f"{args.interactive_steps} steps ({order})")
     print(f"farm: deployments/local.yaml, denoiser pool {args.model}:transformer {sharded.replicas} replicas; "
           f"{os.cpu_count()} cores, {args.threads} torch thread(s) per process; {APP_SETTINGS_NOTE}")
     print(f"unit: 1 bulk shard of {sharded.bulk_call_steps} steps on the sharded farm, measured median {unit:.2f} s")
@@ -279,7 +280,8 @@ def report(args, spec, outcomes: list[Outcome]) -> None:
         print(f"         interactive queue wait: p50 {pct(units, 0.5):.2f} units ({pct(o.waits_s, 0.5):.2f} s), "
               f"max {max(units):.2f} units ({max(o.waits_s):.2f} s); per job (units): "
               f"{', '.join(f'{u:.2f}' for u in units)}")
-        print(f"         its parts, p50 / max s: create→encoder {pct(o.to_encoder_s, 0.5):.2f} / {max(o.to_encoder_s):.2f}, "
+        print(f"         its parts, p50 / max s: create→encoder {pct(o.to_encoder_s, 0.5):.2f} / "
+              f"{max(o.to_encoder_s):.2f}, "
               f"encode {pct(o.encode_s, 0.5):.2f} / {max(o.encode_s):.2f}, encoded→first shard (waiting for a "
               f"replica) {pct(o.to_shard_s, 0.5):.2f} / {max(o.to_shard_s):.2f} = "
               f"{pct(o.to_shard_s, 0.5) / unit:.2f} / {max(o.to_shard_s) / unit:.2f} units")
