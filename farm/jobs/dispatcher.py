@@ -472,9 +472,10 @@ class Dispatcher:
                 try:
                     if replica is not None:
                         await self._check_cancel(job)  # it may have been asked while the call waited
-                    sent, sent_at = time.perf_counter(), time.time()
-                    self.running[job.id] = {"job_id": job.id, "stage": stage, "pool": pool, "replica": replica,
-                                            "priority": _priority_name(job.priority), "started": sent_at}
+                    sent = time.perf_counter()
+                    running = self.running[job.id] = {
+                        "job_id": job.id, "stage": stage, "pool": pool, "replica": replica,
+                        "priority": _priority_name(job.priority), "started": time.time()}
                     async with asyncio.timeout(self.policy.stage_timeout_s):
                         result = await call(replica)
                 except BaseException:
@@ -487,9 +488,7 @@ class Dispatcher:
                 if pool is not None:
                     self.placement.observe(pool, end - start, took)
                     self._observe_handoff(pool, sent, result)
-                    self.calls.append({"job_id": job.id, "stage": stage, "pool": pool, "replica": replica,
-                                       "priority": _priority_name(job.priority), "started": sent_at,
-                                       "seconds": round(took, 4)})
+                    self.calls.append(running | {"seconds": round(took, 4)})
                 return result, replica
             except TimeoutError:  # a hung replica is as good as lost
                 lost += 1

@@ -16,8 +16,8 @@ Locking: on PostgreSQL a claim picks with ``FOR UPDATE SKIP LOCKED`` (concurrent
 different rows); its status change then moves the class's ``queue_depths`` counter through the
 trigger, so claims and creates of one priority class take turns on that row for the rest of
 their transactions (measured in ``bench/bench_store.py``), while the other class goes on. On
-SQLite the writer's ``BEGIN IMMEDIATE`` excludes every other writer. Lease expiry compares the writers' clocks, so hosts need NTP and ``lease_s``
-should be far longer than any clock skew.
+SQLite the writer's ``BEGIN IMMEDIATE`` excludes every other writer. Lease expiry compares the
+writers' clocks, so hosts need NTP and ``lease_s`` should be far longer than any clock skew.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ minutes here, so the suite runs this one.)"""
 
 from __future__ import annotations
 
-import yaml
 import pytest
+import yaml
 
 from tests.serve.farmkit import farm_cli, wait_for
 
