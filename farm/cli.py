@@ -24,6 +24,7 @@ class CliError(Exception):
 
 # Commands --------------------------------------------------------------------
 def cmd_model_init(args: argparse.Namespace) -> int:
+    _quiet_libraries(args)
     from farm.render.tiny import build_tiny_wan
 
     if args.kind != "tiny":
@@ -71,6 +72,7 @@ def cmd_storage(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    _quiet_libraries(args)
     from farm.render.registry import validate_request
 
     settings = _settings(args)
@@ -130,6 +132,7 @@ def _farm_settings_with_ray(args: argparse.Namespace):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    _quiet_libraries(args)  # it builds the tiny models a fresh state folder lacks
     settings = _farm_settings_with_ray(args)
     from farm import cluster
 
@@ -459,8 +462,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        _quiet_libraries()
     try:
         return args.func(args)
     except CliError as exc:
@@ -471,8 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _quiet_libraries() -> None:
-    """diffusers/transformers draw their own loading bars; the CLI has one bar of its own."""
+def _quiet_libraries(args: argparse.Namespace) -> None:
+    """diffusers/transformers draw their own loading bars; the CLI has one bar of its own. Called
+    by the commands that load models only: importing both costs seconds every other command
+    (`farm status`, `farm whoami`, ...) need not pay."""
+    if args.verbose:
+        return
     try:
         from diffusers.utils import logging as dlog
 

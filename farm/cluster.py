@@ -346,22 +346,33 @@ def farm_ray_processes(temp_dir: str) -> list:
 
 
 def _stop_ray_processes(temp_dir: str, grace_s: float) -> None:
-    """Stop only this farm's Ray (``ray stop`` would end every Ray cluster on the machine)."""
+    """Stop only this farm's Ray (``ray stop`` would end every Ray cluster on the machine).
+
+    The GCS goes last: sent SIGTERM beside its raylet and monitor, it (and the monitor) linger
+    for the whole grace period; after them it exits in about a second."""
     import psutil
 
+    def is_gcs(proc) -> bool:
+        try:
+            return Path((proc.cmdline() or [""])[0]).name == "gcs_server"
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
     victims = farm_ray_processes(temp_dir)
-    for proc in victims:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(victims, timeout=grace_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
+    gcs = [p for p in victims if is_gcs(p)]
+    for group in ([p for p in victims if p not in gcs], gcs):
+        for proc in group:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(group, timeout=grace_s)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
     left = farm_ray_processes(temp_dir)  # any started while we stopped the rest (a worker a dying raylet spawned)
     for proc in left:
         try:

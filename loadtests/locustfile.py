@@ -14,7 +14,7 @@ Jobs are tiny (model ``wan-tiny``, 64x64, 1 s, 2 steps) so the farm's throughput
 render cost, is what the run measures. Environment knobs (all optional but the key):
 VIDEOFARM_API_KEY, VIDEOFARM_MODEL, VIDEOFARM_SIZE, VIDEOFARM_SECONDS, VIDEOFARM_STEPS,
 VIDEOFARM_TIMEOUT_S (per request, default 30), VIDEOFARM_LOCUST_REPORT (a JSON file the final
-figures are written to when locust quits; tests/load reads it).
+figures are written to when locust quits; tests/serve/test_load.py reads it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""One real `farm up` for every farm-level test that can share it (test_farm_up, test_faults).
+"""One real `farm up` for every farm-level test that can share it (test_farm_up, test_faults,
+test_load, test_rolling_update, test_scheduling).
 
 Its settings are the union of what those tests need: long shards (a replica can be killed
 mid-shard; an interactive job can overtake at a boundary), chaos faults for prompts that ask
@@ -25,6 +26,9 @@ SETTINGS = {
     "render": {"shard_steps": SHARD_STEPS, "shard_retries": SHARD_RETRIES, "faults": CHAOS},
     # Webhook receivers in these tests listen on loopback: the operator allowlists it.
     "webhooks": {"allow_hosts": ["127.0.0.0/8"], "poll_s": 0.2},
+    # The load test (test_load.py) overloads its tenant's queue: a small per-account cap, and a
+    # per-key rate above what its one key sends.
+    "serve": {"max_queued_per_account": 6, "rate_limit": "3000/minute"},
 }
 # Serve config fields beyond the app's args: test_farm_up checks they reach the running farm.
 DEPLOYMENT_EXTRAS = {
@@ -34,10 +38,12 @@ DEPLOYMENT_EXTRAS = {
 
 
 @pytest.fixture(scope="session")
-def shared_farm(tmp_path_factory):
+def shared_farm(tmp_path_factory, tiny_model_dir, tiny_model_2x_dir):
     import psutil
 
-    with running_farm(tmp_path_factory.mktemp("shared-farm"), settings=SETTINGS, extras=DEPLOYMENT_EXTRAS) as farm:
+    models = {"wan-tiny": tiny_model_dir, "wan-tiny-2x": tiny_model_2x_dir}  # the same builds `farm up` makes
+    with running_farm(tmp_path_factory.mktemp("shared-farm"), settings=SETTINGS, extras=DEPLOYMENT_EXTRAS,
+                      models=models) as farm:
         yield farm
         ours = farm.processes()
         # The check below can see every kind: Ray's daemons, its client server, replicas, SeaweedFS.

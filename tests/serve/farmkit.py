@@ -239,10 +239,16 @@ def count_line(submitted: int, jobs: list, rows: int, events: list | None = None
 
 @contextmanager
 def running_farm(tmp_path: Path, *, settings: dict[str, Any] | None = None, extras: dict[str, Any] | None = None,
-                 start: bool = True) -> Iterator[Farm]:
-    """`farm up` in a fresh state folder; always `farm down` afterwards."""
+                 start: bool = True, models: dict[str, Path] | None = None) -> Iterator[Farm]:
+    """`farm up` in a fresh state folder; always `farm down` afterwards. ``models`` (model id →
+    a saved tiny model, e.g. the session's) are copied into the folder first, so `farm up` need
+    not build them again (it builds the ones missing, as on a newcomer's machine)."""
+    import shutil
+
     home = tmp_path / "farm-home"
     home.mkdir(parents=True, exist_ok=True)
+    for model_id, source in (models or {}).items():
+        shutil.copytree(source, home / "models" / model_id)
     env = {**os.environ, "FARM_HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("FARM_CONFIG", None)
     farm = Farm(home, free_port(), free_port(),

@@ -24,8 +24,9 @@ def test_rolling_update_mid_run_loses_and_reattempts_nothing(shared_farm, tmp_pa
     farm.wait_idle()
     client = farm.client()
     store = farm.store()
-    # Crawling shards (tests/serve/conftest.py): the jobs outlast the update, three on two replicas.
-    ids = [client.videos.create(model="wan-tiny", prompt=f"chaos-crawl: a lighthouse in a storm {i}", **CLIP,
+    # Slowed shards (tests/serve/conftest.py), three jobs on two replicas: the third waits for a
+    # replica, so the jobs outlast the update (the drained jobs pause until the new dispatcher leads).
+    ids = [client.videos.create(model="wan-tiny", prompt=f"chaos-slow: a lighthouse in a storm {i}", **CLIP,
                                 extra_body={"steps": 50, "seed": i}).id for i in range(3)]
     wait_for(lambda: any(store.get(i).step_index > 0 for i in ids), 180, interval=0.2, what="a job mid-flight")
 
