@@ -209,7 +209,7 @@ def up(
     try:
         ray.init(address=address, namespace="videofarm", log_to_driver=False)
         deploy(config)
-        _wait_running(app.name, runtime.http_url, timeout_s)
+        _wait_running(app.name, runtime.http_url, timeout_s, fixed_resources=started_ray)
     except BaseException:
         ray.shutdown()
         down(settings)
@@ -236,7 +236,7 @@ def redeploy(settings: FarmSettings, deployment_file: Path, *, timeout_s: float 
     try:
         deploy(config)
         time.sleep(1.0)  # the controller marks the app DEPLOYING once it takes the new config
-        _wait_running(app.name, runtime.http_url, timeout_s)
+        _wait_running(app.name, runtime.http_url, timeout_s, fixed_resources=runtime.started_ray)
     finally:
         ray.shutdown()
     return FarmRuntime(runtime.app_name, runtime.ray_address, runtime.started_ray, runtime.http_url,
@@ -263,8 +263,10 @@ def deploy(config: dict) -> None:
     client.deploy_apps(schema, _blocking=False)
 
 
-def _wait_running(app_name: str, http_url: str, timeout_s: float) -> None:
-    """Until the app is RUNNING and its gateway answers; a failed deploy raises with Serve's reason."""
+def _wait_running(app_name: str, http_url: str, timeout_s: float, *, fixed_resources: bool = False) -> None:
+    """Until the app is RUNNING and its gateway answers. ``fixed_resources``: the farm's own
+    one-node Ray, which no autoscaler grows, so a replica Serve cannot place (the reservations
+    add up to more than the node has) never will: that fails at once, saying so."""
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
@@ -274,7 +276,17 @@ def _wait_running(app_name: str, http_url: str, timeout_s: float) -> None:
             raise FarmError(f"the Serve app {app_name!r} failed to deploy: {_one_line(app.message)}")
         if app is not None and app.status.value == "RUNNING":
             break
+        unplaced = [d.message for d in (app.deployments.values() if app else ()) if "to be scheduled" in d.message]
+        if fixed_resources and unplaced:
+            raise FarmError(f"the Serve app {app_name!r} cannot start on this node: {_one_line(unplaced[0])} "
+                            "Lower the replicas or their num_cpus/num_gpus in the deployment file.")
         time.sleep(0.5)
+    else:
+        app = serve.status().applications.get(app_name)
+        waiting = {n: d.message or d.status.value for n, d in (app.deployments.items() if app else ())
+                   if d.status.value != "HEALTHY"}
+        raise FarmError(f"the Serve app {app_name!r} is not running after {timeout_s:.0f}s; not ready: "
+                        + ("; ".join(f"{n}: {_one_line(m)}" for n, m in waiting.items()) or "no deployment yet"))
     _waithealthy(http_url, max(5.0, deadline - time.monotonic()))
 
 
