@@ -12,6 +12,7 @@ knows where to look.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import socket
@@ -276,7 +277,7 @@ def _wait_running(app_name: str, http_url: str, timeout_s: float, *, fixed_resou
             raise FarmError(f"the Serve app {app_name!r} failed to deploy: {_one_line(app.message)}")
         if app is not None and app.status.value == "RUNNING":
             break
-        unplaced = [d.message for d in (app.deployments.values() if app else ()) if "to be scheduled" in d.message]
+        unplaced = [d.message for d in (app.deployments.values() if app else ()) if _cannot_place(d.message)]
         if fixed_resources and unplaced:
             raise FarmError(f"the Serve app {app_name!r} cannot start on this node: {_one_line(unplaced[0])} "
                             "Lower the replicas or their num_cpus/num_gpus in the deployment file.")
@@ -288,6 +289,22 @@ def _wait_running(app_name: str, http_url: str, timeout_s: float, *, fixed_resou
         raise FarmError(f"the Serve app {app_name!r} is not running after {timeout_s:.0f}s; not ready: "
                         + ("; ".join(f"{n}: {_one_line(m)}" for n, m in waiting.items()) or "no deployment yet"))
     _waithealthy(http_url, max(5.0, deadline - time.monotonic()))
+
+
+def _cannot_place(message: str) -> bool:
+    """Whether Serve's slow-scheduling message says a replica needs more of a resource than the
+    node has left. The same message comes for a replica that fits and merely waits for its worker
+    process to start (seconds on a loaded machine): that one is not refused."""
+    import re
+
+    found = re.search(r"required for each replica: (\{.*?\}), total resources available: (\{.*?\})", message)
+    if "to be scheduled" not in message or found is None:
+        return False
+    try:
+        required, available = (json.loads(part) for part in found.groups())
+        return any(float(need) > float(available.get(name, 0.0)) + 1e-9 for name, need in required.items())
+    except (ValueError, TypeError, AttributeError):
+        return False
 
 
 def _one_line(text: str) -> str:

@@ -136,3 +136,22 @@ def test_farm_up_refuses_settings_it_reads_before_the_file(tmp_path, monkeypatch
         path = deployment_with(patch, tmp_path / "deployment.yaml")
         with pytest.raises(FarmError, match=needle):
             up(load_settings(), path)
+
+
+SLOW = ("Deployment 'Finisher' in application 'videofarm' has 1 replicas that have taken more than 30s to be "
+        "scheduled. This may be due to waiting for the cluster to auto-scale or for a runtime environment to be "
+        "installed. Resources required for each replica: {required}, total resources available: {available}. "
+        "Use `ray status` for more details.")
+
+
+def test_farm_up_refuses_only_a_replica_the_node_cannot_hold():
+    """Serve's slow-scheduling message (as Ray 2.60 words it) comes both for a replica that does not
+    fit and for one that fits but whose worker is slow to start on a loaded machine; `farm up` on its
+    own node refuses only the first."""
+    from farm.cluster import _cannot_place
+
+    assert _cannot_place(SLOW.format(required='{"CPU": 0.25}', available='{"CPU": 0.05}'))
+    assert _cannot_place(SLOW.format(required='{"CPU": 0.1, "GPU": 1.0}', available='{"CPU": 1.0}'))
+    assert not _cannot_place(SLOW.format(required='{"CPU": 0.25}', available='{"CPU": 0.3}'))  # fits: wait on
+    assert not _cannot_place("Deployment 'Finisher' has 1 replicas that have taken more than 30s to initialize.")
+    assert not _cannot_place(SLOW.replace("Resources required", "Needs"))  # a wording we cannot read: wait on
