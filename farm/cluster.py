@@ -265,9 +265,10 @@ def deploy(config: dict) -> None:
 
 
 def _wait_running(app_name: str, http_url: str, timeout_s: float, *, fixed_resources: bool = False) -> None:
-    """Until the app is RUNNING and its gateway answers. ``fixed_resources``: the farm's own
-    one-node Ray, which no autoscaler grows, so a replica Serve cannot place (the reservations
-    add up to more than the node has) never will: that fails at once, saying so."""
+    """Until the app is RUNNING and its gateway answers; a failed deploy raises with Serve's reason.
+    ``fixed_resources``: the farm's own one-node Ray, which no autoscaler grows, so a replica that
+    does not fit (the reservations add up to more than the node has) never will: that fails as
+    soon as Serve reports it (its slow-scheduling message, after 30 s), naming what it needs."""
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
@@ -387,27 +388,22 @@ def _stop_ray_processes(temp_dir: str, grace_s: float) -> None:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return False
 
+    def send(procs: list, action: str) -> None:
+        for proc in procs:
+            try:
+                getattr(proc, action)()
+            except psutil.NoSuchProcess:
+                pass
+
     victims = farm_ray_processes(temp_dir)
     gcs = [p for p in victims if is_gcs(p)]
     for group in ([p for p in victims if p not in gcs], gcs):
-        for proc in group:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
+        send(group, "terminate")
         _, alive = psutil.wait_procs(group, timeout=grace_s)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        send(alive, "kill")
         psutil.wait_procs(alive, timeout=10)
     left = farm_ray_processes(temp_dir)  # any started while we stopped the rest (a worker a dying raylet spawned)
-    for proc in left:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+    send(left, "kill")
     psutil.wait_procs(left, timeout=10)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
