@@ -201,8 +201,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Send one prompt to the running farm through its OpenAI-style API, as any client would."""
-    import time
-
+    import httpx
     import openai
 
     from farm.runtime import running_farm
@@ -228,16 +227,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"video_id: {video.id}")
     if not args.wait:
         return 0
+    from farm.follow import follow
+
     with _TqdmProgress(100, enabled=not args.quiet, unit="%") as bar:
-        while video.status in ("queued", "in_progress"):
-            bar.stage(video.status)
-            bar.advance_to(video.progress or 0)
-            time.sleep(0.5)
-            video = client.videos.retrieve(video.id)
-        bar.advance_to(100 if video.status == "completed" else video.progress or 0)
-    if video.status != "completed":
-        error = video.error.message if video.error else "no error message"
-        raise CliError(f"video {video.id} ended {video.status}: {error}")
+        def show(update: dict) -> None:
+            ahead = update.get("queue_position")
+            bar.stage(f"queued, {ahead} ahead" if update["status"] == "queued" or ahead is not None
+                      else update["status"])
+            bar.advance_to(update.get("progress") or 0)
+
+        try:
+            final, how = follow(f"{runtime.http_url}", client.api_key, video.id, show)
+        except httpx.HTTPStatusError as exc:
+            raise CliError(_api_error(exc)) from None
+        bar.advance_to(100 if final["status"] == "completed" else final.get("progress") or 0)
+    log.info("followed %s by %s", video.id, how)
+    if final["status"] != "completed":
+        error = (final.get("error") or {}).get("message") or "no error message"
+        raise CliError(f"video {video.id} ended {final['status']}: {error}")
     print(f"s3:       s3://{settings.storage.bucket}/videos/{video.id}/video.mp4")
     if out is not None:
         out.write_bytes(client.videos.download_content(video.id, variant="video").read())
@@ -441,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--steps", type=_whole_number, help="denoising steps")
     submit.add_argument("--seed", type=_whole_number, help="random seed")
     submit.add_argument("--priority", choices=("interactive", "bulk"), help="queue priority")
-    submit.add_argument("--wait", action="store_true", help="poll until done, with a progress bar")
+    submit.add_argument("--wait", action="store_true",
+                        help="follow it to the end (its event stream, else polling), with a progress bar")
     submit.add_argument("--out", help="with --wait: download the MP4 here")
     submit.add_argument("--api-key", help="API key (default: VIDEOFARM_API_KEY, else the one `farm redeem` saved)")
     submit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -183,6 +183,11 @@ class ServeSettings(BaseModel):
         default="30/minute",
         description="Per client address: invite redemptions and requests with a refused key (guessing).",
     )
+    key_cache_s: float = Field(default=30.0, ge=0, le=3600, description=(
+        "How long a gateway replica trusts an API key it looked up (0: look up every request). Revocations "
+        "still take effect within revocation_check_s."))
+    revocation_check_s: float = Field(default=1.0, ge=0, le=60, description=(
+        "How often a gateway replica reads the store's revocation version, dropping its cached keys when it moved."))
     max_queued_per_account: int = Field(default=50, ge=1, description="Queued jobs per account beyond which creates get 429.")
     max_prompt_chars: int = Field(default=4000, ge=1, description="Longest prompt accepted, in characters.")
     max_body_mb: float = Field(default=16.0, gt=0, description="Largest request body accepted, in MiB.")

@@ -166,6 +166,15 @@ class AccountStore:
                 log.warning("could not record last use of key %s", row.id, exc_info=True)
         return Principal(row.account_id, row.id)
 
+    def revocation_version(self) -> tuple[int, int, int | None]:
+        """Changes whenever a key stops being valid (revoked, or removed with its account): gateways
+        that cache keys compare it to drop their caches. Keys are never un-revoked, so (keys,
+        revoked keys, newest revocation) moves on every such change."""
+        query = sa.select(sa.func.count(), sa.func.count(_K.c.revoked_at), sa.func.max(_K.c.revoked_at))
+        with self.db.engine.connect() as conn:
+            keys, revoked, newest = conn.execute(query).one()
+        return keys, revoked, None if newest is None else int(newest.timestamp() * 1_000_000)
+
     def create_key(self, account_id: str, name: str = "default") -> tuple[KeyInfo, str]:
         with self.db.writer.begin() as conn:
             active = conn.scalar(sa.select(sa.func.count()).select_from(_K)

@@ -102,11 +102,13 @@ def add_account_routes(app: FastAPI, auth: GatewayAuth, invite_ttl_s: int,
             raise Conflict(str(exc), code="too_many_keys") from None
         return key.to_api() | {"key": secret}
 
-    @app.delete("/v1/api_keys/{key_id}", summary="Revoke an API key (at once)", operation_id="revokeApiKey",
+    @app.delete("/v1/api_keys/{key_id}", summary="Revoke an API key (this gateway at once, others within "
+                "serve.revocation_check_s)", operation_id="revokeApiKey",
                 tags=["accounts"], responses={404: {"model": ErrorResponse}})
     async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
         who = await tenant(request)
         key = await run_in_threadpool(accounts.revoke_key, who.account_id, key_id)
         if key is None:
             raise NotFound(f"api key {key_id!r} not found", param="key_id")
+        auth.forget_keys()
         return key.to_api()

@@ -1,8 +1,11 @@
 """Who is calling, and how often: API keys, the admin key, per-key rate limits.
 
-Keys arrive as ``Authorization: Bearer <key>``, as the ``openai`` SDK sends them. Tenant keys
-are looked up on every request (a revoked key stops at once); the admin key is compared in
-constant time. Rate limits are a moving window per key (the ``limits`` library), kept in
+Keys arrive as ``Authorization: Bearer <key>``, as the ``openai`` SDK sends them. A tenant key
+found in the store is cached by this replica for ``key_cache_s``; every ``revocation_check_s``
+the replica reads the store's revocation version (one small aggregate) and drops its cache when
+it moved, so a key revoked anywhere stops working here within ``revocation_check_s`` (at once
+when it is revoked through this replica). Unknown keys are never cached. The admin key is
+compared in constant time. Rate limits are a moving window per key (the ``limits`` library), kept in
 each gateway replica's memory: with N gateway replicas a key gets at most N times its limit,
 which is why local deployments run one.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from limits import RateLimitItem, parse
@@ -49,6 +53,10 @@ class GatewayAuth:
     admin_key: str
     rate_limit: str = "1200/minute"
     anonymous_rate_limit: str = ANONYMOUS_RATE_LIMIT  # per address: invite redemptions, refused keys
+    key_cache_s: float = 30.0  # 0: look every key up on every request
+    revocation_check_s: float = 1.0
+    max_cached_keys: int = 100_000
+    clock: Callable[[], float] = time.monotonic
     _limit: RateLimitItem = field(init=False, repr=False)
     _anonymous: RateLimitItem = field(init=False, repr=False)
     _limiter: MovingWindowRateLimiter = field(init=False, repr=False)
@@ -56,19 +64,51 @@ class GatewayAuth:
     def __post_init__(self) -> None:
         self._limit, self._anonymous = parse(self.rate_limit), parse(self.anonymous_rate_limit)
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        if self.key_cache_s < 0 or self.revocation_check_s < 0:
+            raise ValueError("GatewayAuth: key_cache_s and revocation_check_s must be >= 0")
+        # digest of the secret -> (principal, cached at); touched only on the event loop.
+        self._keys: dict[str, tuple[Principal, float]] = {}
+        self._version: tuple | None = None
+        self._checked_at = float("-inf")
+
+    async def _principal(self, secret: str) -> Principal | None:
+        """The key's principal: from this replica's cache while it is fresh and no key was revoked."""
+        if self.key_cache_s <= 0:
+            return await run_in_threadpool(self.accounts.authenticate, secret)
+        now = self.clock()
+        if now - self._checked_at >= self.revocation_check_s:
+            self._checked_at = now  # first: concurrent requests do not all read it
+            version = await run_in_threadpool(self.accounts.revocation_version)
+            if version != self._version:
+                self._keys.clear()
+                self._version = version
+        digest = keys.digest(secret)
+        cached = self._keys.get(digest)
+        if cached is not None and now - cached[1] < self.key_cache_s:
+            return cached[0]
+        principal = await run_in_threadpool(self.accounts.authenticate, secret)
+        if principal is not None:
+            if len(self._keys) >= self.max_cached_keys:
+                self._keys.pop(next(iter(self._keys)))  # the oldest entry
+            self._keys[digest] = (principal, now)
+        return principal
+
+    def forget_keys(self) -> None:
+        """Drop every cached key now (a key was revoked through this replica)."""
+        self._keys.clear()
 
     async def tenant(self, request: Request) -> Principal:
         """The caller's account and key, after its rate limit; 401 or 429 otherwise."""
         try:
             secret = _bearer(request)
-            principal = await run_in_threadpool(self.accounts.authenticate, secret)
+            principal = await self._principal(secret)
         except Unauthorized:
             self._failed(request)
             raise
         if principal is None:
             self._failed(request)
             raise Unauthorized(f"Incorrect API key provided: {keys.hint(secret)}. Keys are issued by redeeming an "
-                               "invite (POST /v1/invites/redeem); revoked keys stop working at once")
+                               "invite (POST /v1/invites/redeem); revoked keys stop working")
         self._spend(request, self._limit, f"key:{principal.key_id}")
         return principal
 

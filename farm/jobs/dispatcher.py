@@ -39,7 +39,7 @@ from farm.jobs.estimates import InFlight, ModelCosts, QueueSnapshot
 from farm.jobs.placement import DECODE_POOL, ENCODE_POOL, Placement, StageRequest
 from farm.jobs.retry import ReplicaLost, RetryPolicy, is_render_error, is_transient_storage_error
 from farm.jobs.store import Job, JobStore, Priority
-from farm.render.plan import ShardPlan, StepLayout, plan_shards
+from farm.render.plan import HIGH_NOISE_EXPERT, ShardPlan, StepLayout, plan_shards
 from farm.render.registry import ModelSpec, RenderParams, parse_size
 from farm.sched import SchedulerConfig
 from farm.storage.s3 import checkpoint_prefix
@@ -336,6 +336,9 @@ class Dispatcher:
         pools = self.placement.pools()
         jobs: dict[str, InFlight] = {}
         backlog: dict[str, float] = {}
+        # Not started yet (in line): ordered as claims and the policy order them, priority then age.
+        in_line = sorted((f for f in self._flights.values() if not f.started and f.job.model in self.models),
+                         key=lambda f: (f.job.priority, f.job.created_at, f.job.id))
         for job_id, flight in self._flights.items():
             spec = self.models.get(flight.job.model)
             if spec is None:
@@ -343,8 +346,9 @@ class Dispatcher:
             position = self.placement.queue_position(job_id)
             wait_s = 0.0 if position is None else position.cost_ahead_s / max(len(pools.get(position.pool, ())), 1)
             remaining = self._remaining_s(flight, spec)
-            jobs[job_id] = InFlight(spec.id, _priority_name(flight.job.priority), flight.started,
-                                    None if position is None else position.shards_ahead, wait_s, remaining)
+            ahead = None if flight.started else self._ahead(flight, position, in_line)
+            jobs[job_id] = InFlight(spec.id, _priority_name(flight.job.priority), flight.started, ahead, wait_s,
+                                    remaining)
             backlog[spec.id] = backlog.get(spec.id, 0.0) + (remaining or 0.0)
         models = {}
         for spec in self.models.values():
@@ -355,6 +359,28 @@ class Dispatcher:
                 finish_s=self._measured(FINISH_STAGE), step_s=self._step_s(own),
                 backlog_s=backlog.get(spec.id, 0.0))
         return QueueSnapshot(time.time(), jobs, models)
+
+    def _ahead(self, flight: _Flight, position, in_line: list[_Flight]) -> int:
+        """Jobs that start rendering before this one, which has not: waiting in its model's denoiser
+        pool, the policy's count of shards ahead of it there; before it gets there (encoding), every
+        shard waiting in that pool at its priority or a more urgent one, and the jobs of its model
+        still in line before it that are not in the pool yet."""
+        if position is not None and position.pool not in (ENCODE_POOL, DECODE_POOL):
+            return position.shards_ahead
+        model = flight.job.model
+        try:
+            depth = self.placement.depths()[self.placement.denoiser_pool(model, HIGH_NOISE_EXPERT)]
+        except KeyError:  # no pool serves it: the job will fail, nobody is ahead
+            depth = {}
+        waiting = depth.get("interactive", 0) + (depth.get("bulk", 0) if flight.job.priority == Priority.BULK else 0)
+        before = 0
+        for other in in_line:
+            if other is flight:
+                break
+            other_position = self.placement.queue_position(other.job.id)
+            in_pool = other_position is not None and other_position.pool not in (ENCODE_POOL, DECODE_POOL)
+            before += other.job.model == model and not in_pool
+        return waiting + before
 
     def _measured(self, pool: str, steps: int = 1) -> float | None:
         return self.placement.estimate(pool, steps) if self.placement.measured(pool) else None

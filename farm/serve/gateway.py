@@ -51,7 +51,8 @@ class Gateway:
         configured = settings.auth.admin_key.get_secret_value() if settings.auth.admin_key else None
         auth = GatewayAuth(AccountStore(self.db),
                            resolve_admin_key(settings.state_dir, configured), rate_limit=ss.rate_limit,
-                           anonymous_rate_limit=ss.anonymous_rate_limit)
+                           anonymous_rate_limit=ss.anonymous_rate_limit, key_cache_s=ss.key_cache_s,
+                           revocation_check_s=ss.revocation_check_s)
         deps = GatewayDeps(
             store=self.store,
             objects=lambda: open_store(settings, start=False),

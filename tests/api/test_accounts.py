@@ -184,3 +184,58 @@ def test_guessing_keys_is_rate_limited_per_address(make_auth_app):
     statuses = [client.get("/v1/videos", headers={"Authorization": f"Bearer vf_sk_guess{i}"}).status_code
                 for i in range(31)]
     assert statuses[:30] == [401] * 30 and statuses[30] == 429
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_keys_are_cached_and_a_revocation_elsewhere_ends_the_cache_within_the_check_interval(
+        make_app, accounts, monkeypatch):
+    """Two gateway replicas over one database: each caches the keys it looked up; a key revoked
+    through one stops working on the other once that one's revocation check comes due."""
+    from farm.api.auth import GatewayAuth
+
+    clock = _Clock()
+    replicas = [GatewayAuth(accounts, ADMIN_KEY, key_cache_s=60, revocation_check_s=1.0, clock=clock)
+                for _ in range(2)]
+    here, there = (TestClient(make_app(auth=a)) for a in replicas)
+    lookups = []
+    real = accounts.authenticate
+    monkeypatch.setattr(accounts, "authenticate", lambda secret: lookups.append(secret) or real(secret))
+
+    owner = new_tenant(here, "ada")
+    ci_key = here.post("/v1/api_keys", json={"name": "ci"}, headers=owner).json()
+    ci = {"Authorization": f"Bearer {ci_key['key']}"}
+    lookups.clear()
+    for _ in range(10):
+        assert there.get("/v1/videos", headers=ci).status_code == 200
+    assert lookups.count(ci_key["key"]) == 1  # looked up once, then served from the cache
+
+    here.delete(f"/v1/api_keys/{ci_key['id']}", headers=owner)  # revoked through the other replica
+    clock.now += 0.5
+    assert there.get("/v1/videos", headers=ci).status_code == 200  # still cached: its check is not due
+    clock.now += 0.6  # past revocation_check_s: the version moved, the cache is dropped
+    assert error_of(there.get("/v1/videos", headers=ci), 401)["code"] == "invalid_api_key"
+    assert here.get("/v1/videos", headers=owner).status_code == 200  # the owner's other key still works
+    # Unknown keys are never cached: each attempt is looked up (and counted against the address).
+    lookups.clear()
+    for _ in range(3):
+        there.get("/v1/videos", headers={"Authorization": "Bearer vf_sk_" + "x" * 43})
+    assert len(lookups) == 3
+
+
+def test_a_key_revoked_through_this_replica_stops_at_once(make_app, accounts):
+    from farm.api.auth import GatewayAuth
+
+    client = TestClient(make_app(auth=GatewayAuth(accounts, ADMIN_KEY, key_cache_s=60, revocation_check_s=60)))
+    owner = new_tenant(client, "ada")
+    ci_key = client.post("/v1/api_keys", json={"name": "ci"}, headers=owner).json()
+    ci = {"Authorization": f"Bearer {ci_key['key']}"}
+    assert client.get("/v1/videos", headers=ci).status_code == 200
+    client.delete(f"/v1/api_keys/{ci_key['id']}", headers=owner)
+    assert error_of(client.get("/v1/videos", headers=ci), 401)["code"] == "invalid_api_key"
