@@ -174,6 +174,10 @@ def up(
     store.close()
     if settings.auth.admin_key is None and env.admin_key() is None:
         ensure_admin_key_file(settings.state_dir)  # the operator's key on a one-machine farm
+    if settings.serve.shared_limits and settings.serve.redis_url is None:
+        from farm.redis_server import EmbeddedRedis
+
+        EmbeddedRedis(settings.redis_dir).start()  # the gateways' shared rate limits
 
     # 2. Ray: start a head node here, or join the given cluster.
     started_ray = address is None
@@ -328,7 +332,8 @@ def _waithealthy(http_url: str, timeout_s: float) -> None:
 
 
 def down(settings: FarmSettings, *, grace_s: int = 15) -> bool:
-    """Stop what ``up`` started: the Serve app, Ray (if ours), the embedded store. True if a farm was up."""
+    """Stop what ``up`` started: the Serve app, Ray (if ours), the embedded store and Redis. True if a
+    farm was up."""
     from farm.storage.connect import running_embedded
 
     runtime = FarmRuntime.load(settings.state_dir)
@@ -346,7 +351,10 @@ def down(settings: FarmSettings, *, grace_s: int = 15) -> bool:
     server = running_embedded(settings) if settings.storage.mode == "embedded" else None
     if server is not None:
         server.stop()
-    return runtime is not None or server is not None
+    from farm.redis_server import EmbeddedRedis
+
+    redis = EmbeddedRedis(settings.redis_dir).stop()
+    return runtime is not None or server is not None or redis
 
 
 def ray_temp_dir_for(settings: FarmSettings) -> str:

@@ -183,6 +183,12 @@ class ServeSettings(BaseModel):
         default="30/minute",
         description="Per client address: invite redemptions and requests with a refused key (guessing).",
     )
+    rate_limit_store: Literal["auto", "memory", "redis"] = Field(default="auto", description=(
+        "Where rate-limit windows live: 'memory' (each gateway replica its own; one replica only), 'redis' (shared "
+        "by every replica), 'auto' (redis when gateway_replicas > 1)."))
+    redis_url: SecretStr | None = Field(default=None, description=(
+        "The Redis for shared rate limits (redis://[:password@]host:port/db); unset: `farm up` starts one on "
+        "loopback (Debian's redis-server) when the limits are shared."))
     key_cache_s: float = Field(default=30.0, ge=0, le=3600, description=(
         "How long a gateway replica trusts an API key it looked up (0: look up every request). Revocations "
         "still take effect within revocation_check_s."))
@@ -206,6 +212,18 @@ class ServeSettings(BaseModel):
         except ValueError:
             raise ValueError(f"rate_limit: {value!r} is not a rate; use e.g. '1200/minute' or '20/second'") from None
         return value
+
+    @property
+    def shared_limits(self) -> bool:
+        return self.rate_limit_store == "redis" or (self.rate_limit_store == "auto" and self.gateway_replicas > 1)
+
+    @model_validator(mode="after")
+    def _one_set_of_limits(self) -> "ServeSettings":
+        if self.rate_limit_store == "memory" and self.gateway_replicas > 1:
+            raise ValueError(f"serve.rate_limit_store: 'memory' keeps each of the {self.gateway_replicas} gateway "
+                             "replicas' limits apart (every key would get that many times its limit); use 'redis' "
+                             "or 'auto' with more than one gateway replica")
+        return self
 
     @model_validator(mode="after")
     def _poll_hints_ordered(self) -> "ServeSettings":
@@ -305,6 +323,10 @@ class FarmSettings(BaseModel):
     @property
     def models_dir(self) -> Path:
         return self.state_dir / "models"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.state_dir / "redis"
 
     @property
     def seaweed_dir(self) -> Path:

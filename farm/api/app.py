@@ -8,6 +8,7 @@ Store and S3 calls are blocking, so they run in the thread pool, never on the ev
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import json
@@ -20,10 +21,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import httpx
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,6 +43,7 @@ from farm.api.errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    ServiceUnavailable,
     VideoNotReady,
     install_error_handlers,
 )
@@ -60,7 +64,7 @@ from farm.api.wire import video_object
 from farm.jobs.estimates import poll_after_ms
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, IdempotencyConflict, QueueFull
 from farm.render.registry import ModelSpec, find_model, validate_request
-from farm.storage.s3 import ClipLayout, ObjectNotFound, checkpoint_prefix, delete_clip
+from farm.storage.s3 import ClipLayout, checkpoint_prefix, delete_clip
 
 if TYPE_CHECKING:
     from farm.jobs.store import Job, JobStore
@@ -121,6 +125,7 @@ class GatewayDeps:
     max_body_bytes: int = 16 * 1024 * 1024
     upload_limits: UploadLimits = field(default_factory=UploadLimits)
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
+    _http: tuple[Any, httpx.AsyncClient] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -145,6 +150,14 @@ class GatewayDeps:
             if self._objects is None:
                 self._objects = self.objects() if callable(self.objects) else self.objects
             return self._objects
+
+    def http_client(self) -> httpx.AsyncClient:
+        """The async HTTP client content downloads relay S3 through, one per event loop."""
+        loop = asyncio.get_running_loop()
+        if self._http is None or self._http[0] is not loop:
+            self._http = (loop, httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0),
+                                                  limits=httpx.Limits(max_connections=512)))
+        return self._http[1]
 
     def model(self, model_id: str | None) -> ModelSpec:
         try:
@@ -253,18 +266,6 @@ class _Timing:
 def _param_of(message: str) -> str | None:
     match = _PARAM_PREFIX.match(message)
     return match.group(1) if match else None
-
-
-def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """An inclusive byte range from a single-range ``Range`` header; None means the whole object."""
-    match = _RANGE.match(header.strip()) if header else None
-    if not match:
-        return None  # absent, multi-range or suffix ranges: RFC 9110 allows sending it whole
-    first = int(match.group(1))
-    last = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
-    if first >= size or last < first:
-        raise _RangeNotSatisfiable(size)
-    return first, last
 
 
 class _RangeNotSatisfiable(InvalidRequest):
@@ -502,23 +503,44 @@ async def _create_job(
 
 
 async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_header: str | None) -> StreamingResponse:
+    """The object's bytes, relayed from S3 on the event loop (an async HTTP GET of a presigned URL):
+    a slow client holds a socket and a buffer, never a thread-pool thread the store calls need."""
     objects, key = await run_in_threadpool(deps.object_store), layout.key(variant)
-    byte_range = None
+    byte_range = _requested_range(range_header)
+    headers = {} if byte_range is None else {"Range": f"bytes={byte_range[0]}-{'' if byte_range[1] is None else byte_range[1]}"}
+    http = deps.http_client()
     try:
-        if range_header:
-            info = await run_in_threadpool(objects.head, key)
-            if info is None:
-                raise ObjectNotFound(f"{key} does not exist")
-            byte_range = _parse_range(range_header, info.size)
-        body = await run_in_threadpool(lambda: objects.stream(key, byte_range=byte_range))
-    except ObjectNotFound:
-        raise NotFound(f"variant {variant!r} of video {layout.video_id!r} is not stored", param="variant") from None
-    headers = {"Content-Length": str(body.content_length), "Accept-Ranges": "bytes"}
-    if byte_range is not None and body.content_range:
-        headers["Content-Range"] = body.content_range
-    # A sync iterator: Starlette pulls it in the thread pool, one chunk at a time.
-    return StreamingResponse(iter(body), status_code=206 if byte_range else 200,
-                             media_type=layout.content_type(variant), headers=headers)
+        reply = await http.send(http.build_request("GET", objects.presigned_get(key, 60), headers=headers), stream=True)
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailable(f"the object store did not answer ({type(exc).__name__}); retry later") from None
+    if reply.status_code in (200, 206):
+        out = {"Content-Length": reply.headers["content-length"], "Accept-Ranges": "bytes"}
+        if reply.status_code == 206:
+            out["Content-Range"] = reply.headers["content-range"]
+        return StreamingResponse(reply.aiter_raw(), status_code=reply.status_code,
+                                 media_type=layout.content_type(variant), headers=out,
+                                 background=BackgroundTask(reply.aclose))
+    await reply.aclose()
+    if reply.status_code == 404:
+        raise NotFound(f"variant {variant!r} of video {layout.video_id!r} is not stored", param="variant")
+    if reply.status_code == 416:  # the range starts past the end: say how long the object is
+        info = await run_in_threadpool(objects.head, key)
+        raise _RangeNotSatisfiable(info.size if info is not None else 0)
+    log.warning("object store answered %d for GET %s", reply.status_code, key)
+    raise ServiceUnavailable(f"the object store answered {reply.status_code}; retry later")
+
+
+def _requested_range(header: str | None) -> tuple[int, int | None] | None:
+    """(first, last or None) of a single-range ``Range`` header; None means the whole object
+    (absent, multi-range and suffix ranges: RFC 9110 allows sending it whole). The object store
+    clamps ``last`` to the object and refuses a range past its end (416)."""
+    match = _RANGE.match(header.strip()) if header else None
+    if not match:
+        return None
+    first, last = int(match.group(1)), int(match.group(2)) if match.group(2) else None
+    if last is not None and last < first:
+        return None  # not a valid range: ignored, as RFC 9110 says
+    return first, last
 
 
 async def _notify(deps: GatewayDeps, video_id: str) -> None:

@@ -5,9 +5,9 @@ found in the store is cached by this replica for ``key_cache_s``; every ``revoca
 the replica reads the store's revocation version (one small aggregate) and drops its cache when
 it moved, so a key revoked anywhere stops working here within ``revocation_check_s`` (at once
 when it is revoked through this replica). Unknown keys are never cached. The admin key is
-compared in constant time. Rate limits are a moving window per key (the ``limits`` library), kept in
-each gateway replica's memory: with N gateway replicas a key gets at most N times its limit,
-which is why local deployments run one.
+compared in constant time. Rate limits are a moving window per key (the ``limits`` library): in the
+replica's memory by default (one gateway replica), or in Redis (``limits_url``) shared by every
+replica, so a key's limit holds however many gateways answer it.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from limits import RateLimitItem, parse
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
+from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.routing import Match
@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from farm.accounts import keys
 from farm.accounts.store import AccountStore, Principal
-from farm.api.errors import APIError, RateLimited
+from farm.api.errors import APIError, RateLimited, ServiceUnavailable
 
 # Unauthenticated routes (redeeming an invite) are limited per client address instead.
 ANONYMOUS_RATE_LIMIT = "30/minute"
@@ -53,6 +53,8 @@ class GatewayAuth:
     admin_key: str
     rate_limit: str = "1200/minute"
     anonymous_rate_limit: str = ANONYMOUS_RATE_LIMIT  # per address: invite redemptions, refused keys
+    # redis://…: rate windows shared by every replica; None: this replica's memory.
+    limits_url: str | None = field(default=None, repr=False)
     key_cache_s: float = 30.0  # 0: look every key up on every request
     revocation_check_s: float = 1.0
     max_cached_keys: int = 100_000
@@ -63,7 +65,12 @@ class GatewayAuth:
 
     def __post_init__(self) -> None:
         self._limit, self._anonymous = parse(self.rate_limit), parse(self.anonymous_rate_limit)
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        if self.limits_url is None:
+            storage = MemoryStorage()
+        else:  # async I/O on the event loop, never a blocking call there
+            storage = RedisStorage("async+" + self.limits_url.removeprefix("async+"), implementation="redispy",
+                                   key_prefix="videofarm")
+        self._limiter = MovingWindowRateLimiter(storage)
         if self.key_cache_s < 0 or self.revocation_check_s < 0:
             raise ValueError("GatewayAuth: key_cache_s and revocation_check_s must be >= 0")
         # digest of the secret -> (principal, cached at); touched only on the event loop.
@@ -103,38 +110,42 @@ class GatewayAuth:
             secret = _bearer(request)
             principal = await self._principal(secret)
         except Unauthorized:
-            self._failed(request)
+            await self._failed(request)
             raise
         if principal is None:
-            self._failed(request)
+            await self._failed(request)
             raise Unauthorized(f"Incorrect API key provided: {keys.hint(secret)}. Keys are issued by redeeming an "
                                "invite (POST /v1/invites/redeem); revoked keys stop working")
-        self._spend(request, self._limit, f"key:{principal.key_id}")
+        await self._spend(request, self._limit, f"key:{principal.key_id}")
         return principal
 
-    def admin(self, request: Request) -> None:
+    async def admin(self, request: Request) -> None:
         try:
             given = _bearer(request)
         except Unauthorized:
-            self._failed(request)
+            await self._failed(request)
             raise
         if not keys.same(given, self.admin_key):
-            self._failed(request)
+            await self._failed(request)
             raise Unauthorized("this route needs the operator's admin key")
 
-    def _failed(self, request: Request) -> None:
+    async def _failed(self, request: Request) -> None:
         """Refused keys count against the caller's address: guessing costs a lookup each, so it is limited."""
         host = request.client.host if request.client else "unknown"
-        self._spend(request, self._anonymous, f"refused:{host}")
+        await self._spend(request, self._anonymous, f"refused:{host}")
 
-    def anonymous(self, request: Request) -> None:
+    async def anonymous(self, request: Request) -> None:
         """Rate-limit an unauthenticated route by client address."""
         host = request.client.host if request.client else "unknown"
-        self._spend(request, self._anonymous, f"ip:{host}")
+        await self._spend(request, self._anonymous, f"ip:{host}")
 
-    def _spend(self, request: Request, limit: RateLimitItem, bucket: str) -> None:
-        allowed = self._limiter.hit(limit, bucket)
-        stats = self._limiter.get_window_stats(limit, bucket)
+    async def _spend(self, request: Request, limit: RateLimitItem, bucket: str) -> None:
+        try:
+            allowed = await self._limiter.hit(limit, bucket)
+            stats = await self._limiter.get_window_stats(limit, bucket)
+        except Exception as exc:  # the shared store (Redis) is down: refuse rather than run unlimited
+            raise ServiceUnavailable(f"the rate-limit store did not answer ({type(exc).__name__}); retry later",
+                                     headers={"Retry-After": "1"}) from None
         reset_s = max(stats.reset_time - time.time(), 0.0)
         # OpenAI's header names; reset is a duration ("12s"), as theirs is.
         headers = {
@@ -180,9 +191,9 @@ class AuthGate:
             request = Request(scope)
             try:
                 if template in ANONYMOUS_ROUTES:
-                    self.auth.anonymous(request)
+                    await self.auth.anonymous(request)
                 elif template.startswith(ADMIN_PREFIX):
-                    self.auth.admin(request)
+                    await self.auth.admin(request)
                 else:
                     request.state.principal = await self.auth.tenant(request)
             except APIError as exc:

@@ -49,10 +49,18 @@ class Gateway:
 
         ss = settings.serve
         configured = settings.auth.admin_key.get_secret_value() if settings.auth.admin_key else None
+        limits_url = None
+        if ss.shared_limits:
+            from farm.redis_server import EmbeddedRedis
+
+            limits_url = ss.redis_url.get_secret_value() if ss.redis_url else EmbeddedRedis(settings.redis_dir).url()
+            if limits_url is None:
+                raise RuntimeError(f"serve.rate_limit_store needs Redis and none runs for {settings.state_dir} "
+                                   "(`farm up` starts one) and serve.redis_url is unset")
         auth = GatewayAuth(AccountStore(self.db),
                            resolve_admin_key(settings.state_dir, configured), rate_limit=ss.rate_limit,
                            anonymous_rate_limit=ss.anonymous_rate_limit, key_cache_s=ss.key_cache_s,
-                           revocation_check_s=ss.revocation_check_s)
+                           revocation_check_s=ss.revocation_check_s, limits_url=limits_url)
         deps = GatewayDeps(
             store=self.store,
             objects=lambda: open_store(settings, start=False),

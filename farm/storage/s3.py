@@ -364,6 +364,13 @@ class ObjectStore:
             response = self.client.get_object(**kwargs)
         return ObjectStream(key, response, chunk_size)
 
+    def presigned_get(self, key: str, expires_s: int = 300) -> str:
+        """A URL that GETs ``key`` without credentials for ``expires_s`` seconds (SigV4 query
+        signing: computed here, no request is made). A ``Range`` header may be sent with it."""
+        with self._errors("presign", key):
+            return self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": _check_key(key)}, ExpiresIn=expires_s)
+
     def download_file(self, key: str, path: str | Path) -> Path:
         """Download to ``path`` (parallel ranged GETs for large objects); returns the path."""
         path = Path(path)
