@@ -1,8 +1,8 @@
 """The Grafana dashboard and the rules against a real Prometheus scraping the shared farm.
 
 Debian's ``prometheus`` starts on loopback (a free port, its own data folder) with the farm's
-rule file, scraping the farm's Ray metrics endpoint. A short load gives every panel something to
-show: interactive and bulk clips at 64x64, a job the chaos settings fail (``non_finite_latents``),
+rule file, scraping the farm's Ray metrics endpoint. A short load, run twice (the first pass
+makes every series exist), gives every panel something to show: interactive and bulk clips at 64x64, a job the chaos settings fail (``non_finite_latents``),
 a cancelled one, a 400, retrieves and a download. Then every panel's every query, as Grafana
 would send it with "All" selected, must return at least one finite value through the HTTP API;
 the failure names each panel and query still empty. The pool and route variables must offer
@@ -29,6 +29,7 @@ monitoring = load_script("k8s_monitoring", ROOT / "scripts" / "k8s-monitoring.py
 
 SMALL = {"size": "64x64", "seconds": "1"}
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval is at a 2 s scrape and a short time range
+REPORT_S = 12  # Ray's processes report their metrics to the node's agent every 10 s
 DATA_WAIT_S = 150  # Ray's agent refreshes its values every few seconds; a rate needs two of them
 
 
@@ -55,6 +56,12 @@ def _queries() -> list[tuple[str, str]]:
 
 def _finite(matrix: list[dict]) -> bool:
     return any(math.isfinite(float(value)) for series in matrix for _, value in series["values"])
+
+
+def _scraped_value(prom, expr: str) -> float:
+    now = time.time()
+    matrix = prom.query_range(expr, now - 10, now)
+    return max((float(v) for series in matrix for _, v in series["values"]), default=0.0)
 
 
 def _load(farm) -> list[str]:
@@ -95,6 +102,13 @@ def test_every_dashboard_panel_has_data_from_a_real_prometheus(shared_farm, tmp_
                             rule_files=[monitoring.RULES]) as prom:
         wait_for(lambda: any(t["health"] == "up" for t in prom.targets()), 60,
                  what=f"prometheus to scrape the farm at {farm.metrics_url} ({prom.targets()})")
+        # A first pass makes every series exist and be scraped; the second is what the panels show.
+        # (Prometheus' rate() sees no increase in a series' first sample: a histogram that appears
+        # with all its observations already in it would give the quantile panels NaN.)
+        _load(farm)
+        wait_for(lambda: _scraped_value(prom, "sum(ray_videofarm_job_seconds_count)") >= 3, 90, interval=1,
+                 what="prometheus to scrape the first pass's completed jobs")
+        time.sleep(REPORT_S)  # the other processes' series of the first pass too
         started = time.time()
         _load(farm)
 
