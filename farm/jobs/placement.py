@@ -143,8 +143,9 @@ class Placement:
         self.scheduler.finished(replica, [job_id])
         started = self._since.pop(replica, None)
         if started is not None:
-            self.busy_s[self._pool_of[replica]] += time.monotonic() - started
-            self.replica_busy_s[replica] = self.replica_busy_s.get(replica, 0.0) + time.monotonic() - started
+            held = time.monotonic() - started
+            self.busy_s[self._pool_of[replica]] += held
+            self.replica_busy_s[replica] = self.replica_busy_s.get(replica, 0.0) + held
         self._dispatch()
 
     def queue_position(self, job_id: str) -> QueuePosition | None:

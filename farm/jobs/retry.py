@@ -87,7 +87,9 @@ class RetryPolicy:
     on_storage_error: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_settings(cls, render: "RenderSettings", on_storage_error: Callable[[], None] | None = None) -> "RetryPolicy":
+    def from_settings(
+        cls, render: "RenderSettings", on_storage_error: Callable[[], None] | None = None
+    ) -> "RetryPolicy":
         return cls(
             shard_retries=render.shard_retries,
             replica_retries=render.replica_retries,
