@@ -85,6 +85,14 @@ class FarmMetrics:
             boundaries=_FAST, tag_keys=("pool",),
         )
 
+    @cached_property
+    def replica_busy(self):
+        return self._m.Counter(
+            "videofarm_replica_busy_seconds_total",
+            description="Seconds a replica held stage calls (the dispatcher's view), counted as each call ends.",
+            tag_keys=("pool", "replica"),
+        )
+
     # Denoiser pools -----------------------------------------------------------------
     @cached_property
     def shard_latency(self):
@@ -126,4 +134,21 @@ class FarmMetrics:
     def upload_bytes(self):
         return self._m.Counter(
             "videofarm_upload_bytes_total", description="Bytes uploaded to S3, by variant.", tag_keys=("variant",)
+        )
+
+    # S3 ---------------------------------------------------------------------------------
+    @cached_property
+    def storage_errors(self):
+        return self._m.Counter(
+            "videofarm_storage_errors_total",
+            description="Transient S3 errors (unreachable, 5xx, throttled) that a storage call retried or gave up on.",
+            tag_keys=("stage",),
+        )
+
+    # Webhooks -----------------------------------------------------------------------------
+    @cached_property
+    def webhook_backlog(self):
+        return self._m.Gauge(
+            "videofarm_webhook_backlog",
+            description="Webhook deliveries due now and not yet being sent (pending, attempt time passed, endpoint enabled).",
         )

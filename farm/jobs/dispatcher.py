@@ -186,6 +186,7 @@ class Dispatcher:
         self.metrics = metrics  # a FarmMetrics, or None outside Ray
         self.placement = Placement(clients.replicas(), scheduling)
         self._depth_at = 0.0
+        self._busy_exported: dict[str, float] = {}  # replica → busy seconds already added to the counter
         self.retries: deque[RetryRecord] = deque(maxlen=200)
         self.resumed: deque[dict] = deque(maxlen=200)  # {"job_id", "step"}: jobs picked up from a checkpoint
         # Where recent stage calls ran, for `farm status`: which replica, what priority, when, how long.
@@ -213,7 +214,7 @@ class Dispatcher:
             if not await self._lead():
                 await self._idle()  # a standby: the leader lives
                 continue
-            await self._report_depth()
+            await self._report_metrics()
             await self._maybe_reap()
             claimed = False
             if len(self._flights) < self.max_in_flight:
@@ -275,12 +276,18 @@ class Dispatcher:
         self._reaped_at = time.monotonic()
         await asyncio.to_thread(self.store.reap, self.policy.max_attempts)
 
-    async def _report_depth(self) -> None:
+    async def _report_metrics(self) -> None:
         if self.metrics is None or time.monotonic() - self._depth_at < 1.0:
             return
         self._depth_at = time.monotonic()
         for priority, depth in (await asyncio.to_thread(self.store.queue_depths)).items():
             self.metrics.queue_depth.set(depth, tags={"priority": _priority_name(priority)})
+        # Ray counters only go up by positive amounts: export what each replica's busy time grew by.
+        for replica, seconds in list(self.placement.replica_busy_s.items()):
+            grown = seconds - self._busy_exported.get(replica, 0.0)
+            if grown > 0:
+                self.metrics.replica_busy.inc(grown, tags={"pool": self.placement.pool_of(replica), "replica": replica})
+                self._busy_exported[replica] = seconds
 
     def _observe_claim(self, job: Job) -> None:
         if self.metrics is not None and job.attempts == 1 and job.started_at is not None:

@@ -65,6 +65,7 @@ class Placement:
         self._started = time.monotonic()
         self._last_now = 0.0
         self.busy_s: dict[str, float] = dict.fromkeys(replicas, 0.0)  # seconds replicas of a pool ran calls
+        self.replica_busy_s: dict[str, float] = {}  # the same per replica, for the busy-fraction metric
         self._since: dict[str, float] = {}
         self._held: set[str] = set()  # replicas assigned and not yet released
 
@@ -78,6 +79,9 @@ class Placement:
         for replica, pool in self._pool_of.items():
             found.setdefault(pool, []).append(replica)
         return found
+
+    def pool_of(self, replica: str) -> str:
+        return self._pool_of[replica]
 
     def serves(self, pool: str) -> bool:
         return pool in self.busy_s
@@ -143,7 +147,9 @@ class Placement:
         self.scheduler.finished(replica, [job_id])
         started = self._since.pop(replica, None)
         if started is not None:
-            self.busy_s[self._pool_of[replica]] += time.monotonic() - started
+            held = time.monotonic() - started
+            self.busy_s[self._pool_of[replica]] += held
+            self.replica_busy_s[replica] = self.replica_busy_s.get(replica, 0.0) + held
         self._dispatch()
 
     def queue_position(self, job_id: str) -> QueuePosition | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 import tenacity
@@ -83,9 +83,13 @@ class RetryPolicy:
     storage_retry_s: float = 120.0
     stage_timeout_s: float = 900.0
     max_attempts: int = 5
+    # Called once per transient storage error a storage call meets (retried or not): the metric.
+    on_storage_error: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_settings(cls, render: "RenderSettings") -> "RetryPolicy":
+    def from_settings(
+        cls, render: "RenderSettings", on_storage_error: Callable[[], None] | None = None
+    ) -> "RetryPolicy":
         return cls(
             shard_retries=render.shard_retries,
             replica_retries=render.replica_retries,
@@ -94,6 +98,7 @@ class RetryPolicy:
             storage_retry_s=render.storage_retry_s,
             stage_timeout_s=render.stage_timeout_s,
             max_attempts=render.max_attempts,
+            on_storage_error=on_storage_error,
         )
 
     def delay(self, retry: int) -> float:
@@ -111,6 +116,7 @@ class RetryPolicy:
                 "%s: storage unreachable (try %d, %.0fs so far): %s",
                 what, rs.attempt_number, rs.seconds_since_start or 0.0, rs.outcome.exception(),
             ),
+            after=lambda _rs: self.on_storage_error() if self.on_storage_error is not None else None,
             reraise=True,  # the caller sees the storage error itself, not tenacity's RetryError
         )
 

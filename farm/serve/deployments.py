@@ -75,7 +75,15 @@ def _replica_id() -> str:
         return "local"
 
 
-def _storage(settings: dict):
+def _count_storage_errors(stage: str):
+    """A RetryPolicy hook counting the transient S3 errors ``stage`` meets."""
+    from farm.metrics import FarmMetrics
+
+    metrics = FarmMetrics()
+    return lambda: metrics.storage_errors.inc(1, tags={"stage": stage})
+
+
+def _storage(settings: dict, stage: str):
     from farm.config import FarmSettings
     from farm.jobs.retry import RetryPolicy
     from farm.storage.connect import open_store
@@ -83,7 +91,8 @@ def _storage(settings: dict):
     parsed = FarmSettings.model_validate(settings)
     if not parsed.render.checkpoints:
         return parsed, None, None
-    return parsed, open_store(parsed, start=False), RetryPolicy.from_settings(parsed.render)
+    retry = RetryPolicy.from_settings(parsed.render, _count_storage_errors(stage))
+    return parsed, open_store(parsed, start=False), retry
 
 
 # One call at a time per replica (the dispatcher sends no more; a denoiser also answers
@@ -98,7 +107,7 @@ class Encoder:
         from farm.render.engine import TextEncoderStage, configure_torch
 
         configure_torch()
-        self.settings, self.objects, self.retry = _storage(settings)
+        self.settings, self.objects, self.retry = _storage(settings, "encoder")
         self.specs = {m.id: m for m in self.settings.models}
         self.stages = {mid: TextEncoderStage(spec) for mid, spec in self.specs.items()}
 
@@ -132,7 +141,7 @@ class Denoiser:
         from farm.serve.checkpoints import CheckpointWriter
 
         configure_torch()
-        self.settings, objects, retry = _storage(settings)
+        self.settings, objects, retry = _storage(settings, "denoiser")
         self.stage = DenoiserStage(self.settings.model(model_id), tuple(experts))
         self.pool = f"{model_id}:{'+'.join(experts)}"
         self.writer = CheckpointWriter(objects, retry) if objects is not None else None
@@ -243,7 +252,7 @@ class Finisher:
         from farm.jobs.retry import RetryPolicy
         from farm.storage.s3 import ClipLayout
 
-        policy = RetryPolicy.from_settings(self.settings.render)
+        policy = RetryPolicy.from_settings(self.settings.render, _count_storage_errors("finisher"))
         prefix = ClipLayout(job_id).prefix
         interrupted = False
 
@@ -338,7 +347,8 @@ class DispatcherDeployment:
             store, stages, self.settings.models,
             objects=open_store(self.settings, start=False) if render.checkpoints else None,
             max_in_flight=render.max_jobs_in_flight, shard_steps=render.shard_steps,
-            worker="dispatcher", metrics=FarmMetrics(), policy=RetryPolicy.from_settings(render),
+            worker="dispatcher", metrics=FarmMetrics(),
+            policy=RetryPolicy.from_settings(render, _count_storage_errors("dispatcher")),
             scheduling=SchedulerConfig(tenant_weights=dict(render.tenant_weights), bulk_aging_s=render.bulk_aging_s),
             leader_lease_s=render.leader_lease_s,
         )

@@ -370,6 +370,16 @@ class WebhookStore:
                 )
         return [DueDelivery(**r) for r in rows]
 
+    def backlog(self) -> int:
+        """Pending deliveries whose attempt time has passed on enabled endpoints: due, and not
+        claimed (``due`` moves a claimed one's time past its lease)."""
+        query = (
+            sa.select(sa.func.count()).select_from(_D).join(_EP, _EP.c.id == _D.c.endpoint_id)
+            .where(_D.c.status == "pending", _D.c.next_attempt_at <= self._clock(), _EP.c.status == "enabled")
+        )
+        with self._db.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
     def mark_delivered(self, delivery_id: str, *, status_code: int) -> None:
         self._mark(delivery_id, status="delivered", last_status_code=status_code, delivered_at=self._clock())
 

@@ -210,6 +210,52 @@ def test_lost_replica_mid_shard_is_retried_from_the_state_before_it(store, tiny_
     assert objects.data == {}  # the checkpoint is dropped once the job is done
 
 
+class RecordedMetrics:
+    """FarmMetrics' shape, recording what the dispatcher reports: name → [(value, tags)]."""
+
+    def __init__(self):
+        self.recorded: dict[str, list] = {}
+
+    def __getattr__(self, name):
+        calls = self.recorded.setdefault(name, [])
+
+        class Family:
+            def inc(self, value=1.0, tags=None):
+                calls.append((value, tags))
+
+            set = observe = inc
+
+        return Family()
+
+
+def test_replica_busy_seconds_are_exported_as_they_grow(store, tiny_spec, stages):
+    metrics = RecordedMetrics()
+    clients = LocalStages(tiny_spec, stages)
+    dispatcher = Dispatcher(store, clients, [tiny_spec], shard_steps=SHARD_STEPS, policy=FAST, metrics=metrics)
+    job_id = _submit(store, tiny_spec, "a kite over dunes", 2)
+
+    async def run_and_report():
+        [job] = await _run_until_done(dispatcher, store, [job_id])
+        dispatcher._depth_at = float("-inf")  # report now, not a second after the last report
+        await dispatcher._report_metrics()
+        first = list(metrics.recorded["replica_busy"])
+        dispatcher._depth_at = float("-inf")
+        await dispatcher._report_metrics()
+        return job, first
+
+    job, first = asyncio.run(run_and_report())
+    assert job.status == "completed", job.error_message
+    exported: dict[tuple, float] = {}
+    for value, tags in first:
+        assert value > 0
+        exported[(tags["pool"], tags["replica"])] = exported.get((tags["pool"], tags["replica"]), 0.0) + value
+    busy = dispatcher.placement.replica_busy_s
+    assert {replica for _, replica in exported} == set(busy) and len(busy) >= 3  # encoder, denoiser, decoder
+    for (pool, replica), seconds in exported.items():
+        assert seconds == pytest.approx(busy[replica]) and dispatcher.placement.pool_of(replica) == pool
+    assert metrics.recorded["replica_busy"] == first  # nothing grew since: nothing more exported
+
+
 def test_replicas_lost_beyond_the_budget_fail_the_job(store, tiny_spec, stages):
     clients = LocalStages(tiny_spec, stages, lose=range(100))
     dispatcher = Dispatcher(store, clients, [tiny_spec], shard_steps=SHARD_STEPS, policy=FAST)
@@ -434,6 +480,31 @@ def test_only_transient_storage_errors_are_retried():
             raise StorageError("upload failed") from inner  # what boto3's transfer manager hands back
     except StorageError as outer:
         assert is_transient_storage_error(outer)
+
+
+def test_storage_errors_are_counted_once_each_for_the_metric():
+    """RetryPolicy's hook (the videofarm_storage_errors_total counter): every transient error, the one
+    that exhausts the budget included; answers that will not change are not counted."""
+    seen = []
+    policy = RetryPolicy(backoff_s=0.001, backoff_max_s=0.001, storage_retry_s=0.3,
+                         on_storage_error=lambda: seen.append(1))
+    answers = iter([StorageUnavailable("down"), StorageError("busy", code="SlowDown")])
+
+    def flaky():
+        error = next(answers, None)
+        if error is not None:
+            raise error
+        return "ok"
+
+    assert policy.storage_call("write x", flaky) == "ok" and len(seen) == 2
+    seen.clear()
+    with pytest.raises(StorageUnavailable):
+        policy.storage_call("write x", lambda: (_ for _ in ()).throw(StorageUnavailable("still down")))
+    assert len(seen) >= 2  # every try until the 0.3 s budget ran out, the last one included
+    seen.clear()
+    with pytest.raises(ObjectNotFound):
+        policy.storage_call("read x", lambda: (_ for _ in ()).throw(ObjectNotFound("gone", code="NoSuchKey")))
+    assert seen == []
 
 
 def test_serve_stages_turn_a_dead_replica_into_replica_lost():

@@ -9,10 +9,9 @@ kubernetes-validate (strict); the RayService's serveConfigV2 is the farm's own S
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
-import shutil
-import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -52,6 +51,7 @@ NOT_FARM_VARIABLES = {
 
 serve_config_script = kube.serve_config_script()
 submit_jsonl = kube.submit_jsonl()
+monitoring_script = kube.load_script("k8s_monitoring", ROOT / "scripts" / "k8s-monitoring.py")
 
 
 def _unhash(name: str) -> str:
@@ -523,99 +523,57 @@ def test_podmonitor_scrapes_the_metrics_port_of_every_ray_pod():
         assert str(ports[endpoint["port"]]) == group["rayStartParams"]["metrics-export-port"]
 
 
-def test_alert_rules_are_well_formed_and_use_the_farms_metric_names():
+def test_rules_are_well_formed_and_use_the_farms_metric_names():
     rule = kube.one("prod", "PrometheusRule")
     families = _metric_families()
     assert "videofarm_jobs_failed_total" in families and families["videofarm_queue_depth"] == {"priority"}
+    recorded = {item["record"] for group in rule["spec"]["groups"] for item in group["rules"] if "record" in item}
     alerts = set()
     for group in rule["spec"]["groups"]:
         assert set(group) <= {"name", "interval", "rules"} and group["rules"]
         for item in group["rules"]:
-            assert set(item) <= {"alert", "expr", "for", "labels", "annotations"}, item
-            assert item["alert"] not in alerts and re.fullmatch(r"Videofarm[A-Za-z]+", item["alert"])
-            alerts.add(item["alert"])
-            assert re.fullmatch(r"\d+[smh]", item["for"])
-            assert item["labels"]["severity"] in {"warning", "critical"}
-            assert {"summary", "description"} <= set(item["annotations"])
             expr = item["expr"]
+            if "record" in item:
+                assert set(item) <= {"record", "expr", "labels"}, item
+                assert re.fullmatch(r"videofarm:[a-z_]+:[a-z0-9_]+", item["record"]), item["record"]
+                name = item["record"]
+            else:
+                assert set(item) <= {"alert", "expr", "for", "labels", "annotations"}, item
+                name = item["alert"]
+                assert name not in alerts and re.fullmatch(r"Videofarm[A-Za-z0-9]+", name)
+                alerts.add(name)
+                assert re.fullmatch(r"\d+[smh]", item["for"])
+                assert item["labels"]["severity"] in {"warning", "critical"}
+                assert {"summary", "description", "runbook"} <= set(item["annotations"]), name
             for opening, closing in ("()", "[]", "{}"):
-                assert expr.count(opening) == expr.count(closing), f"{item['alert']}: unbalanced {opening}{closing}"
+                assert expr.count(opening) == expr.count(closing), f"{name}: unbalanced {opening}{closing}"
             used = re.findall(r"\b(ray_videofarm_[a-z_]+)(\{[^}]*\})?", expr)
-            assert used, f"{item['alert']} uses no farm metric"
-            for name, selector in used:
-                family = re.sub(r"_(bucket|count|sum)$", "", name.removeprefix("ray_"))
-                assert family in families, f"{item['alert']}: {name} is not in farm/metrics.py"
+            others = [r for r in recorded if r in expr] + re.findall(r"\bray_serve_[a-z_]+", expr)
+            assert used or others, f"{name} uses no farm metric, recorded series or Ray Serve metric"
+            for metric, selector in used:
+                family = re.sub(r"_(bucket|count|sum)$", "", metric.removeprefix("ray_"))
+                assert family in families, f"{name}: {metric} is not in farm/metrics.py"
                 labels = set(re.findall(r"(\w+)\s*=~?", selector)) - {"le"}
-                assert labels <= families[family], f"{item['alert']}: {name} has no label {labels - families[family]}"
+                assert labels <= families[family], f"{name}: {metric} has no label {labels - families[family]}"
     assert len(alerts) >= 4
 
 
-def test_alert_rules_pass_promtool(tmp_path):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is not installed: `make install` installs Debian's 'prometheus' package "
-                    "(scripts/install-system-packages.sh)", pytrace=False)
-    path = tmp_path / "rules.yaml"
-    path.write_text(yaml.safe_dump({"groups": kube.one("prod", "PrometheusRule")["spec"]["groups"]}))
-    done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
+# The promtool checks and rule unit tests of these rules are in tests/monitoring/test_rules.py.
+def test_monitoring_files_are_current():
+    assert monitoring_script.stale() == [], "run: .venv/bin/python scripts/k8s-monitoring.py"
 
 
-# What promtool's rule unit tests feed and expect: each alert fires on a farm in trouble, and
-# not on a healthy one. Annotations are left out of the rules fed to it (their text is not the point).
-_RULE_TESTS = [
-    {"interval": "1m",
-     "input_series": [
-         {"series": 'ray_videofarm_jobs_failed_total{model="wan2.1-t2v-1.3b",reason="out_of_memory"}',
-          "values": "0+1x90"},
-         {"series": 'ray_videofarm_jobs_completed_total{model="wan2.1-t2v-1.3b"}', "values": "0+1x90"},
-         {"series": 'ray_videofarm_queue_depth{priority="interactive"}', "values": "80x90"},
-         {"series": 'ray_videofarm_http_request_seconds_count{method="POST",route="/v1/videos",status="500"}',
-          "values": "0+1x90"},
-         {"series": 'ray_videofarm_http_request_seconds_count{method="POST",route="/v1/videos",status="201"}',
-          "values": "0+9x90"},
-     ],
-     "alert_rule_test": [
-         {"eval_time": "40m", "alertname": "VideofarmJobsFailing",
-          "exp_alerts": [{"exp_labels": {"severity": "warning"}}]},
-         {"eval_time": "40m", "alertname": "VideofarmInteractiveQueueBacklog",
-          "exp_alerts": [{"exp_labels": {"severity": "warning"}}]},
-         {"eval_time": "40m", "alertname": "VideofarmGatewayErrors",
-          "exp_alerts": [{"exp_labels": {"severity": "critical"}}]},
-         {"eval_time": "40m", "alertname": "VideofarmNoJobsCompleting", "exp_alerts": []},
-     ]},
-    {"interval": "1m",
-     "input_series": [
-         {"series": 'ray_videofarm_jobs_created_total{model="wan2.1-t2v-1.3b",priority="bulk"}', "values": "0+2x90"},
-         {"series": 'ray_videofarm_queue_depth{priority="interactive"}', "values": "3x90"},
-         {"series": 'ray_videofarm_http_request_seconds_count{method="POST",route="/v1/videos",status="201"}',
-          "values": "0+9x90"},
-     ],
-     "alert_rule_test": [
-         {"eval_time": "60m", "alertname": "VideofarmNoJobsCompleting",
-          "exp_alerts": [{"exp_labels": {"severity": "critical"}}]},
-         {"eval_time": "60m", "alertname": "VideofarmJobsFailing", "exp_alerts": []},
-         {"eval_time": "60m", "alertname": "VideofarmInteractiveQueueBacklog", "exp_alerts": []},
-         {"eval_time": "60m", "alertname": "VideofarmGatewayErrors", "exp_alerts": []},
-     ]},
-]
+def test_prometheusrule_ships_the_rules_file():
+    rule = kube.one("prod", "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load(monitoring_script.RULES.read_text())
 
 
-def test_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is not installed: `make install` installs Debian's 'prometheus' package "
-                    "(scripts/install-system-packages.sh)", pytrace=False)
-    groups = copy.deepcopy(kube.one("prod", "PrometheusRule")["spec"]["groups"])
-    for group in groups:
-        for item in group["rules"]:
-            item.pop("annotations", None)
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
-    (tmp_path / "test.yaml").write_text(yaml.safe_dump(
-        {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": _RULE_TESTS}))
-    done = subprocess.run([promtool, "test", "rules", "test.yaml"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
+def test_dashboard_configmap_is_the_dashboard_file():
+    [configmap] = [o for o in kube.objects("prod", "ConfigMap")
+                   if _unhash(o["metadata"]["name"]) == "videofarm-dashboard"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["data"] == {"videofarm.json": monitoring_script.DASHBOARD.read_text()}
+    assert json.loads(configmap["data"]["videofarm.json"]) == monitoring_script.dashboard()
 
 
 # README -------------------------------------------------------------------------------

@@ -201,3 +201,23 @@ def test_rotated_secret_signs_pending_retries(hooks, jobs, clock, receiver) -> N
     with pytest.raises(openai.InvalidWebhookSignatureError):
         SDK.webhooks.unwrap(second.body, second.headers, secret=endpoint.secret)
     assert hooks.deliveries()[0].status == "delivered"
+
+
+def test_backlog_counts_due_deliveries_not_claimed_waiting_or_disabled(hooks, jobs, clock, receiver) -> None:
+    """What the Notifier's webhook-backlog gauge reports."""
+    mine = hooks.create(ACCOUNT_A, url=receiver.url(), event_types=["video.completed"], name="mine")
+    hooks.create(ACCOUNT_B, url=receiver.url(), event_types=["video.completed"], name="theirs")
+    finish_job(jobs, ACCOUNT_A)
+    finish_job(jobs, ACCOUNT_B)
+    clock.freeze()
+    assert hooks.backlog() == 0  # events not fanned out yet are not deliveries
+    hooks.fan_out(jobs, settle_s=0)
+    assert hooks.backlog() == 2
+    hooks.update(ACCOUNT_A, mine.id, status="disabled")
+    assert hooks.backlog() == 1  # a disabled endpoint's deliveries wait, not counted
+    (claimed,) = hooks.due(10, lease_s=30)
+    assert hooks.backlog() == 0  # being sent
+    hooks.mark_retry(claimed.id, next_at=clock() + dt.timedelta(seconds=60), error="HTTP 500", status_code=500)
+    assert hooks.backlog() == 0  # waiting for its retry time
+    clock.advance(61)
+    assert hooks.backlog() == 1
