@@ -151,7 +151,9 @@ def up(
     """Start storage, job store and Ray (or join ``address``), then deploy the farm."""
     import ray
 
-    from farm.accounts.admin import ensure_admin_key_file
+    from farm.accounts.admin import resolve_admin_key
+    from farm.finish.provenance import ensure_dev_credentials
+    from farm.secrets import SharedSecrets
     from farm.jobs.store import JobStore
     from farm.storage.connect import open_store
 
@@ -172,8 +174,14 @@ def up(
     store = JobStore(settings.job_store_url())
     store.migrate()
     store.close()
-    if settings.auth.admin_key is None and env.admin_key() is None:
-        ensure_admin_key_file(settings.state_dir)  # the operator's key on a one-machine farm
+    # One admin key and one set of dev signing credentials for every node, from the database;
+    # this node's copies written to match (the `farm` CLI and `farm verify` read them here).
+    shared = SharedSecrets(settings.job_store_url())
+    configured = settings.auth.admin_key.get_secret_value() if settings.auth.admin_key else None
+    resolve_admin_key(settings.state_dir, configured, shared)
+    if not settings.signer.has_credentials:
+        ensure_dev_credentials(settings.state_dir / "c2pa", shared)
+    shared.db.close()
     if settings.serve.shared_limits and settings.serve.redis_url is None:
         from farm.redis_server import EmbeddedRedis
 

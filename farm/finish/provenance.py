@@ -16,7 +16,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import c2pa
 from cryptography import x509
@@ -26,6 +26,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import farm
+
+if TYPE_CHECKING:
+    from farm.secrets import SharedSecrets
 
 logger = logging.getLogger(__name__)
 
@@ -217,13 +220,17 @@ def _generate(creds: DevCredentials) -> None:
     _write_private(creds.chain, cert.public_bytes(pem), 0o644)
 
 
-def ensure_dev_credentials(directory: Path) -> DevCredentials:
+def ensure_dev_credentials(directory: Path, shared: SharedSecrets | None = None) -> DevCredentials:
     """Return the dev root CA and signer under ``directory``, generating them on first use.
 
     Idempotent and safe across processes (an exclusive file lock guards generation).
     The signer is an EC P-256 end-entity certificate (digitalSignature, EKU
     emailProtection) issued by a self-signed dev root CA; trust that CA to get
     ``Trusted`` from :func:`verify`. For development only.
+
+    With ``shared`` (the farm's :class:`~farm.secrets.SharedSecrets`), every node uses one set:
+    the first to ask stores its own, the others write the stored one into ``directory``; one
+    that finds the stored set near expiry renews it by compare-and-set.
     """
     directory = Path(directory)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -231,12 +238,39 @@ def ensure_dev_credentials(directory: Path) -> DevCredentials:
     with open(directory / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            stored = shared.get(_SHARED_NAME) if shared is not None else None
+            if stored is not None:
+                _unpack(stored, creds)
             if not _still_valid(creds):
                 logger.info("generating C2PA dev credentials in %s", directory)
                 _generate(creds)
+            if shared is not None:
+                mine = _pack(creds)
+                if stored is None:
+                    winner = shared.get_or_create(_SHARED_NAME, lambda: mine)
+                else:
+                    winner = stored if stored == mine else shared.replace(_SHARED_NAME, stored, mine)
+                if winner != mine:
+                    _unpack(winner, creds)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return creds
+
+
+_SHARED_NAME = "c2pa_dev_credentials"
+
+
+def _pack(creds: DevCredentials) -> bytes:
+    return json.dumps({"ca": creds.ca_cert.read_text(), "chain": creds.chain.read_text(),
+                       "key": creds.key.read_text()}).encode()
+
+
+def _unpack(value: bytes, creds: DevCredentials) -> None:
+    files = json.loads(value)
+    for path, text, mode in ((creds.ca_cert, files["ca"], 0o644), (creds.chain, files["chain"], 0o644),
+                             (creds.key, files["key"], 0o600)):
+        if not path.is_file() or path.read_text() != text:
+            _write_private(path, text.encode(), mode)
 
 
 # ---------------------------------------------------------------- signing

@@ -222,6 +222,15 @@ class Finisher:
         self.settings = FarmSettings.model_validate(settings)
         self.store = open_store(self.settings, start=False)
         self.metrics = FarmMetrics()
+        if not self.settings.signer.has_credentials:
+            # The farm's one dev CA (from its database) into this node's state folder, so a
+            # finisher on any node signs with the chain `farm verify` trusts.
+            from farm.finish.provenance import ensure_dev_credentials
+            from farm.secrets import SharedSecrets
+
+            shared = SharedSecrets(self.settings.job_store_url())
+            ensure_dev_credentials(self.settings.state_dir / "c2pa", shared)
+            shared.db.close()
 
     def finish(self, job_id: str, model_id: str, params: RenderParams, frames: ObjectBox) -> dict[str, str]:
         from farm.jobs.publish import clip_keys, clip_record, finish_frames

@@ -37,6 +37,7 @@ class Gateway:
         from farm.api.app import GatewayDeps, create_app
         from farm.api.auth import GatewayAuth
         from farm.api.queue_view import QueueView
+        from farm.secrets import SharedSecrets
         from farm.api.uploads import UploadLimits
         from farm.webhooks.store import WebhookStore
         from farm.metrics import FarmMetrics
@@ -58,7 +59,8 @@ class Gateway:
                 raise RuntimeError(f"serve.rate_limit_store needs Redis and none runs for {settings.state_dir} "
                                    "(`farm up` starts one) and serve.redis_url is unset")
         auth = GatewayAuth(AccountStore(self.db),
-                           resolve_admin_key(settings.state_dir, configured), rate_limit=ss.rate_limit,
+                           resolve_admin_key(settings.state_dir, configured, SharedSecrets(self.db)),
+                           rate_limit=ss.rate_limit,
                            anonymous_rate_limit=ss.anonymous_rate_limit, key_cache_s=ss.key_cache_s,
                            revocation_check_s=ss.revocation_check_s, limits_url=limits_url)
         deps = GatewayDeps(
