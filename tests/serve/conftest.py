@@ -9,6 +9,7 @@ app's args (checked applied). At the end of the session `farm down` must leave n
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -27,8 +28,9 @@ SETTINGS = {
     # Webhook receivers in these tests listen on loopback: the operator allowlists it.
     "webhooks": {"allow_hosts": ["127.0.0.0/8"], "poll_s": 0.2},
     # The load test (test_load.py) overloads its tenant's queue: a small per-account cap, and a
-    # per-key rate above what its one key sends.
-    "serve": {"max_queued_per_account": 6, "rate_limit": "3000/minute"},
+    # per-key rate above what its one key sends. Two gateway replicas: every test's requests go
+    # through either, their rate limits shared in the Redis `farm up` starts (test_queue_events.py).
+    "serve": {"max_queued_per_account": 6, "rate_limit": "3000/minute", "gateway_replicas": 2},
 }
 # Serve config fields beyond the app's args: test_farm_up checks they reach the running farm.
 DEPLOYMENT_EXTRAS = {
@@ -49,6 +51,10 @@ def shared_farm(tmp_path_factory, tiny_model_dir, tiny_model_2x_dir):
         # The check below can see every kind: Ray's daemons, its client server, replicas, SeaweedFS.
         assert any("ray.util.client.server" in line for line in ours.values()), ours
         assert any("gcs_server" in line for line in ours.values()) and any("weed" in line for line in ours.values())
+        # Redis rewrites its process title over its environment, so it is found by its runtime file.
+        redis_pid = json.loads((farm.home / "redis" / "redis.json").read_text())["pid"]
+        ours[redis_pid] = "redis-server (farm up's, for the gateways' shared limits)"
+        assert psutil.pid_exists(redis_pid)
         farm.down()
         time.sleep(1)
         left = []
