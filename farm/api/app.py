@@ -3,7 +3,8 @@
 ``create_app(deps)`` builds a plain FastAPI app; the Ray Serve ingress mounts it. The gateway
 validates, records jobs in the store (the source of truth), wakes the dispatcher, and
 streams finished clips from the object store. It never imports torch or diffusers.
-Store and S3 calls are blocking, so they run in the thread pool, never on the event loop.
+Store and boto3 calls are blocking, so they run in the thread pool, never on the event loop;
+content downloads are relayed from S3 by async HTTP, on the loop, holding no thread.
 """
 
 from __future__ import annotations
