@@ -9,7 +9,9 @@ Redis (Debian's redis-server, started as `farm up` starts it). Clients are aioht
 process, spread over the replicas (round robin) as Serve's proxy spreads requests; on a 2-core
 machine they compete with the replicas for the cores, so figures are for this machine only.
 
-Phases, for 1 and then 2 replicas:
+Runs: 1 replica with no estimates (every poll hint the 500 ms fallback), 1 replica and 2
+replicas with measured stage costs (queued jobs get completion estimates, so far-off ones are
+told to poll rarely). Phases of each run:
   creates   64 concurrent clients create until the farm's queue cap (--cap) answers 429:
             admitted creates per second of wall time, and the 429s after it.
   polling   --clients clients each retrieve one queued video, wait what openai-poll-after-ms
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import socket
 import statistics
@@ -50,11 +53,16 @@ from farm.jobs.store import JobStore
 from farm.render.tiny import tiny_spec
 import time
 
-db, port, redis = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None
-store = JobStore(db)
+from farm.jobs.estimates import ModelCosts
 
-async def paused():  # no dispatcher: nothing in flight, no stage measured
-    return QueueSnapshot(time.time())
+db, port, redis, measured = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None, sys.argv[6] == "1"
+store = JobStore(db)
+# No dispatcher runs: nothing in flight. "measured": stage costs as a farm that has run jobs knows
+# them (a 4-step job 6 s, 2 slots), so queued jobs get estimates and far-off ones a long poll hint.
+COSTS = {"wan-tiny": ModelCosts(slots=2, encode_s=0.5, step_s=1.0, decode_s=1.0, finish_s=0.5)} if measured else {}
+
+async def paused():
+    return QueueSnapshot(time.time(), {}, COSTS)
 
 auth = GatewayAuth(AccountStore(db), sys.argv[4], rate_limit="1000000/minute", limits_url=redis)
 deps = GatewayDeps(store=store, objects=lambda: None, models=[tiny_spec("/models/wan-tiny")], auth=auth,
@@ -71,10 +79,11 @@ def _port() -> int:
 
 
 class Replicas:
-    def __init__(self, n: int, db: str, redis_url: str | None, cap: int) -> None:
+    def __init__(self, n: int, db: str, redis_url: str | None, cap: int, measured: bool) -> None:
         self.ports = [_port() for _ in range(n)]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        self.procs = [subprocess.Popen([sys.executable, "-c", SERVER, db, str(p), redis_url or "", ADMIN_KEY, str(cap)],
+        self.procs = [subprocess.Popen([sys.executable, "-c", SERVER, db, str(p), redis_url or "", ADMIN_KEY, str(cap),
+                                        "1" if measured else "0"],
                                        env=env) for p in self.ports]
         self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
         deadline = time.monotonic() + 60
@@ -141,54 +150,54 @@ async def creates(http, urls, headers, workers=64) -> tuple[float, int, list[str
     return len(admitted) / (time.perf_counter() - start), refused, admitted
 
 
-async def polling(http, urls, headers, ids, clients, seconds) -> tuple[list[float], int]:
+async def polling(http, urls, headers, ids, clients, seconds) -> tuple[list[float], collections.Counter]:
+    """Each client polls one video, waiting what openai-poll-after-ms says; returns latencies and
+    the errors by kind."""
     latencies: list[float] = []
-    errors = 0
+    errors: collections.Counter = collections.Counter()
     stop = time.monotonic() + seconds
 
     async def client(i: int) -> None:
-        nonlocal errors
-        video = ids[i % len(ids)]
-        n = 0
+        url, video = urls[i % len(urls)], ids[i % len(ids)]  # one replica per client, as behind a proxy
         await asyncio.sleep(i * 0.5 / clients)  # arrivals spread over one poll interval
         while time.monotonic() < stop:
-            url = urls[(i + n) % len(urls)]
-            n += 1
-            sent = time.perf_counter()
+            sent, wait_ms = time.perf_counter(), 500
             try:
                 async with http.get(f"{url}/v1/videos/{video}", headers=headers) as reply:
                     await reply.read()
-                    ok = reply.status == 200
-                    wait_ms = int(reply.headers.get("openai-poll-after-ms", "500"))
-            except aiohttp.ClientError:
-                ok, wait_ms = False, 500
+                    if reply.status == 200:
+                        wait_ms = int(reply.headers.get("openai-poll-after-ms", "500"))
+                    else:
+                        errors[f"http {reply.status}"] += 1
+            except (aiohttp.ClientError, OSError) as exc:
+                errors[type(exc).__name__] += 1
             latencies.append(time.perf_counter() - sent)
-            errors += not ok
             await asyncio.sleep(wait_ms / 1000)
 
     await asyncio.gather(*(client(i) for i in range(clients)))
     return latencies, errors
 
 
-async def streams(http, urls, headers, ids, clients, seconds) -> tuple[int, int]:
-    opened = errors = 0
+async def streams(http, urls, headers, ids, clients, seconds) -> tuple[int, collections.Counter]:
+    opened = 0
+    errors: collections.Counter = collections.Counter()
 
     async def client(i: int) -> None:
-        nonlocal opened, errors
+        nonlocal opened
         url, video = urls[i % len(urls)], ids[i % len(ids)]
         try:
             async with http.get(f"{url}/v1/videos/{video}/events", headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=seconds + 30)) as reply:
                 if reply.status != 200:
-                    errors += 1
+                    errors[f"http {reply.status}"] += 1
                     return
                 opened += 1
                 with contextlib_suppress():
                     async with asyncio.timeout(seconds):
                         async for _line in reply.content:
                             pass
-        except aiohttp.ClientError:
-            errors += 1
+        except (aiohttp.ClientError, OSError) as exc:
+            errors[type(exc).__name__] += 1
 
     await asyncio.gather(*(client(i) for i in range(clients)))
     return opened, errors
@@ -202,12 +211,12 @@ class contextlib_suppress:  # TimeoutError ends a stream's measured window, noth
         return kind is TimeoutError
 
 
-async def run(n: int, args, work: Path, redis_url: str | None) -> dict:
-    db = f"sqlite:///{work / f'jobs-{n}.sqlite'}"
+async def run(n: int, args, work: Path, redis_url: str | None, measured: bool) -> dict:
+    db = f"sqlite:///{work / f'jobs-{n}-{measured}.sqlite'}"
     from farm.jobs.store import JobStore
 
     JobStore(db).migrate()
-    replicas = Replicas(n, db, redis_url, args.cap)
+    replicas = Replicas(n, db, redis_url, args.cap, measured)
     try:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
         async with aiohttp.ClientSession(connector=connector) as http:
@@ -221,7 +230,7 @@ async def run(n: int, args, work: Path, redis_url: str | None) -> dict:
             stream_cpu = replicas.cpu_s() - cpu
     finally:
         replicas.stop()
-    return {"replicas": n, "create_rate": rate, "admitted": len(ids), "refused": refused,
+    return {"replicas": n, "hint": "estimate" if measured else "fallback", "create_rate": rate, "admitted": len(ids), "refused": refused,
             "requests": len(lat), "p50_ms": _q(lat, 50) * 1000, "p99_ms": _q(lat, 99) * 1000, "errors": errs,
             "poll_cpu": poll_cpu, "streams": opened, "stream_errors": stream_errs, "stream_cpu": stream_cpu}
 
@@ -238,20 +247,28 @@ def main() -> None:
         work = Path(tmp)
         redis = EmbeddedRedis(work / "redis")
         try:
-            rows = [asyncio.run(run(1, args, work, None)), asyncio.run(run(2, args, work, redis.start()))]
+            url = redis.start()
+            rows = [asyncio.run(run(1, args, work, None, False)), asyncio.run(run(1, args, work, None, True)),
+                    asyncio.run(run(2, args, work, url, True))]
         finally:
             redis.stop()
     print(f"gateway alone, rendering paused: {args.clients} clients, {args.seconds:.0f} s per phase, "
           f"queue cap {args.cap}, {os.cpu_count()} cores shared with the clients")
-    print(f"{'replicas':>8} {'creates/s':>10} {'admitted':>9} {'429s':>5} {'retrieves':>10} {'p50 ms':>8} "
-          f"{'p99 ms':>8} {'errors':>7} {'poll cpu-s':>11} {'streams':>8} {'stream cpu-s':>13} {'stream/poll':>12}")
+    print(f"{'replicas':>8} {'poll hint':>9} {'creates/s':>10} {'admitted':>9} {'429s':>5} {'retrieves':>10} "
+          f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'poll cpu-s':>11} {'streams':>8} {'stream cpu-s':>13} "
+          f"{'stream/poll':>12}")
     for r in rows:
-        print(f"{r['replicas']:>8} {r['create_rate']:>10.1f} {r['admitted']:>9} {r['refused']:>5} {r['requests']:>10} "
-              f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['errors'] + r['stream_errors']:>7} {r['poll_cpu']:>11.1f} "
+        errors = sum(r["errors"].values()) + sum(r["stream_errors"].values())
+        print(f"{r['replicas']:>8} {r['hint']:>9} {r['create_rate']:>10.1f} {r['admitted']:>9} {r['refused']:>5} "
+              f"{r['requests']:>10} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {errors:>7} {r['poll_cpu']:>11.1f} "
               f"{r['streams']:>8} {r['stream_cpu']:>13.1f} {r['stream_cpu'] / max(r['poll_cpu'], 1e-9):>11.2f}x")
-    one, two = rows
-    print(f"two replicas vs one: creates/s {two['create_rate'] / one['create_rate']:.2f}x, "
-          f"retrieve p99 {two['p99_ms'] / one['p99_ms']:.2f}x")
+        if errors:
+            print(f"         errors: polling {dict(r['errors'])}, streams {dict(r['stream_errors'])}")
+    fallback, one, two = rows
+    print(f"estimate-derived poll hints vs the fixed fallback (1 replica): retrieves "
+          f"{one['requests'] / fallback['requests']:.2f}x, p99 {one['p99_ms'] / fallback['p99_ms']:.2f}x")
+    print(f"two replicas vs one (estimate hints): creates/s {two['create_rate'] / one['create_rate']:.2f}x, "
+          f"retrieves {two['requests'] / one['requests']:.2f}x, retrieve p99 {two['p99_ms'] / one['p99_ms']:.2f}x")
 
 
 if __name__ == "__main__":

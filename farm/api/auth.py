@@ -68,8 +68,14 @@ class GatewayAuth:
         if self.limits_url is None:
             storage = MemoryStorage()
         else:  # async I/O on the event loop, never a blocking call there
-            storage = RedisStorage("async+" + self.limits_url.removeprefix("async+"), implementation="redispy",
-                                   key_prefix="videofarm")
+            from redis.asyncio import BlockingConnectionPool
+
+            url = self.limits_url.removeprefix("async+")
+            # A bounded pool that makes a burst wait its turn for a connection (a plain pool
+            # fails the request past its size).
+            pool = BlockingConnectionPool.from_url(url, max_connections=128, timeout=10)
+            storage = RedisStorage("async+" + url, implementation="redispy", key_prefix="videofarm",
+                                   connection_pool=pool)
         self._limiter = MovingWindowRateLimiter(storage)
         if self.key_cache_s < 0 or self.revocation_check_s < 0:
             raise ValueError("GatewayAuth: key_cache_s and revocation_check_s must be >= 0")
