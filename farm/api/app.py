@@ -53,9 +53,11 @@ from farm.api.schemas import (
     read_create_request,
 )
 from farm.api.uploads import UploadLimits, check_image, decode_data_url
+from farm.api.usage_routes import add_usage_routes, check_budget
 from farm.api.wire import video_object
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, IdempotencyConflict, QueueFull
 from farm.render.registry import ModelSpec, find_model, validate_request
+from farm.sched.budget import BudgetRule
 from farm.storage.s3 import ClipLayout, ObjectNotFound, checkpoint_prefix, delete_clip
 
 if TYPE_CHECKING:
@@ -109,6 +111,8 @@ class GatewayDeps:
     max_prompt_chars: int = 4000
     max_body_bytes: int = 16 * 1024 * 1024
     upload_limits: UploadLimits = field(default_factory=UploadLimits)
+    # Daily accelerator budgets (farm.sched.budget); None: unlimited, and no budget routes.
+    budgets: BudgetRule | None = None
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -343,7 +347,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             )
         except ValueError as exc:  # an `after` id that does not exist (for this caller)
             raise NotFound(str(exc), param="after") from None
-        data = [video_object(j) for j in jobs]
+        usage = await run_in_threadpool(deps.store.usage_of_jobs, [j.id for j in jobs])
+        data = [video_object(j, usage[j.id]) for j in jobs]
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
@@ -352,7 +357,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     async def retrieve_video(video_id: str, request: Request, response: Response) -> dict[str, Any]:
         job = await get_job(video_id, await owner(request))
         response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
-        return video_object(job)
+        usage = await run_in_threadpool(deps.store.usage_of_jobs, [job.id])
+        return video_object(job, usage[job.id])
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, summary="Delete a video and its assets",
                 operation_id="deleteVideo",
@@ -380,7 +386,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             # A queued job may hold a checkpoint (it was running before a restart): keep nothing.
             # (A running job's dispatcher drops its own when it stops at the shard boundary.)
             await run_in_threadpool(lambda: deps.object_store().delete_prefix(checkpoint_prefix(video_id)))
-        return video_object(job)
+        usage = await run_in_threadpool(deps.store.usage_of_jobs, [job.id])
+        return video_object(job, usage[job.id])
 
     @app.get(
         "/v1/videos/{video_id}/content", summary="Download a finished video or a preview",
@@ -435,6 +442,8 @@ async def _create_job(
         raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
     stored = {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler,
               "request_fingerprint": fingerprint}
+    if deps.budgets is not None:
+        await check_budget(deps.store, deps.budgets, who)
     bulk = priority == "bulk"
     try:
         job = await run_in_threadpool(
@@ -533,6 +542,13 @@ def _openapi(app: FastAPI, deps: GatewayDeps) -> dict[str, Any]:
     return schema
 
 
+def _owner_of(deps: GatewayDeps) -> Callable[[Request], Awaitable[str | None]]:
+    async def owner(request: Request) -> str | None:
+        return request.state.principal.account_id if deps.auth else None
+
+    return owner
+
+
 def create_app(deps: GatewayDeps) -> FastAPI:
     """The gateway app; no work happens until it serves a request."""
     app = FastAPI(
@@ -562,6 +578,9 @@ def create_app(deps: GatewayDeps) -> FastAPI:
 
             add_webhook_routes(app, store_of=lambda: hooks, account_of=account_id,
                                guard=UrlGuard.from_settings(hook_settings), settings=hook_settings)
+
+    add_usage_routes(app, deps.store, deps.budgets or BudgetRule(), owner_of=_owner_of(deps),
+                     accounts=deps.auth.accounts if deps.auth is not None else None)
 
     @app.get("/healthz", response_model=Health, summary="Liveness", operation_id="healthz")
     async def healthz() -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The job store keeps bookkeeping (``farm.jobs.job.Job``); what a client sees of it is decided
 here, at the edge. Farm extensions beside OpenAI's fields: ``prompt``, ``priority``, ``seed``,
-``remixed_from_video_id`` and ``cancel_requested``.
+``remixed_from_video_id``, ``cancel_requested`` and ``usage`` (replica-seconds per pool and device,
+from the usage ledger; the openai SDK keeps unknown fields as extra attributes).
 """
 
 from __future__ import annotations
@@ -13,8 +14,16 @@ from farm.db import unix
 from farm.jobs.job import Job, Priority
 
 
-def video_object(job: Job) -> dict[str, Any]:
-    """The ``video`` object of ``job``, as the routes return it."""
+def usage_object(lines: list[dict] | None) -> dict[str, Any]:
+    """The ``usage`` field from a job's ledger lines (``JobStore.usage_of_jobs``)."""
+    lines = lines or []
+    return {"accelerator_seconds": round(sum(line["seconds"] for line in lines), 6),
+            "by_pool": [{"pool": line["pool"], "device": line["device"], "seconds": round(line["seconds"], 6)}
+                        for line in lines]}
+
+
+def video_object(job: Job, usage: list[dict] | None = None) -> dict[str, Any]:
+    """The ``video`` object of ``job``, as the routes return it; ``usage``: its ledger lines."""
     try:
         priority: str | int = Priority(job.priority).name.lower()
     except ValueError:
@@ -40,4 +49,5 @@ def video_object(job: Job) -> dict[str, Any]:
         "remixed_from_video_id": job.params.get("remixed_from_video_id"),
         # A running job whose cancellation was asked for stops at its next shard.
         "cancel_requested": job.cancel_requested,
+        "usage": usage_object(usage),
     }

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ENCODE_POOL = "encode"
 DECODE_POOL = "decode"
+FINISH_POOL = "finish"  # not scheduled here (Serve routes the finisher); named in usage
 _EMA = 0.2  # weight of the newest measurement in a pool's moving average
 
 
@@ -140,6 +141,11 @@ class Placement:
         started = self._since.pop(replica, None)
         if started is not None:
             self.busy_s[self._pool_of[replica]] += time.monotonic() - started
+        self._dispatch()
+
+    def hold_bulk(self, tenants) -> None:
+        """Bulk calls of these tenants (their budget is spent) wait until a later call leaves them out."""
+        self.scheduler.hold_bulk(tenants, self._now())
         self._dispatch()
 
     def queue_position(self, job_id: str) -> QueuePosition | None:
