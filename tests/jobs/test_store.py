@@ -82,7 +82,7 @@ def test_migrate_is_idempotent(store: JobStore, store_url: str) -> None:
     job = make(store)
     store.migrate()
     JobStore(store_url).migrate()
-    assert version_of(store_url) == ["0003"]
+    assert version_of(store_url) == ["0004u"]
     assert store.get(job.id) == job
 
 
@@ -102,7 +102,7 @@ def test_migrate_concurrently_from_threads_and_processes(store_url: str) -> None
             future.result()
     for child in children:
         finish(child)
-    assert version_of(store_url) == ["0003"]
+    assert version_of(store_url) == ["0004u"]
     store = JobStore(store_url)
     assert store.get(make(store).id) is not None
 
@@ -157,6 +157,7 @@ def test_create_and_get_round_trip(store: JobStore) -> None:
         "seed": 7,
         "remixed_from_video_id": None,
         "cancel_requested": False,
+        "usage": {"accelerator_seconds": 0, "by_pool": []},  # nothing ran yet
     }
     assert store.get("video_" + "0" * 32) is None
 
