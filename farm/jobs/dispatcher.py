@@ -381,6 +381,7 @@ class Dispatcher:
             "resumed": list(self.resumed)[-20:],
             "calls": list(self.calls),
             "running": sorted(self.running.values(), key=lambda c: c["started"]),
+            "held_bulk": sorted(self.held),  # accounts whose bulk work waits: today's budget is spent
         }
 
     # One job ----------------------------------------------------------------------

@@ -80,9 +80,9 @@ class LeasedQueue:
 
         Order: priority, then oldest first. ``priorities`` limits the claim to those classes
         (None: every class). Bulk jobs of the owners in ``hold_bulk_of`` (accounts whose daily
-        budget is spent) are passed over; they stay queued. A queued job that already used ``max_attempts`` attempts (taken back
-        from dead workers that many times) fails with ``worker_lost`` instead of running, and the
-        claim moves on to the next. Running jobs whose lease expired are not claimable until
+        budget is spent) are passed over; they stay queued. A queued job that already used
+        ``max_attempts`` attempts (taken back from dead workers that many times) fails with
+        ``worker_lost`` instead of running, and the claim moves on to the next. Running jobs whose lease expired are not claimable until
         ``reap`` puts them back in the queue.
         """
         check_worker(worker)

@@ -85,9 +85,9 @@ def status(now: dt.datetime, spent_s: float, limit_s: float | None) -> BudgetSta
 
 def spent_tenants(spent: Mapping[str, float], limits: Mapping[str, float | None], rule: BudgetRule,
                   tiers: Mapping[str, str | None] | None = None) -> frozenset[str]:
-    """Accounts whose day is spent. ``spent``: today's seconds per account (accounts with none
-    are never spent unless their limit is 0); ``limits``: per-account overrides; ``tiers``: their
-    tiers. An account with a limit of 0 but no spending today is named too."""
+    """Accounts whose day is spent, among those named in ``spent`` (today's seconds per
+    account), ``limits`` (the operator's overrides) or ``tiers`` (the operator's tier choices).
+    An account named only by the operator, with a limit of 0, is spent without spending."""
     tiers = tiers or {}
     names = set(spent) | set(limits) | set(tiers)
     return frozenset(t for t in names
