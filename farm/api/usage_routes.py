@@ -86,11 +86,9 @@ def add_usage_routes(app: FastAPI, store, rule: BudgetRule, *,
         if (end - start).days >= MAX_RANGE_DAYS:
             raise InvalidRequest(f"end_date: the range is {(end - start).days + 1} days; allowed: at most "
                                  f"{MAX_RANGE_DAYS}", param="end_date")
-        first = min(start, today)
-        rows = await run_in_threadpool(store.usage_by_day, who, first, max(end, today))
+        in_range = await run_in_threadpool(store.usage_by_day, who, start, end)
+        today_rows = await run_in_threadpool(store.usage_by_day, who, today, today)
         budget = await run_in_threadpool(store.budget_status, who, rule)
-        today_rows = [r for r in rows if r["date"] == today.isoformat()]
-        in_range = [r for r in rows if start.isoformat() <= r["date"] <= end.isoformat()]
         return {
             "object": "usage",
             "today": {"date": today.isoformat(), "accelerator_seconds": _sum(today_rows),
