@@ -53,9 +53,9 @@ from farm.api.schemas import (
     read_create_request,
 )
 from farm.api.uploads import UploadLimits, check_image, decode_data_url
-from farm.api.usage_routes import add_usage_routes, check_budget
+from farm.api.usage_routes import add_usage_routes, budget_refused
 from farm.api.wire import video_object
-from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, IdempotencyConflict, QueueFull
+from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, BudgetExceeded, IdempotencyConflict, QueueFull
 from farm.render.registry import ModelSpec, find_model, validate_request
 from farm.sched.budget import BudgetRule
 from farm.storage.s3 import ClipLayout, ObjectNotFound, checkpoint_prefix, delete_clip
@@ -442,8 +442,8 @@ async def _create_job(
         raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
     stored = {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler,
               "request_fingerprint": fingerprint}
-    if deps.budgets is not None:
-        await check_budget(deps.store, deps.budgets, who)
+    # Read before the create; the create refuses on it after replaying an Idempotency-Key's job.
+    budget = None if deps.budgets is None else await run_in_threadpool(deps.store.budget_status, who, deps.budgets)
     bulk = priority == "bulk"
     try:
         job = await run_in_threadpool(
@@ -452,9 +452,11 @@ async def _create_job(
                 priority=PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE, owner=who,
                 max_queued=deps.max_queued_bulk if bulk else deps.max_queued,  # the cap of this class
                 max_queued_per_owner=deps.max_queued_per_account,
-                idempotency_key=idempotency_key,
+                idempotency_key=idempotency_key, budget=budget,
             )
         )
+    except BudgetExceeded as exc:
+        raise budget_refused(exc.budget, deps.store.now()) from None
     except QueueFull as exc:
         whose = "your account's" if exc.scope == "account" else f"the farm's {priority}"
         raise RateLimited(f"{whose} render queue is full ({exc.queued} jobs waiting, limit {exc.max_queued}); "

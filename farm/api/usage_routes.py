@@ -4,8 +4,8 @@
     operator:  GET/POST /v1/admin/accounts/{id}/budget        → an account's tier and daily override
 
 Seconds are what the replicas reported for each completed stage (``farm.jobs.usage``). A
-tenant sees only its own account's figures. ``check_budget`` is the create routes' gate: an
-account whose daily budget is spent gets 429 ``budget_exceeded`` (nothing is created) until the
+tenant sees only its own account's figures. ``budget_refused`` is the create routes' answer when
+``JobStore.create`` raises BudgetExceeded: 429 ``budget_exceeded`` (nothing is created) until the
 next 00:00 UTC or a raised budget.
 """
 
@@ -42,16 +42,14 @@ def budget_object(budget: BudgetStatus) -> dict[str, Any]:
             "exhausted": budget.exhausted, "resets_at": unix(budget.resets_at)}
 
 
-async def check_budget(store, rule: BudgetRule, owner: str | None) -> None:
-    """429 ``budget_exceeded`` when the account's budget for today is spent; nothing is created."""
-    budget = await run_in_threadpool(store.budget_status, owner, rule)
-    if budget.exhausted:
-        resets = budget.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-        raise RateLimited(
-            f"your account's daily accelerator budget is spent: {budget.spent_s:.1f} of {budget.limit_s:g} "
-            f"accelerator-seconds used on {budget.day.isoformat()} (UTC); nothing was created. It resets at "
-            f"{resets}, or when the operator raises it",
-            retry_after_s=(budget.resets_at - store.now()).total_seconds(), code="budget_exceeded")
+def budget_refused(budget: BudgetStatus, now: dt.datetime) -> RateLimited:
+    """429 ``budget_exceeded``: the account's budget for today is spent; nothing was created."""
+    resets = budget.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return RateLimited(
+        f"your account's daily accelerator budget is spent: {budget.spent_s:.1f} of {budget.limit_s:g} "
+        f"accelerator-seconds used on {budget.day.isoformat()} (UTC); nothing was created. It resets at "
+        f"{resets}, or when the operator raises it",
+        retry_after_s=(budget.resets_at - now).total_seconds(), code="budget_exceeded")
 
 
 def _date(name: str, value: str | None, default: dt.date) -> dt.date:

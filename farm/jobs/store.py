@@ -50,7 +50,7 @@ from farm.jobs.leader import Leader, Leadership  # noqa: F401
 from farm.jobs.outbox import EVENT_TYPES, Event, EventLog, emit  # noqa: F401
 from farm.jobs.queue import LeasedQueue, ReapReport  # noqa: F401
 from farm.jobs.tables import DEPTHS, VIDEOS, LeaderLease, QueueDepth, Video, VideoEvent  # noqa: F401
-from farm.jobs.usage import UsageLedger  # noqa: F401
+from farm.jobs.usage import BudgetExceeded, UsageLedger  # noqa: F401
 
 _V, _C = VIDEOS, VIDEOS.c
 

@@ -65,6 +65,15 @@ class AccountBudget(Base):
     )
 
 
+class BudgetExceeded(Exception):
+    """The owner's daily budget is spent: ``create`` made nothing (``budget`` says how much, until when)."""
+
+    def __init__(self, budget: BudgetStatus) -> None:
+        super().__init__(f"daily budget spent: {budget.spent_s:.1f} of {budget.limit_s:g} accelerator-seconds "
+                         f"on {budget.day.isoformat()} (UTC)")
+        self.budget = budget
+
+
 USAGE = UsageRow.__table__
 BUDGETS = AccountBudget.__table__
 _U, _B = USAGE.c, BUDGETS.c

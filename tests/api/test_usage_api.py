@@ -113,6 +113,14 @@ def test_a_spent_budget_refuses_creates_until_utc_midnight(api, jobs, clock):
     assert "5 accelerator-seconds" in error["message"] and resets.strftime("%Y-%m-%dT00:00:00Z") in error["message"]
     assert 1 <= int(refused.headers["Retry-After"]) <= 86400
     assert api.post("/v1/videos", json=BODY, headers=bob).status_code == 200  # bob's own day is untouched
+    # A replay of an Idempotency-Key still returns its video; a new key is refused.
+    replay = api.post("/v1/videos", json=BODY, headers=alice | {"Idempotency-Key": "k1"})
+    assert replay.status_code == 429
+    api.post(f"/v1/admin/accounts/{account}/budget", json={"daily_seconds": 600}, headers=ADMIN)
+    first = api.post("/v1/videos", json=BODY, headers=alice | {"Idempotency-Key": "k1"}).json()
+    api.post(f"/v1/admin/accounts/{account}/budget", json={"tier": "trial"}, headers=ADMIN)
+    again = api.post("/v1/videos", json=BODY, headers=alice | {"Idempotency-Key": "k1"})
+    assert again.status_code == 200 and again.json()["id"] == first["id"]
     assert api.get("/v1/usage", headers=alice).json()["today"]["budget"]["remaining_seconds"] == 0
 
     raised = api.post(f"/v1/admin/accounts/{account}/budget", json={"tier": "trial", "daily_seconds": 60},
