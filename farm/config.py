@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from farm import env
 from farm.finish.provenance import SignerConfig
 from farm.finish.watermark import WatermarkConfig
+from farm.jobs.budget_settings import BudgetSettings
 from farm.render.faults import FaultInjection
 from farm.render.registry import ModelSpec, find_model
 from farm.render.tiny import tiny_spec
@@ -286,6 +287,7 @@ class FarmSettings(BaseModel):
     serve: ServeSettings = Field(default_factory=ServeSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     database_url: str = Field(
         default="", description="SQLAlchemy URL of the job store; empty: a SQLite file in the state folder."

@@ -108,6 +108,15 @@ class FarmMetrics:
             boundaries=_FAST, tag_keys=("pool",),
         )
 
+    # Usage (recorded by the dispatcher as each stage completes, once per job and stage) ---
+    @cached_property
+    def accelerator_seconds(self):
+        return self._m.Counter(
+            "videofarm_accelerator_seconds_total",
+            description="Replica wall time of completed denoise shards, decodes and finishes, by tenant, pool, device.",
+            tag_keys=("tenant", "pool", "device"),
+        )
+
     # Decode pool and finisher ------------------------------------------------------------
     @cached_property
     def decode_latency(self):

@@ -61,10 +61,12 @@ from farm.api.schemas import (
     read_create_request,
 )
 from farm.api.uploads import UploadLimits, check_image, decode_data_url
+from farm.api.usage_routes import add_usage_routes, budget_refused
 from farm.api.wire import video_object
 from farm.jobs.estimates import poll_after_ms
-from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, IdempotencyConflict, QueueFull
+from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, BudgetExceeded, IdempotencyConflict, QueueFull
 from farm.render.registry import ModelSpec, find_model, validate_request
+from farm.sched.budget import BudgetRule
 from farm.storage.s3 import ClipLayout, checkpoint_prefix, delete_clip
 
 if TYPE_CHECKING:
@@ -125,6 +127,8 @@ class GatewayDeps:
     max_prompt_chars: int = 4000
     max_body_bytes: int = 16 * 1024 * 1024
     upload_limits: UploadLimits = field(default_factory=UploadLimits)
+    # Daily accelerator budgets (farm.sched.budget); None: unlimited, and no budget routes.
+    budgets: BudgetRule | None = None
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _http: tuple[Any, httpx.AsyncClient] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -288,14 +292,24 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         """The caller's account id, as the auth gate (``AuthGate``) established it; None without auth."""
         return request.state.principal.account_id if deps.auth else None
 
-    async def shown(job: Job, response: Response | None = None) -> dict[str, Any]:
-        """The video object with its queue estimate; sets the poll hint on ``response``."""
+    async def shown(job: Job, response: Response | None = None, *, usage: list[dict] | None = None,
+                    read_usage: bool = True) -> dict[str, Any]:
+        """The video object with its queue estimate and usage (``usage`` given, else read from the
+        ledger unless ``read_usage`` is False: the field is then null); sets the poll hint on ``response``."""
+        if usage is None and read_usage:
+            # A job never claimed has run nothing: no ledger read on the hot path of queued polls.
+            usage = [] if job.attempts == 0 else (await run_in_threadpool(deps.store.usage_of_jobs, [job.id]))[job.id]
         estimate = await deps.queue.estimate(job) if deps.queue is not None else None
         if response is not None:
             response.headers["openai-poll-after-ms"] = str(poll_after_ms(
                 estimate.completion_at if estimate else None, time.time(), fallback_ms=deps.poll_after_ms,
                 min_ms=deps.poll_after_min_ms, max_ms=deps.poll_after_max_ms))
-        return video_object(job, estimate)
+        return video_object(job, estimate, usage)
+
+    async def streamed(job: Job) -> dict[str, Any]:
+        """An event's video object: usage read for the final event only (updates carry null), so
+        N open streams cost no ledger reads per tick."""
+        return await shown(job, read_usage=job.terminal)
 
     watch = JobWatch(deps.store, deps.events_tick_s)
     app.state.job_watch = watch
@@ -371,7 +385,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             )
         except ValueError as exc:  # an `after` id that does not exist (for this caller)
             raise NotFound(str(exc), param="after") from None
-        data = [await shown(j) for j in jobs]
+        usage = await run_in_threadpool(deps.store.usage_of_jobs, [j.id for j in jobs])
+        data = [await shown(j, usage=usage[j.id]) for j in jobs]
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
@@ -390,7 +405,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     )
     async def stream_events(video_id: str, request: Request) -> EventSourceResponse:
         job = await get_job(video_id, await owner(request))
-        events = video_events(watch, job, request.headers.get("last-event-id"), shown)
+        events = video_events(watch, job, request.headers.get("last-event-id"), streamed)
         return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-store"})
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, summary="Delete a video and its assets",
@@ -474,6 +489,8 @@ async def _create_job(
         raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
     stored = {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler,
               "request_fingerprint": fingerprint}
+    # Read before the create; the create refuses on it after replaying an Idempotency-Key's job.
+    budget = None if deps.budgets is None else await run_in_threadpool(deps.store.budget_status, who, deps.budgets)
     bulk = priority == "bulk"
     try:
         job = await run_in_threadpool(
@@ -482,9 +499,11 @@ async def _create_job(
                 priority=PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE, owner=who,
                 max_queued=deps.max_queued_bulk if bulk else deps.max_queued,  # the cap of this class
                 max_queued_per_owner=deps.max_queued_per_account,
-                idempotency_key=idempotency_key,
+                idempotency_key=idempotency_key, budget=budget,
             )
         )
+    except BudgetExceeded as exc:
+        raise budget_refused(exc.budget, deps.store.now()) from None
     except QueueFull as exc:
         whose = "your account's" if exc.scope == "account" else f"the farm's {priority}"
         raise RateLimited(f"{whose} render queue is full ({exc.queued} jobs waiting, limit {exc.max_queued}); "
@@ -592,6 +611,13 @@ def _openapi(app: FastAPI, deps: GatewayDeps) -> dict[str, Any]:
     return schema
 
 
+def _owner_of(deps: GatewayDeps) -> Callable[[Request], Awaitable[str | None]]:
+    async def owner(request: Request) -> str | None:
+        return request.state.principal.account_id if deps.auth else None
+
+    return owner
+
+
 def create_app(deps: GatewayDeps) -> FastAPI:
     """The gateway app; no work happens until it serves a request."""
     app = FastAPI(
@@ -621,6 +647,9 @@ def create_app(deps: GatewayDeps) -> FastAPI:
 
             add_webhook_routes(app, store_of=lambda: hooks, account_of=account_id,
                                guard=UrlGuard.from_settings(hook_settings), settings=hook_settings)
+
+    add_usage_routes(app, deps.store, deps.budgets or BudgetRule(), owner_of=_owner_of(deps),
+                     accounts=deps.auth.accounts if deps.auth is not None else None)
 
     @app.get("/healthz", response_model=Health, summary="Liveness", operation_id="healthz")
     async def healthz() -> dict[str, Any]:

@@ -128,6 +128,21 @@ class VideoError(BaseModel):
     message: str | None = Field(default=None, description="A human-readable description.")
 
 
+class UsageLine(BaseModel):
+    """Accelerator-seconds on one pool and kind of device."""
+
+    pool: str = Field(description="The pool: a denoiser pool (model:expert), 'decode' or 'finish'.")
+    device: str = Field(description="The kind of device the replicas ran on: 'cpu', 'cuda'.")
+    seconds: float = Field(description="Replica wall time, summed over the stages that ran there.")
+
+
+class VideoUsage(BaseModel):
+    """Farm extension: the replica time a video used so far (each completed stage counted once)."""
+
+    accelerator_seconds: float = Field(description="The sum over every pool and device.")
+    by_pool: list[UsageLine] = Field(description="Seconds per pool and device kind.")
+
+
 class VideoObject(BaseModel):
     """One video job, the ``Video`` object of the OpenAI API plus farm extensions."""
 
@@ -153,6 +168,7 @@ class VideoObject(BaseModel):
     estimated_completion_at: int | None = Field(
         default=None, description="Farm extension: Unix seconds when it should complete, from the scheduler's queue "
         "and measured stage costs; null when finished or before its model's stages were measured.")
+    usage: VideoUsage | None = Field(default=None, description="Farm extension: replica-seconds used so far.")
 
 
 class VideoList(BaseModel):

@@ -3,7 +3,8 @@
 The job store keeps bookkeeping (``farm.jobs.job.Job``); what a client sees of it is decided
 here, at the edge. Farm extensions beside OpenAI's fields: ``prompt``, ``priority``, ``seed``,
 ``remixed_from_video_id``, ``cancel_requested``, ``queue_position`` and ``estimated_completion_at``
-(see :mod:`farm.jobs.estimates`; null when unknown or finished).
+(see :mod:`farm.jobs.estimates`; null when unknown or finished), and ``usage`` (replica-seconds per
+pool and device, from the usage ledger). The openai SDK keeps unknown fields as extra attributes.
 """
 
 from __future__ import annotations
@@ -25,8 +26,17 @@ def priority_name(priority: int) -> str:
         return str(priority)
 
 
-def video_object(job: Job, estimate: Estimate | None = None) -> dict[str, Any]:
-    """The ``video`` object of ``job``, as the routes return it, with its queue estimate if known."""
+def usage_object(lines: list[dict] | None) -> dict[str, Any]:
+    """The ``usage`` field from a job's ledger lines (``JobStore.usage_of_jobs``)."""
+    lines = lines or []
+    return {"accelerator_seconds": round(sum(line["seconds"] for line in lines), 6),
+            "by_pool": [{"pool": line["pool"], "device": line["device"], "seconds": round(line["seconds"], 6)}
+                        for line in lines]}
+
+
+def video_object(job: Job, estimate: Estimate | None = None, usage: list[dict] | None = None) -> dict[str, Any]:
+    """The ``video`` object of ``job``, as the routes return it: with its queue estimate if known,
+    and ``usage`` from its ledger lines (None: not read, the field is null)."""
     try:
         priority: str | int = Priority(job.priority).name.lower()
     except ValueError:
@@ -56,4 +66,5 @@ def video_object(job: Job, estimate: Estimate | None = None) -> dict[str, Any]:
         "queue_position": estimate.queue_position if estimate else None,
         "estimated_completion_at": (math.ceil(estimate.completion_at)
                                     if estimate and estimate.completion_at is not None else None),
+        "usage": None if usage is None else usage_object(usage),
     }

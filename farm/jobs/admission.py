@@ -50,6 +50,8 @@ from sqlalchemy.engine import Connection
 from farm.db import Database
 from farm.jobs.job import DEFAULT_EXPIRES_IN_S, Job, Priority, check_cap, new_job
 from farm.jobs.tables import DEPTHS, VIDEOS, runnable
+from farm.jobs.usage import BudgetExceeded
+from farm.sched.budget import BudgetStatus
 
 _V, _C, _D = VIDEOS, VIDEOS.c, DEPTHS
 # PostgreSQL advisory lock, two-key form (a space apart from the one-key locks of farm.db):
@@ -98,13 +100,16 @@ class Admission:
         max_queued_per_owner: int | None = None,
         idempotency_key: str | None = None,
         expires_in_s: float = DEFAULT_EXPIRES_IN_S,
+        budget: BudgetStatus | None = None,
     ) -> Job:
         """Queue a new job, or return the earlier one with the same ``idempotency_key``.
 
         ``max_queued`` caps the queued jobs of this job's priority class (the caller passes the
         cap of that class); ``max_queued_per_owner`` caps the owner's queued jobs of every class.
         Raises QueueFull (creating nothing) when a cap is reached, IdempotencyConflict when the
-        key was used for a different request, and ValueError naming any bad argument.
+        key was used for a different request, BudgetExceeded when ``budget`` (the owner's day,
+        read by the caller) is spent (a replay is still returned), and ValueError naming any bad
+        argument.
         """
         job = new_job(
             model, prompt, size, seconds, params, priority, owner, idempotency_key, expires_in_s, self._clock()
@@ -120,6 +125,8 @@ class Admission:
                 )).mappings().first()
                 if row is not None:
                     return _replay(Job.from_row(row), job)
+            if budget is not None and budget.exhausted:
+                raise BudgetExceeded(budget)
             if max_queued_per_owner is not None:
                 mine = conn.scalar(owner_depth_query(owner))
                 if mine >= max_queued_per_owner:

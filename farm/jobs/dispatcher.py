@@ -22,6 +22,14 @@ redone from the state it started with, a model that fails gets ``shard_retries``
 storage outages are waited out within a budget. ``stage_timeout_s`` counts a call's run on its
 replica, never its wait for one. A state whose holder died before anyone read it is
 reloaded from the last checkpoint, without counting as an attempt.
+
+Usage: every denoise shard, decode and finish reply carries the replica's own wall time for the
+work and its device; as each completes, the dispatcher records it in the store's usage ledger
+(:mod:`farm.jobs.usage`, once per job and stage) and counts it in
+``videofarm_accelerator_seconds_total``. Every ``budget_poll_s`` it reads which accounts have
+spent today's budget (``budgets``): their queued bulk jobs are not claimed and their running
+bulk jobs' next shards wait (``Placement.hold_bulk``) until the UTC day turns or the operator
+raises the budget; interactive work runs on.
 """
 
 from __future__ import annotations
@@ -36,12 +44,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from farm.jobs.estimates import InFlight, ModelCosts, QueueSnapshot
-from farm.jobs.placement import DECODE_POOL, ENCODE_POOL, Placement, StageRequest
+from farm.jobs.placement import DECODE_POOL, ENCODE_POOL, FINISH_POOL, Placement, StageRequest
 from farm.jobs.retry import ReplicaLost, RetryPolicy, is_render_error, is_transient_storage_error
 from farm.jobs.store import Job, JobStore, Priority
+from farm.jobs.usage import device_kind
 from farm.render.plan import HIGH_NOISE_EXPERT, ShardPlan, StepLayout, plan_shards
 from farm.render.registry import ModelSpec, RenderParams, parse_size
 from farm.sched import SchedulerConfig
+from farm.sched.budget import BudgetRule
 from farm.storage.s3 import checkpoint_prefix
 
 log = logging.getLogger(__name__)
@@ -67,6 +77,25 @@ class ShardOutcome:
     replica: str
     seconds: float  # the shard's run on its replica
     checkpoint: str | None = None  # key being written in the background; None: no checkpoint
+    device: str = "cpu"  # where it ran: cpu, cuda, cuda:1 …
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoder's reply: a reference to the frames, and the decode's run on its replica."""
+
+    frames: Any
+    seconds: float
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The finisher's reply: the clip's object keys, and its run (watermark … upload) on its replica."""
+
+    objects: dict[str, str]
+    seconds: float
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -102,9 +131,9 @@ class StageClients(Protocol):
 
     async def checkpointed(self, replica: str, key: str) -> bool: ...
 
-    async def decode(self, replica: str, job_id: str, model_id: str, state: Any) -> Any: ...
+    async def decode(self, replica: str, job_id: str, model_id: str, state: Any) -> Decoded: ...
 
-    async def finish(self, job_id: str, model_id: str, params: RenderParams, frames: Any) -> dict[str, str]: ...
+    async def finish(self, job_id: str, model_id: str, params: RenderParams, frames: Any) -> Finished: ...
 
 
 class JobCancelled(Exception):
@@ -168,6 +197,8 @@ class Dispatcher:
         policy: RetryPolicy | None = None,
         scheduling: SchedulerConfig | None = None,
         leader_lease_s: float = 15.0,
+        budgets: BudgetRule | None = None,
+        budget_poll_s: float = 2.0,
     ) -> None:
         self.store = store
         self.clients = clients
@@ -198,6 +229,10 @@ class Dispatcher:
         self._stopping = False
         self._leading = False
         self._led_at = self._reaped_at = float("-inf")
+        self.budgets = budgets  # None: no budgets, nothing held
+        self.budget_poll_s = budget_poll_s
+        self.held: frozenset[str] = frozenset()  # accounts whose bulk work waits: today's budget is spent
+        self._budgets_at = float("-inf")
 
     # Lifecycle ------------------------------------------------------------------
     def wake(self) -> None:
@@ -216,10 +251,12 @@ class Dispatcher:
                 continue
             await self._report_metrics()
             await self._maybe_reap()
+            await self._refresh_budgets()
             claimed = False
             if len(self._flights) < self.max_in_flight:
                 job = await asyncio.to_thread(
-                    lambda: self.store.claim_next(self.worker, self.lease_s, max_attempts=self.policy.max_attempts))
+                    lambda: self.store.claim_next(self.worker, self.lease_s, max_attempts=self.policy.max_attempts,
+                                                  hold_bulk_of=self.held))
                 if job is not None:
                     claimed = True
                     self._observe_claim(job)
@@ -275,6 +312,29 @@ class Dispatcher:
             return
         self._reaped_at = time.monotonic()
         await asyncio.to_thread(self.store.reap, self.policy.max_attempts)
+
+    async def _refresh_budgets(self) -> None:
+        """Now and then, read whose budget is spent today and hold their bulk work (in claims
+        and in the policy); a raised budget or a new UTC day lets it go on at the next read."""
+        if self.budgets is None or time.monotonic() - self._budgets_at < self.budget_poll_s:
+            return
+        self._budgets_at = time.monotonic()
+        try:
+            held = await asyncio.to_thread(self.store.spent_accounts, self.budgets)
+        except Exception:  # keep the last answer; the next read tries again
+            log.warning("budgets not read", exc_info=True)
+            return
+        if held != self.held:
+            log.info("bulk work held for spent budgets: %s", sorted(held) or "none")
+            self.held = held
+            self.placement.hold_bulk(held)
+
+    async def _charge(self, job: Job, stage: str, pool: str, device: str, seconds: float) -> None:
+        """Record a completed stage's replica time, once per (job, stage), and count it."""
+        added = await asyncio.to_thread(self.store.record_usage, job.id, self.worker, stage, pool, device, seconds)
+        if added and self.metrics is not None:
+            self.metrics.accelerator_seconds.inc(seconds, tags={
+                "tenant": job.owner or "anonymous", "pool": pool, "device": device_kind(device)})
 
     async def _report_metrics(self) -> None:
         if self.metrics is None or time.monotonic() - self._depth_at < 1.0:
@@ -335,6 +395,7 @@ class Dispatcher:
             "resumed": list(self.resumed)[-20:],
             "calls": list(self.calls),
             "running": sorted(self.running.values(), key=lambda c: c["started"]),
+            "held_bulk": sorted(self.held),  # accounts whose bulk work waits: today's budget is spent
         }
 
     def snapshot(self) -> QueueSnapshot:
@@ -439,13 +500,16 @@ class Dispatcher:
                 self.placement.release(held, job.id)
                 raise
             self._set_stage(job.id, "decode")
-            frames, held = await self._call_stage(
+            decoded, held = await self._call_stage(
                 job, "decode", DECODE_POOL, 0, 1, outcome.replica,
                 lambda replica: self.clients.decode(replica, job.id, spec.id, outcome.state), holding=held)
+            await self._charge(job, "decode", DECODE_POOL, decoded.device, decoded.seconds)
             self._set_stage(job.id, FINISH_STAGE)
-            objects, _ = await self._call_stage(
-                job, "finish", None, 0, 1, None, lambda _r: self.clients.finish(job.id, spec.id, params, frames),
-                holding=held)
+            finished, _ = await self._call_stage(
+                job, "finish", None, 0, 1, None,
+                lambda _r: self.clients.finish(job.id, spec.id, params, decoded.frames), holding=held)
+            await self._charge(job, "finish", FINISH_POOL, finished.device, finished.seconds)
+            objects = finished.objects
             await self._settle_checkpoints(job)
             if not await asyncio.to_thread(self.store.complete, job.id, self.worker, objects):
                 log.warning("job %s: lease lost before completion; another worker owns it", job.id)
@@ -496,14 +560,16 @@ class Dispatcher:
                     # A failed shard is sent again with the same input state. The call releases
                     # the replica this job holds once the shard is queued.
                     previous, held = held, None
+                    pool = self.placement.denoiser_pool(spec.id, plan.expert)
+                    stage = f"shard {plan.start}-{plan.end}"
                     outcome, held = await self._call_stage(
-                        job, f"shard {plan.start}-{plan.end}", self.placement.denoiser_pool(spec.id, plan.expert),
-                        plan.start, plan.end, holder,
+                        job, stage, pool, plan.start, plan.end, holder,
                         lambda replica, plan=plan, state=state, key=key: self.clients.run_shard(
                             replica, job.id, spec.id, state, plan, checkpoint=key, prompt=job.prompt),
                         holding=previous,
                     )
                     state, holder = outcome.state, outcome.replica
+                    await self._charge(job, stage, pool, outcome.device, outcome.seconds)
                     await self._after_shard(job, plan.end, prepared.layout.num_steps, outcome)
                 return outcome, held
             except StateLost as exc:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ENCODE_POOL = "encode"
 DECODE_POOL = "decode"
+FINISH_POOL = "finish"  # not scheduled here (Serve routes the finisher); named in usage
 _EMA = 0.2  # weight of the newest measurement in a pool's moving average
 
 
@@ -150,6 +151,11 @@ class Placement:
             held = time.monotonic() - started
             self.busy_s[self._pool_of[replica]] += held
             self.replica_busy_s[replica] = self.replica_busy_s.get(replica, 0.0) + held
+        self._dispatch()
+
+    def hold_bulk(self, tenants) -> None:
+        """Bulk calls of these tenants (their budget is spent) wait until a later call leaves them out."""
+        self.scheduler.hold_bulk(tenants, self._now())
         self._dispatch()
 
     def queue_position(self, job_id: str) -> QueuePosition | None:

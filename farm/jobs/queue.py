@@ -33,6 +33,7 @@ import sqlalchemy as sa
 
 from farm.jobs.job import (
     Job,
+    Priority,
     check_priorities,
     check_worker,
     finished,
@@ -73,13 +74,15 @@ class LeasedQueue:
         *,
         max_attempts: int | None = None,
         priorities: Collection[int] | None = None,
+        hold_bulk_of: Collection[str] = (),
     ) -> Job | None:
         """Take the best queued job under a lease for ``worker``; None when none is queued.
 
         Order: priority, then oldest first. ``priorities`` limits the claim to those classes
-        (None: every class). A queued job that already used ``max_attempts`` attempts (taken back
-        from dead workers that many times) fails with ``worker_lost`` instead of running, and the
-        claim moves on to the next. Running jobs whose lease expired are not claimable until
+        (None: every class). Bulk jobs of the owners in ``hold_bulk_of`` (accounts whose daily
+        budget is spent) are passed over; they stay queued. A queued job that already used
+        ``max_attempts`` attempts (taken back from dead workers that many times) fails with
+        ``worker_lost`` instead of running, and the claim moves on to the next. Running jobs whose lease expired are not claimable until
         ``reap`` puts them back in the queue.
         """
         check_worker(worker)
@@ -89,7 +92,11 @@ class LeasedQueue:
         now = self._clock()
         # One index probe per class named (equality on the index's first column keeps its order),
         # or one ordered read of the whole index when every class may run.
-        picks = [claim_query()] if classes is None else [claim_query(_C.priority == p) for p in classes]
+        where = []
+        if hold_bulk_of:
+            held = sorted(set(hold_bulk_of))
+            where.append(sa.not_(sa.and_(_C.priority == Priority.BULK, _C.owner.in_(held))))
+        picks = [claim_query(*where)] if classes is None else [claim_query(_C.priority == p, *where) for p in classes]
         with self._writer.begin() as conn:
             for pick in picks:
                 while (row := conn.execute(pick).mappings().first()) is not None:

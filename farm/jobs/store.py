@@ -12,6 +12,7 @@ out is put back in the queue by ``reap`` and resumes from ``checkpoint_key``.
 - ``farm.jobs.queue``: claims, leases, progress, finishing, ``reap``;
 - ``farm.jobs.leader``: named leader leases (one dispatcher leads);
 - ``farm.jobs.outbox``: the event log of terminal transitions (the webhooks' feed);
+- ``farm.jobs.usage``: accelerator-seconds per job stage, per-account daily budgets;
 - here: reads (get, list), the owner's delete and cancel, operator views.
 
 Backends: a SQLite file by default (WAL, so several processes share it) and PostgreSQL by URL
@@ -49,11 +50,12 @@ from farm.jobs.leader import Leader, Leadership  # noqa: F401
 from farm.jobs.outbox import EVENT_TYPES, Event, EventLog, emit  # noqa: F401
 from farm.jobs.queue import LeasedQueue, ReapReport  # noqa: F401
 from farm.jobs.tables import DEPTHS, VIDEOS, LeaderLease, QueueDepth, Video, VideoEvent, runnable  # noqa: F401
+from farm.jobs.usage import BudgetExceeded, UsageLedger  # noqa: F401
 
 _V, _C = VIDEOS, VIDEOS.c
 
 
-class JobStore(Admission, LeasedQueue, Leadership, EventLog):
+class JobStore(Admission, LeasedQueue, Leadership, EventLog, UsageLedger):
     """Jobs in a SQL database; thread-safe, and safe to share between processes."""
 
     def __init__(self, db: Database | str, *, clock: Callable[[], dt.datetime] | None = None) -> None:

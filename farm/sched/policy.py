@@ -44,7 +44,13 @@ lockstep. The rules, in the order a decision applies them:
    free replica that no waiting shard names as holder, if there is one, so the holder of a
    later shard stays free for it; otherwise to any free replica.
 
-5. **Batching**: a replica with ``max_batch`` b > 1 takes, beside the head, up to b - 1 more
+5. **Held bulk** (spent budgets): :meth:`Scheduler.hold_bulk` names tenants whose bulk shards
+   must not start. Their waiting bulk shards leave the queues (as if cancelled) and wait aside,
+   with their ``queued_at``; a held tenant's new bulk shards wait there too. Leaving a tenant out
+   of a later call puts its shards back in line. Interactive shards are never held, and running
+   shards finish. The caller decides who is held (``farm.sched.budget``) and passes it in.
+
+6. **Batching**: a replica with ``max_batch`` b > 1 takes, beside the head, up to b - 1 more
    waiting shards of the same pool and batch key, in fair order, from tenants at most
    ``batch_slack`` ahead of their class's virtual time: interactive ones first, then bulk
    ones, but bulk ones only once no interactive shard waits in the pool.
@@ -134,6 +140,8 @@ class Scheduler:
         self._replicas: dict[str, _Replica] = {}
         self._waiting: dict[str, list[Entry]] = {}  # job id → its waiting entries
         self._running: dict[tuple[str, int, int], str] = {}  # (job, start, end) → replica
+        self._held: frozenset[str] = frozenset()  # tenants whose bulk shards wait aside
+        self._parked: dict[str, list[ShardRequest]] = {}  # job id → its held bulk shards
 
     # Replicas ---------------------------------------------------------------------------
     def add_replica(self, replica_id: str, pool: str, max_batch: int | None = None) -> None:
@@ -192,10 +200,18 @@ class Scheduler:
         key = (shard.job_id, shard.start, shard.end)
         if key in self._running:
             raise ValueError(f"job {shard.job_id}: steps [{shard.start}, {shard.end}) are running on {self._running[key]!r}")
+        parked = [(s.start, s.end) for s in self._parked.get(shard.job_id, ())]
         entries = self._waiting.setdefault(shard.job_id, [])
-        for other in entries:
-            if (other.shard.start, other.shard.end) == (shard.start, shard.end):
+        for other in [(e.shard.start, e.shard.end) for e in entries] + parked:
+            if other == (shard.start, shard.end):
+                if not entries:
+                    del self._waiting[shard.job_id]
                 raise ValueError(f"job {shard.job_id}: steps [{shard.start}, {shard.end}) are already waiting")
+        if shard.priority == "bulk" and shard.tenant in self._held:
+            if not entries:
+                del self._waiting[shard.job_id]
+            self._parked.setdefault(shard.job_id, []).append(shard)
+            return
         pool = self._pool(shard.pool)
         queue = pool.queues[shard.priority]
         if shard.priority == "bulk" and queue.count == 0:
@@ -219,7 +235,38 @@ class Scheduler:
             pool = self._pools[entry.shard.pool]
             pool.queues[entry.shard.priority].cancel(entry)
             self._unwant(pool, entry)
-        return len(entries)
+        return len(entries) + len(self._parked.pop(job_id, ()))
+
+    def hold_bulk(self, tenants: Iterable[str], now: float) -> None:
+        """From now on, bulk shards of exactly ``tenants`` wait aside and do not start (rule 5);
+        tenants held before and not named now get theirs back in line, in their old order.
+        Costs O(waiting shards) when the set changes, nothing when it does not."""
+        self._advance(now)
+        held = frozenset(tenants)
+        if held == self._held:
+            return
+        released, self._held = self._held - held, held
+        for job_id, entries in list(self._waiting.items()):
+            for entry in [e for e in entries if e.shard.priority == "bulk" and e.shard.tenant in held]:
+                pool = self._pools[entry.shard.pool]
+                pool.queues["bulk"].cancel(entry)
+                self._unwant(pool, entry)
+                entries.remove(entry)
+                self._parked.setdefault(job_id, []).append(entry.shard)
+            if not entries:
+                del self._waiting[job_id]
+        back = [s for shards in self._parked.values() for s in shards if s.tenant in released]
+        for shard in back:
+            shards = self._parked[shard.job_id]
+            shards.remove(shard)
+            if not shards:
+                del self._parked[shard.job_id]
+        for shard in sorted(back, key=lambda s: (s.queued_at, s.job_id, s.start)):
+            self.submit(shard, now)
+
+    def held(self) -> tuple[ShardRequest, ...]:
+        """The bulk shards waiting aside because their tenant is held."""
+        return tuple(s for shards in self._parked.values() for s in shards)
 
     # Deciding -------------------------------------------------------------------------------
     def schedule(self, now: float) -> list[Assignment]:

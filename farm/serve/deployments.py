@@ -33,7 +33,7 @@ from typing import Any
 
 from ray import serve
 
-from farm.jobs.dispatcher import Prepared, ShardOutcome, StateLost
+from farm.jobs.dispatcher import Decoded, Finished, Prepared, ShardOutcome, StateLost
 from farm.jobs.retry import ReplicaLost
 from farm.render.faults import FaultInjection, matching
 from farm.render.plan import ShardPlan
@@ -165,7 +165,7 @@ class Denoiser:
         tags = {"pool": self.pool}
         self.metrics.shard_latency.observe(seconds, tags=tags)
         self.metrics.step_latency.observe(seconds / (plan.end - plan.start), tags=tags)
-        return ShardOutcome(_put(new_state), _replica_id(), seconds, checkpoint)
+        return ShardOutcome(_put(new_state), _replica_id(), seconds, checkpoint, self.stage.device)
 
     def _run(self, state, plan: ShardPlan, faults: list[dict] | None):
         import torch
@@ -200,13 +200,15 @@ class Decoder:
         self.decoders = {spec.id: DecoderStage(spec) for spec in self.settings.models}
         self.metrics = FarmMetrics()
 
-    async def decode(self, model_id: str, box: ObjectBox) -> ObjectBox:
-        """The boxed final state's latents → boxed frames (uint8, F×H×W×3)."""
+    async def decode(self, model_id: str, box: ObjectBox) -> Decoded:
+        """The boxed final state's latents → boxed frames (uint8, F×H×W×3), and the decode's own time."""
         state = await asyncio.to_thread(_get, box)
         started = time.perf_counter()
-        frames = await asyncio.to_thread(self.decoders[model_id].decode, state.latents)
-        self.metrics.decode_latency.observe(time.perf_counter() - started, tags={"model": model_id})
-        return _put(frames)
+        decoder = self.decoders[model_id]
+        frames = await asyncio.to_thread(decoder.decode, state.latents)
+        seconds = time.perf_counter() - started
+        self.metrics.decode_latency.observe(seconds, tags={"model": model_id})
+        return Decoded(_put(frames), seconds, decoder.device)
 
 
 @serve.deployment(max_ongoing_requests=1)
@@ -232,7 +234,8 @@ class Finisher:
             ensure_dev_credentials(self.settings.state_dir / "c2pa", shared)
             shared.db.close()
 
-    def finish(self, job_id: str, model_id: str, params: RenderParams, frames: ObjectBox) -> dict[str, str]:
+    def finish(self, job_id: str, model_id: str, params: RenderParams, frames: ObjectBox) -> Finished:
+        """The clip's object keys, and this replica's time for it (finishing and upload; CPU)."""
         from farm.jobs.publish import clip_keys, clip_record, finish_frames
 
         spec = self.settings.model(model_id)
@@ -248,7 +251,7 @@ class Finisher:
         for variant, size in (("video", clip.video_bytes), ("thumbnail", clip.thumbnail_bytes),
                               ("spritesheet", clip.spritesheet_bytes)):
             self.metrics.upload_bytes.inc(size, tags={"variant": variant})
-        return clip_keys(job_id)
+        return Finished(clip_keys(job_id), time.perf_counter() - started, "cpu")
 
     def _upload(self, job_id: str, clip, record: dict) -> None:
         """Upload the clip, retrying while S3 is unreachable (for at most render.storage_retry_s).
@@ -359,7 +362,7 @@ class DispatcherDeployment:
             worker="dispatcher", metrics=FarmMetrics(),
             policy=RetryPolicy.from_settings(render, _count_storage_errors("dispatcher")),
             scheduling=SchedulerConfig(tenant_weights=dict(render.tenant_weights), bulk_aging_s=render.bulk_aging_s),
-            leader_lease_s=render.leader_lease_s,
+            leader_lease_s=render.leader_lease_s, budgets=self.settings.budgets.rule(),
         )
         self._task = asyncio.get_running_loop().create_task(self.dispatcher.run())
 

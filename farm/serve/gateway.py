@@ -81,6 +81,7 @@ class Gateway:
             webhook_settings=settings.webhooks,
             metrics=FarmMetrics(),
             max_prompt_chars=ss.max_prompt_chars,
+            budgets=settings.budgets.rule(),
             max_body_bytes=int(ss.max_body_mb * 1024 * 1024),
             upload_limits=UploadLimits(max_bytes=int(ss.max_upload_mb * 1024 * 1024),
                                        max_pixels=ss.max_upload_pixels),

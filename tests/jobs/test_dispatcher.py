@@ -20,7 +20,16 @@ from collections import Counter
 import pytest
 import torch
 
-from farm.jobs.dispatcher import Dispatcher, Prepared, ShardOutcome, _error_code, params_of, shard_checkpoint_key
+from farm.jobs.dispatcher import (
+    Decoded,
+    Dispatcher,
+    Finished,
+    Prepared,
+    ShardOutcome,
+    _error_code,
+    params_of,
+    shard_checkpoint_key,
+)
 from farm.jobs.estimates import estimate_in_flight, estimate_queued
 from farm.jobs.retry import ReplicaLost, RetryPolicy, is_transient_storage_error
 from farm.jobs.store import Priority
@@ -31,6 +40,7 @@ from farm.storage.s3 import ObjectNotFound, StorageError, StorageUnavailable
 STEPS, SHARD_STEPS = 6, 2
 FAST = RetryPolicy(shard_retries=2, replica_retries=3, backoff_s=0.01, backoff_max_s=0.05, storage_retry_s=5.0)
 POOL = "wan-tiny:transformer"
+DECODE_S, FINISH_S = 0.5, 0.25  # what the fake decoder and finisher report
 
 
 @pytest.fixture
@@ -57,6 +67,9 @@ class LocalStages:
     ``lose[n]``: the n-th shard call (0-based) dies half-way, as a killed replica would;
     ``faults``: chaos faults applied to the model exactly as the Denoiser replica applies them;
     ``gates``: prompt, or (prompt, start step) → event a shard of that prompt waits for before it runs.
+
+    Each completed call reports its wall time as a replica does (``reported``: (job, stage,
+    seconds)); decode and finish report ``DECODE_S`` and ``FINISH_S``.
     ``ran`` records every shard as (prompt, start, end, replica), in the order they ran.
     """
 
@@ -74,6 +87,7 @@ class LocalStages:
         self.shard_calls = 0
         self.ran: list[tuple[str, int, int, str]] = []
         self.finished: dict[str, torch.Tensor] = {}
+        self.reported: list[tuple[str, str, float]] = []
         self._model = asyncio.Lock()  # one model in this process: shards take turns, as on one replica
         self._writer = None
 
@@ -108,24 +122,29 @@ class LocalStages:
             raise ReplicaLost(f"replica died running steps {plan.start}-{plan.end}")
         async with self._model:
             self.ran.append((prompt, plan.start, plan.end, replica))
+            started = time.perf_counter()
             with injected(self.denoiser.experts, matching(self.faults, prompt)):
                 new_state = await asyncio.to_thread(self.denoiser.run, state, plan.start, plan.end)
+            seconds = time.perf_counter() - started
         if checkpoint is not None and self.objects is not None:
             from farm.serve.checkpoints import CheckpointWriter
 
             self._writer = self._writer or CheckpointWriter(self.objects, self.storage)
             self._writer.start(checkpoint, new_state)
-        return ShardOutcome(new_state, replica, 0.0, checkpoint if self.objects is not None else None)
+        self.reported.append((job_id, f"shard {plan.start}-{plan.end}", seconds))
+        return ShardOutcome(new_state, replica, seconds, checkpoint if self.objects is not None else None, "cpu")
 
     async def checkpointed(self, replica, key):
         return self._writer is not None and await self._writer.done(key)
 
     async def decode(self, replica, job_id, model_id, state):
-        return state.latents  # the tests compare latents: no VAE needed
+        self.reported.append((job_id, "decode", DECODE_S))
+        return Decoded(state.latents, DECODE_S, "cpu")  # the tests compare latents: no VAE needed
 
     async def finish(self, job_id, model_id, params, frames):
         self.finished[job_id] = frames
-        return {"video": f"videos/{job_id}/video.mp4"}
+        self.reported.append((job_id, "finish", FINISH_S))
+        return Finished({"video": f"videos/{job_id}/video.mp4"}, FINISH_S)
 
     def shards_of(self, prompt):
         return [(start, end) for p, start, end, _ in self.ran if p == prompt]

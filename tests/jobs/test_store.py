@@ -168,6 +168,7 @@ def test_create_and_get_round_trip(store: JobStore) -> None:
         "cancel_requested": False,
         "queue_position": None,  # no estimate given (the gateway's queue view adds them)
         "estimated_completion_at": None,
+        "usage": None,  # none given (the gateway reads the ledger)
     }
     assert store.get("video_" + "0" * 32) is None
 
