@@ -115,6 +115,11 @@ ROWS = (
         Panel("Job latency by model", "Creation to completed (p50 and p95).", "s",
               (Target(quantile(0.5, "ray_videofarm_job_seconds", "model"), "p50 {{model}}"),
                Target(quantile(0.95, "ray_videofarm_job_seconds", "model"), "p95 {{model}}"))),
+        Panel("Accelerator-seconds by tenant",
+              "Replica-seconds of completed shards, decodes and finishes (the usage ledger), per second, by "
+              "account and device kind.", "short",
+              (Target(f"sum by (tenant, device) ({rate('ray_videofarm_accelerator_seconds_total')})",
+                      "{{tenant}} {{device}}"),), stack=True),
     )),
     Row("Storage", (
         Panel("Upload latency", "Upload of one finished clip's objects to S3 (p50 and p95).", "s",
