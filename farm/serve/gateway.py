@@ -33,6 +33,8 @@ class Gateway:
         from farm.api.app import GatewayDeps, create_app
         from farm.api.auth import GatewayAuth
         from farm.api.uploads import UploadLimits
+        from farm.jobs.batches import BatchStore
+        from farm.jobs.schedules import ScheduleStore
         from farm.webhooks.store import WebhookStore
         from farm.metrics import FarmMetrics
         from farm.storage.connect import open_store
@@ -60,6 +62,7 @@ class Gateway:
             webhooks=WebhookStore(self.db),
             webhook_settings=settings.webhooks,
             metrics=FarmMetrics(),
+            batches=BatchStore(self.db), schedules=ScheduleStore(self.db), batch_settings=settings.batches,
             max_prompt_chars=ss.max_prompt_chars,
             max_body_bytes=int(ss.max_body_mb * 1024 * 1024),
             upload_limits=UploadLimits(max_bytes=int(ss.max_upload_mb * 1024 * 1024),
