@@ -90,7 +90,9 @@ def next_run(expr: str, timezone: str, after: dt.datetime) -> dt.datetime:
     local = after.astimezone(check_timezone(timezone))
     try:
         return next(CronSim(expr, local)).astimezone(dt.UTC)
-    except StopIteration:  # e.g. '0 0 30 2 *' (30 February) never comes
+    except CronSimError as exc:
+        raise ValueError(f"cron: {expr!r} is not valid: {exc}") from None
+    except StopIteration:  # cronsim found no matching time in its search range
         raise ValueError(f"cron: {expr!r} never fires") from None
 
 

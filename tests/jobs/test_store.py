@@ -82,7 +82,7 @@ def test_migrate_is_idempotent(store: JobStore, store_url: str) -> None:
     job = make(store)
     store.migrate()
     JobStore(store_url).migrate()
-    assert version_of(store_url) == ["0003"]
+    assert version_of(store_url) == ["0004b"]
     assert store.get(job.id) == job
 
 
@@ -102,7 +102,7 @@ def test_migrate_concurrently_from_threads_and_processes(store_url: str) -> None
             future.result()
     for child in children:
         finish(child)
-    assert version_of(store_url) == ["0003"]
+    assert version_of(store_url) == ["0004b"]
     store = JobStore(store_url)
     assert store.get(make(store).id) is not None
 
