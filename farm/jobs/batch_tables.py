@@ -15,7 +15,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
+from sqlalchemy.dialects.postgresql import JSONB
+
 from farm.db import Base
+
+# None is SQL NULL here (not JSON 'null'), so "IS NULL" finds the valid lines and error-free batches.
+_OPTIONAL_JSON = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 # Batches the runner still has work on; literal for the partial index (see farm.jobs.tables).
 ACTIVE = "status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
@@ -59,7 +64,7 @@ class BatchRow(Base):
     input_file_id: Mapped[str] = mapped_column(sa.String(64))
     completion_window: Mapped[str] = mapped_column(sa.String(16))
     meta: Mapped[dict[str, Any]]
-    errors: Mapped[dict[str, Any] | None]
+    errors: Mapped[dict[str, Any] | None] = mapped_column(_OPTIONAL_JSON)
     total: Mapped[int]
     invalid: Mapped[int]
     output_file_id: Mapped[str | None] = mapped_column(sa.String(64))
@@ -98,7 +103,7 @@ class BatchItem(Base):
     custom_id: Mapped[str | None] = mapped_column(sa.String(512))
     video_id: Mapped[str | None] = mapped_column(sa.String(64))
     # A refused line: {"status_code": 400, "body": {"error": {...}}}; null for a valid one.
-    error: Mapped[dict[str, Any] | None]
+    error: Mapped[dict[str, Any] | None] = mapped_column(_OPTIONAL_JSON)
 
     __table_args__ = (sa.Index("ix_batch_items_video", "video_id"),)
 
