@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from farm.db import Database, utcnow
-from farm.jobs.batch_tables import ACTIVE, BATCHES, FILES, ITEMS
+from farm.jobs.batch_tables import ACTIVE, BATCHES, FILES, ITEMS, SCHEDULES
 from farm.jobs.job import TERMINAL_STATUSES, Job
 from farm.jobs.tables import VIDEOS
 
@@ -164,8 +164,6 @@ class BatchStore:
 
     def file_users(self, id: str) -> list[str]:
         """Unfinished batches and schedules that read this file (it must not vanish under them)."""
-        from farm.jobs.batch_tables import SCHEDULES
-
         with self._engine.begin() as conn:
             batches = conn.scalars(sa.select(BATCHES.c.id).where(
                 BATCHES.c.input_file_id == id, sa.text(ACTIVE)).limit(5)).all()
