@@ -47,10 +47,22 @@ def run(args: argparse.Namespace) -> int:
     base = runtime.http_url
     try:
         if args.action == "add":
+            from farm.jobs.schedules import check_cron, check_timezone
+
+            try:  # before the upload, so a typo leaves nothing behind
+                check_cron(args.cron)
+                check_timezone(args.tz)
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
             file_id = args.input_file_id or _upload(base, key, args.file)
-            made = _call(base, "POST", "/v1/schedules", key, {
-                "cron": args.cron, "timezone": args.tz, "input_file_id": file_id, "missed": args.missed,
-                "name": args.name})
+            try:
+                made = _call(base, "POST", "/v1/schedules", key, {
+                    "cron": args.cron, "timezone": args.tz, "input_file_id": file_id, "missed": args.missed,
+                    "name": args.name})
+            except AccountCliError:
+                if not args.input_file_id:  # the file was only for this schedule
+                    _call(base, "DELETE", f"/v1/files/{file_id}", key)
+                raise
             print(f"schedule: {made['id']}  ({made['cron']} {made['timezone']}, missed runs: {made['missed']})")
             print(f"next run: {_when(made['next_run_at'], made['timezone'])}  (batches of {file_id})")
         elif args.action == "list":

@@ -31,7 +31,7 @@ from farm.api.errors import Conflict, ErrorResponse, InvalidRequest, NotFound, P
 from farm.db import unix
 from farm.jobs.batch_runner import file_key, lines_of
 from farm.jobs.batches import COMPLETION_WINDOW_S, ENDPOINT, BatchRecord, BatchStore, Counts, FileRecord, new_id
-from farm.jobs.schedules import MISSED_POLICIES, ScheduleRecord, ScheduleStore, check_cron, check_timezone
+from farm.jobs.schedules import ScheduleRecord, ScheduleStore, check_cron, check_timezone
 from farm.storage.s3 import ObjectNotFound, checkpoint_prefix
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.serve.farmkit import wait_for
+from tests.serve.farmkit import farm_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -73,3 +73,31 @@ def test_a_twenty_line_batch_completes_while_an_interactive_video_overtakes_it(s
           f"{len(passed)} began denoising after it")
     assert overtaken and passed, (len(earlier), [(v.id, v.completed_at) for v in earlier], mine.completed_at)
     assert latency < took / 2
+
+
+def test_farm_schedule_commands_on_the_running_farm(shared_farm, tmp_path) -> None:
+    farm = shared_farm
+    key = farm.new_api_key("scheduler")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(_line(1)) + "\n")
+
+    def cli(*args: str, check: bool = True):
+        return farm_cli("schedule", *args, "--api-key", key, env=farm.env, timeout=120, check=check)
+
+    added = cli("add", "--cron", "0 3 * * *", "--tz", "Asia/Tokyo", "--file", str(prompts), "--missed", "run_once")
+    schedule_id = added.stdout.split()[1]
+    assert schedule_id.startswith("sched_") and "T03:00:00+09:00" in added.stdout, added.stdout
+    listed = cli("list").stdout
+    assert schedule_id in listed and "armed" in listed and "Asia/Tokyo" in listed
+    assert "paused" in cli("pause", schedule_id).stdout and "paused" in cli("list").stdout
+    assert "armed, next run" in cli("resume", schedule_id).stdout
+    files = [f.id for f in farm.client(api_key=key).files.list()]
+    refused = cli("add", "--cron", "0 3 * *", "--file", str(prompts), check=False)
+    assert refused.returncode == 2 and "cron: '0 3 * *' must have five fields" in refused.stderr, refused.stderr
+    refused = cli("add", "--cron", "0 3 * * *", "--tz", "Tokyo", "--file", str(prompts), check=False)
+    assert refused.returncode == 2 and "timezone: 'Tokyo' is not an IANA time zone" in refused.stderr
+    assert [f.id for f in farm.client(api_key=key).files.list()] == files  # nothing uploaded for a typo
+    assert cli("delete", schedule_id).stdout.strip() == f"deleted: {schedule_id}"
+    assert schedule_id not in cli("list").stdout
+    gone = cli("pause", schedule_id, check=False)
+    assert gone.returncode == 2 and "not found" in gone.stderr
