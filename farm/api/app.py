@@ -245,8 +245,6 @@ class _Timing:
 # -- request parsing -----------------------------------------------------------------------
 
 
-
-
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """An inclusive byte range from a single-range ``Range`` header; None means the whole object."""
     match = _RANGE.match(header.strip()) if header else None
