@@ -155,7 +155,15 @@ class ServeSettings(BaseModel):
         default=10_000, ge=1,
         description="Queued bulk jobs beyond which bulk creates get 429 (interactive jobs never count against it).",
     )
-    poll_after_ms: int = Field(default=500, ge=0, description="The openai-poll-after-ms hint sent to clients.")
+    poll_after_ms: int = Field(default=500, ge=0, description=(
+        "The openai-poll-after-ms hint sent with a video that has no completion estimate yet."))
+    poll_after_min_ms: int = Field(default=250, ge=0, description=(
+        "The shortest poll hint: with an estimate, the hint is a quarter of the time left, within min..max."))
+    poll_after_max_ms: int = Field(default=10_000, ge=0, description="The longest poll hint (see poll_after_min_ms).")
+    queue_view_s: float = Field(default=1.0, gt=0, le=60, description=(
+        "How old a gateway replica's view of the queue (positions, estimates) may get before it is read again."))
+    events_tick_s: float = Field(default=0.5, gt=0, le=60, description=(
+        "How often a gateway replica reads the jobs its event streams (GET /v1/videos/{id}/events) follow."))
     gateway_replicas: int = Field(default=1, ge=1, description="Gateway (HTTP ingress) replicas.")
     encoder_replicas: int = Field(default=1, ge=1, description="Text-encoder replicas.")
     encoder_num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per text-encoder replica.")
@@ -193,6 +201,13 @@ class ServeSettings(BaseModel):
         except ValueError:
             raise ValueError(f"rate_limit: {value!r} is not a rate; use e.g. '1200/minute' or '20/second'") from None
         return value
+
+    @model_validator(mode="after")
+    def _poll_hints_ordered(self) -> "ServeSettings":
+        if self.poll_after_min_ms > self.poll_after_max_ms:
+            raise ValueError(f"serve.poll_after_min_ms ({self.poll_after_min_ms}) must not exceed "
+                             f"serve.poll_after_max_ms ({self.poll_after_max_ms})")
+        return self
 
 
 class BatchSettings(BaseModel):

@@ -22,12 +22,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from farm import __version__
 from farm.accounts.store import Principal
 from farm.api.auth import AuthGate, GatewayAuth
+from farm.api.events import JobWatch, video_events
+from farm.api.queue_view import QueueView
 from farm.api.errors import (
     ERROR_RESPONSES,
     Conflict,
@@ -54,6 +57,7 @@ from farm.api.schemas import (
 from farm.api.uploads import UploadLimits
 from farm.api.video_requests import check_reference, check_render, param_of
 from farm.api.wire import video_object
+from farm.jobs.estimates import poll_after_ms
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, IdempotencyConflict, QueueFull
 from farm.render.registry import ModelSpec, find_model
 from farm.storage.s3 import ClipLayout, ObjectNotFound, checkpoint_prefix, delete_clip
@@ -98,7 +102,14 @@ class GatewayDeps:
     # for bulk. None: no cap for that class.
     max_queued: int | None = None
     max_queued_bulk: int | None = None
-    poll_after_ms: int = 1000  # the openai-poll-after-ms hint the SDK's poll() honours
+    # The openai-poll-after-ms hint the SDK's poll() honours: a quarter of a job's estimated time
+    # left, within [poll_after_min_ms, poll_after_max_ms]; poll_after_ms when there is no estimate.
+    poll_after_ms: int = 1000
+    poll_after_min_ms: int = 250
+    poll_after_max_ms: int = 10_000
+    # Queue positions and completion estimates (None: the objects carry nulls).
+    queue: QueueView | None = None
+    events_tick_s: float = 0.5  # how often the event streams' watcher reads the watched jobs
     on_created: Callable[[str], Awaitable[None] | None] | None = None  # wakes the dispatcher
     # API keys and rate limits; None serves one anonymous tenant (embedding, unit tests).
     auth: GatewayAuth | None = None
@@ -127,6 +138,9 @@ class GatewayDeps:
         for name in ("poll_after_ms", "max_prompt_chars", "max_body_bytes"):
             if getattr(self, name) < (0 if name == "poll_after_ms" else 1):
                 raise ValueError(f"GatewayDeps.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.poll_after_min_ms <= self.poll_after_max_ms:
+            raise ValueError(f"GatewayDeps: poll_after_min_ms ({self.poll_after_min_ms}) must be >= 0 and at most "
+                             f"poll_after_max_ms ({self.poll_after_max_ms})")
         for name in ("max_queued", "max_queued_bulk"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"GatewayDeps.{name} must be >= 1 or None, got {getattr(self, name)}")
@@ -276,6 +290,18 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         """The caller's account id, as the auth gate (``AuthGate``) established it; None without auth."""
         return request.state.principal.account_id if deps.auth else None
 
+    async def shown(job: Job, response: Response | None = None) -> dict[str, Any]:
+        """The video object with its queue estimate; sets the poll hint on ``response``."""
+        estimate = await deps.queue.estimate(job) if deps.queue is not None else None
+        if response is not None:
+            response.headers["openai-poll-after-ms"] = str(poll_after_ms(
+                estimate.completion_at if estimate else None, time.time(), fallback_ms=deps.poll_after_ms,
+                min_ms=deps.poll_after_min_ms, max_ms=deps.poll_after_max_ms))
+        return video_object(job, estimate)
+
+    watch = JobWatch(deps.store, deps.events_tick_s)
+    app.state.job_watch = watch
+
     async def get_job(video_id: str, who: str | None) -> Job:
         job = await run_in_threadpool(deps.store.get, video_id, owner=who)
         if job is None:
@@ -301,8 +327,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         size = body.size or spec.sizes[0]
         seconds = body.seconds if body.seconds is not None else spec.seconds[0]
         params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
-        return await _create_job(deps, request, response, who, spec, body.prompt, size, seconds, params,
-                                 body.priority)
+        return await shown(await _create_job(deps, request, who, spec, body.prompt, size, seconds, params,
+                                             body.priority), response)
 
     @app.post(
         "/v1/videos/{video_id}/remix", response_model=VideoObject, summary="Remix a video with a new prompt",
@@ -319,8 +345,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         spec = deps.model(source.model)
         params = {k: source.params.get(k) for k in ("seed", "steps", "scheduler")} | {
             "remixed_from_video_id": source.id}
-        return await _create_job(deps, request, response, who, spec, body.prompt, source.size, source.seconds,
-                                 params, _priority_name(source.priority))
+        return await shown(await _create_job(deps, request, who, spec, body.prompt, source.size, source.seconds,
+                                             params, _priority_name(source.priority)), response)
 
     @app.get("/v1/videos", response_model=VideoList, summary="List videos", operation_id="listVideos",
              responses={404: {"model": ErrorResponse, "description": "No video with the `after` id."}})
@@ -337,16 +363,27 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             )
         except ValueError as exc:  # an `after` id that does not exist (for this caller)
             raise NotFound(str(exc), param="after") from None
-        data = [video_object(j) for j in jobs]
+        data = [await shown(j) for j in jobs]
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
     @app.get("/v1/videos/{video_id}", response_model=VideoObject, summary="Retrieve a video job",
              operation_id="retrieveVideo")
     async def retrieve_video(video_id: str, request: Request, response: Response) -> dict[str, Any]:
+        return await shown(await get_job(video_id, await owner(request)), response)
+
+    @app.get(
+        "/v1/videos/{video_id}/events", summary="Follow a video job as Server-Sent Events",
+        operation_id="streamVideoEvents", response_class=EventSourceResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": (
+            "`video.updated` events (the video object) whenever its status, progress, queue position or "
+            "estimate changes, then one `video.completed`, `video.failed` or `video.cancelled` with the final "
+            "object; the stream then ends. Send `Last-Event-ID` to resume without repeats.")}},
+    )
+    async def stream_events(video_id: str, request: Request) -> EventSourceResponse:
         job = await get_job(video_id, await owner(request))
-        response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
-        return video_object(job)
+        events = video_events(watch, job, request.headers.get("last-event-id"), shown)
+        return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-store"})
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, summary="Delete a video and its assets",
                 operation_id="deleteVideo",
@@ -374,7 +411,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             # A queued job may hold a checkpoint (it was running before a restart): keep nothing.
             # (A running job's dispatcher drops its own when it stops at the shard boundary.)
             await run_in_threadpool(lambda: deps.object_store().delete_prefix(checkpoint_prefix(video_id)))
-        return video_object(job)
+        return await shown(job)
 
     @app.get(
         "/v1/videos/{video_id}/content", summary="Download a finished video or a preview",
@@ -405,9 +442,9 @@ def _priority_name(priority: int) -> str:
 
 
 async def _create_job(
-    deps: GatewayDeps, request: Request, response: Response, who: str | None, spec: ModelSpec, prompt: str,
+    deps: GatewayDeps, request: Request, who: str | None, spec: ModelSpec, prompt: str,
     size: str, seconds: int, extra: dict[str, Any], priority: str,
-) -> dict[str, Any]:
+) -> Job:
     """Validate against the model, then queue (or replay an Idempotency-Key's earlier job)."""
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
@@ -445,8 +482,7 @@ async def _create_job(
             deps.metrics.video_created(spec.id, priority)
         except Exception:  # the job exists; a broken metrics hook must not turn that into an error
             log.exception("metrics hook failed")
-    response.headers["openai-poll-after-ms"] = str(deps.poll_after_ms)
-    return video_object(job)
+    return job
 
 
 async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_header: str | None) -> StreamingResponse:

@@ -147,6 +147,12 @@ class VideoObject(BaseModel):
     priority: Priority | None = Field(default=None, description="Farm extension: scheduling class.")
     seed: int | None = Field(default=None, description="Farm extension: the seed the clip renders with.")
     cancel_requested: bool | None = Field(default=None, description="Farm extension: a cancel was asked for.")
+    queue_position: int | None = Field(
+        default=None, ge=0, description="Farm extension: jobs of its model that start before it (0: next); null once "
+        "it has started on a replica, or when unknown.")
+    estimated_completion_at: int | None = Field(
+        default=None, description="Farm extension: Unix seconds when it should complete, from the scheduler's queue "
+        "and measured stage costs; null when finished or before its model's stages were measured.")
 
 
 class VideoList(BaseModel):

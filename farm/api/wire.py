@@ -2,19 +2,31 @@
 
 The job store keeps bookkeeping (``farm.jobs.job.Job``); what a client sees of it is decided
 here, at the edge. Farm extensions beside OpenAI's fields: ``prompt``, ``priority``, ``seed``,
-``remixed_from_video_id`` and ``cancel_requested``.
+``remixed_from_video_id``, ``cancel_requested``, ``queue_position`` and ``estimated_completion_at``
+(see :mod:`farm.jobs.estimates`; null when unknown or finished).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import math
+
 from farm.db import unix
+from farm.jobs.estimates import Estimate
 from farm.jobs.job import Job, Priority
 
 
-def video_object(job: Job) -> dict[str, Any]:
-    """The ``video`` object of ``job``, as the routes return it."""
+def priority_name(priority: int) -> str:
+    """"interactive" or "bulk"; the number itself for a class this build does not name."""
+    try:
+        return Priority(priority).name.lower()
+    except ValueError:
+        return str(priority)
+
+
+def video_object(job: Job, estimate: Estimate | None = None) -> dict[str, Any]:
+    """The ``video`` object of ``job``, as the routes return it, with its queue estimate if known."""
     try:
         priority: str | int = Priority(job.priority).name.lower()
     except ValueError:
@@ -40,4 +52,8 @@ def video_object(job: Job) -> dict[str, Any]:
         "remixed_from_video_id": job.params.get("remixed_from_video_id"),
         # A running job whose cancellation was asked for stops at its next shard.
         "cancel_requested": job.cancel_requested,
+        # Farm extensions from the scheduler's queue and measured stage costs; null when not known.
+        "queue_position": estimate.queue_position if estimate else None,
+        "estimated_completion_at": (math.ceil(estimate.completion_at)
+                                    if estimate and estimate.completion_at is not None else None),
     }

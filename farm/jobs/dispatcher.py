@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from farm.jobs.estimates import InFlight, ModelCosts, QueueSnapshot
 from farm.jobs.placement import DECODE_POOL, ENCODE_POOL, Placement, StageRequest
 from farm.jobs.retry import ReplicaLost, RetryPolicy, is_render_error, is_transient_storage_error
 from farm.jobs.store import Job, JobStore, Priority
@@ -45,6 +46,7 @@ from farm.storage.s3 import checkpoint_prefix
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+FINISH_STAGE = "finish"  # the finisher is no pool (Serve routes it); its measured cost is kept under this name
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,11 @@ class _Flight:
     task: asyncio.Task
     checkpoints: list[asyncio.Task] = field(default_factory=list)  # acknowledgements awaited, in step order
     newest: str | None = None  # the key of the newest recorded checkpoint
+    # Where it stands, for queue positions and estimates (``snapshot``).
+    stage: str = "encode"  # encode | denoise | decode | finish: the stage it runs or waits for
+    started: bool = False  # its first denoising shard has begun on a replica
+    layout: StepLayout | None = None  # known once encoded
+    step: int = 0  # steps done
 
 
 class Dispatcher:
@@ -329,6 +336,66 @@ class Dispatcher:
             "running": sorted(self.running.values(), key=lambda c: c["started"]),
         }
 
+    def snapshot(self) -> QueueSnapshot:
+        """Where every job it drives stands, and each model's measured costs (``farm.jobs.estimates``).
+        One pass over the jobs in flight; no store or replica is asked."""
+        pools = self.placement.pools()
+        jobs: dict[str, InFlight] = {}
+        backlog: dict[str, float] = {}
+        for job_id, flight in self._flights.items():
+            spec = self.models.get(flight.job.model)
+            if spec is None:
+                continue
+            position = self.placement.queue_position(job_id)
+            wait_s = 0.0 if position is None else position.cost_ahead_s / max(len(pools.get(position.pool, ())), 1)
+            remaining = self._remaining_s(flight, spec)
+            jobs[job_id] = InFlight(spec.id, _priority_name(flight.job.priority), flight.started,
+                                    None if position is None else position.shards_ahead, wait_s, remaining)
+            backlog[spec.id] = backlog.get(spec.id, 0.0) + (remaining or 0.0)
+        models = {}
+        for spec in self.models.values():
+            own = [p for p in pools if p.rpartition(":")[0] == spec.id]
+            models[spec.id] = ModelCosts(
+                slots=min((len(pools[p]) for p in own), default=0),
+                encode_s=self._measured(ENCODE_POOL), decode_s=self._measured(DECODE_POOL),
+                finish_s=self._measured(FINISH_STAGE), step_s=self._step_s(own),
+                backlog_s=backlog.get(spec.id, 0.0))
+        return QueueSnapshot(time.time(), jobs, models)
+
+    def _measured(self, pool: str, steps: int = 1) -> float | None:
+        return self.placement.estimate(pool, steps) if self.placement.measured(pool) else None
+
+    def _step_s(self, pools: list[str]) -> float | None:
+        measured = [self.placement.estimate(p, 1) for p in pools if self.placement.measured(p)]
+        return sum(measured) / len(measured) if measured and len(measured) == len(pools) else None
+
+    def _remaining_s(self, flight: _Flight, spec: ModelSpec) -> float | None:
+        """The measured cost of what the job has left: the stage it is in and every later one."""
+        stages = ("encode", "denoise", "decode", FINISH_STAGE)
+        left = stages[stages.index(flight.stage):]
+        total = 0.0
+        for stage in left:
+            if stage == "denoise":
+                if flight.layout is not None:
+                    plans = plan_shards(flight.layout, flight.step, self.shard_steps)
+                    parts = [self._measured(self.placement.denoiser_pool(spec.id, p.expert), p.end - p.start)
+                             for p in plans]
+                else:
+                    own = [p for p in self.placement.pools() if p.rpartition(":")[0] == spec.id]
+                    step_s = self._step_s(own)
+                    parts = [None if step_s is None else step_s * params_of(flight.job, spec).steps]
+            else:
+                parts = [self._measured(ENCODE_POOL if stage == "encode" else DECODE_POOL if stage == "decode"
+                                        else FINISH_STAGE)]
+            if any(p is None for p in parts):
+                return None
+            total += sum(parts)  # type: ignore[arg-type]
+        return total
+
+    def _set_stage(self, job_id: str, stage: str) -> None:
+        if (flight := self._flights.get(job_id)) is not None:
+            flight.stage = stage
+
     # One job ----------------------------------------------------------------------
     async def _drive(self, job: Job) -> None:
         lease = asyncio.create_task(self._keep_lease(job, asyncio.current_task()), name=f"lease-{job.id}")
@@ -344,9 +411,11 @@ class Dispatcher:
             except BaseException:
                 self.placement.release(held, job.id)
                 raise
+            self._set_stage(job.id, "decode")
             frames, held = await self._call_stage(
                 job, "decode", DECODE_POOL, 0, 1, outcome.replica,
                 lambda replica: self.clients.decode(replica, job.id, spec.id, outcome.state), holding=held)
+            self._set_stage(job.id, FINISH_STAGE)
             objects, _ = await self._call_stage(
                 job, "finish", None, 0, 1, None, lambda _r: self.clients.finish(job.id, spec.id, params, frames),
                 holding=held)
@@ -387,6 +456,8 @@ class Dispatcher:
             try:
                 prepared, held = await self._start(job, spec, params)
                 state, holder = prepared.state, prepared.replica
+                if (flight := self._flights.get(job.id)) is not None:
+                    flight.stage, flight.layout, flight.step = "denoise", prepared.layout, prepared.step_index
                 plans = plan_shards(prepared.layout, prepared.step_index, self.shard_steps)
                 outcome = ShardOutcome(state, holder, 0.0)
                 for plan in plans:
@@ -479,6 +550,8 @@ class Dispatcher:
                     if replica is not None:
                         await self._check_cancel(job)  # it may have been asked while the call waited
                     sent = time.perf_counter()
+                    if stage.startswith("shard") and (flight := self._flights.get(job.id)) is not None:
+                        flight.started = True  # rendering: out of the queue (encoding is preparation)
                     running = self.running[job.id] = {
                         "job_id": job.id, "stage": stage, "pool": pool, "replica": replica,
                         "priority": _priority_name(job.priority), "started": time.time()}
@@ -491,8 +564,8 @@ class Dispatcher:
                 finally:
                     self.running.pop(job.id, None)
                 took = time.perf_counter() - sent
+                self.placement.observe(pool or FINISH_STAGE, end - start, took)
                 if pool is not None:
-                    self.placement.observe(pool, end - start, took)
                     self._observe_handoff(pool, sent, result)
                     self.calls.append(running | {"seconds": round(took, 4)})
                 return result, replica
@@ -540,6 +613,8 @@ class Dispatcher:
         if not held:
             raise JobCancelled() if await self._cancel_requested(job) else RuntimeError("lease lost")
         flight = self._flights.get(job.id)
+        if flight is not None:
+            flight.step = step
         if outcome.checkpoint is not None and flight is not None:
             previous = flight.checkpoints[-1] if flight.checkpoints else None
             flight.checkpoints.append(asyncio.create_task(self._confirm_checkpoint(job, step, outcome, previous)))

@@ -94,6 +94,10 @@ class Placement:
         """Expected seconds of a call on ``pool`` covering ``steps`` steps (1 for encode/decode)."""
         return self._step_s.get(pool, 1.0) * max(steps, 1)
 
+    def measured(self, pool: str) -> bool:
+        """Whether a call on ``pool`` has been measured (``estimate`` is a default until then)."""
+        return pool in self._step_s
+
     def observe(self, pool: str, steps: int, seconds: float) -> None:
         per_step = seconds / max(steps, 1)
         old = self._step_s.get(pool)

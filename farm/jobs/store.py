@@ -26,7 +26,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import sqlalchemy as sa
 
@@ -48,7 +48,7 @@ from farm.jobs.job import (  # noqa: F401
 from farm.jobs.leader import Leader, Leadership  # noqa: F401
 from farm.jobs.outbox import EVENT_TYPES, Event, EventLog, emit  # noqa: F401
 from farm.jobs.queue import LeasedQueue, ReapReport  # noqa: F401
-from farm.jobs.tables import DEPTHS, VIDEOS, LeaderLease, QueueDepth, Video, VideoEvent  # noqa: F401
+from farm.jobs.tables import DEPTHS, VIDEOS, LeaderLease, QueueDepth, Video, VideoEvent, runnable  # noqa: F401
 
 _V, _C = VIDEOS, VIDEOS.c
 
@@ -87,6 +87,16 @@ class JobStore(Admission, LeasedQueue, Leadership, EventLog):
         with self._engine.begin() as conn:
             row = conn.execute(sa.select(_V).where(_owned(id, owner))).mappings().first()
         return Job.from_row(row) if row is not None else None
+
+    def get_many(self, ids: Collection[str]) -> dict[str, Job]:
+        """The jobs of ``ids`` that exist (unscoped: the caller checked ownership), in one read."""
+        found: dict[str, Job] = {}
+        ids = builtins.list(ids)
+        with self._engine.begin() as conn:
+            for chunk in range(0, len(ids), 500):  # bounded IN lists
+                for row in conn.execute(sa.select(_V).where(_C.id.in_(ids[chunk:chunk + 500]))).mappings():
+                    found[row["id"]] = Job.from_row(row)
+        return found
 
     def list(
         self, *, owner: str | None = None, after: str | None = None, limit: int = 20, order: str = "desc"
@@ -139,6 +149,13 @@ class JobStore(Admission, LeasedQueue, Leadership, EventLog):
             conn.execute(sa.update(_V).where(_C.id == id).values(**changes))
             emit(conn, changes.get("status"), [(job.id, job.owner)])
         return dataclasses.replace(job, **changes)
+
+    def queued_order(self, limit: int = 10_000) -> builtins.list[tuple[str, str]]:
+        """(id, model) of the first ``limit`` runnable jobs in claim order — the order ``claim_next``
+        takes them in — read along the partial index ``ix_videos_runnable``."""
+        query = sa.select(_C.id, _C.model).where(runnable()).order_by(_C.priority, _C.created_at, _C.id).limit(limit)
+        with self._engine.begin() as conn:
+            return [(row.id, row.model) for row in conn.execute(query)]
 
     # -- operators -------------------------------------------------------------------
 

@@ -351,6 +351,10 @@ class DispatcherDeployment:
     def wake(self) -> None:
         self.dispatcher.wake()
 
+    def snapshot(self):
+        """Where the jobs it drives stand, for the gateways' queue positions and estimates."""
+        return self.dispatcher.snapshot()
+
     async def drain(self) -> None:
         """Stop claiming and hand running jobs back to the queue at their next shard boundary
         (first step of `farm down`)."""

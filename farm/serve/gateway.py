@@ -27,11 +27,16 @@ class Gateway:
         self.db.migrate()
         self.store = JobStore(self.db)
 
+    async def _queue_snapshot(self):
+        """The dispatcher's queue snapshot (``farm.jobs.estimates.QueueSnapshot``), over its handle."""
+        return await self.dispatcher.snapshot.remote()
+
     def __serve_build_asgi_app__(self):
         from farm.accounts.admin import resolve_admin_key
         from farm.accounts.store import AccountStore
         from farm.api.app import GatewayDeps, create_app
         from farm.api.auth import GatewayAuth
+        from farm.api.queue_view import QueueView
         from farm.api.uploads import UploadLimits
         from farm.jobs.batches import BatchStore
         from farm.jobs.schedules import ScheduleStore
@@ -56,6 +61,10 @@ class Gateway:
             max_queued=ss.max_queued,
             max_queued_per_account=ss.max_queued_per_account,
             poll_after_ms=ss.poll_after_ms,
+            poll_after_min_ms=ss.poll_after_min_ms,
+            poll_after_max_ms=ss.poll_after_max_ms,
+            queue=QueueView(self.store, self._queue_snapshot, ttl_s=ss.queue_view_s),
+            events_tick_s=ss.events_tick_s,
             on_created=wake,
             auth=auth,
             invite_ttl_s=settings.auth.invite_ttl_s,

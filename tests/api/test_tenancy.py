@@ -34,6 +34,7 @@ def test_tenant_b_cannot_touch_tenant_a_videos(make_auth_app, objects, jobs, tmp
         "delete": lambda v, h: client.delete(f"/v1/videos/{v}", headers=h),
         "remix": lambda v, h: client.post(f"/v1/videos/{v}/remix", json={"prompt": "mine now"}, headers=h),
         "cancel": lambda v, h: client.post(f"/v1/videos/{v}/cancel", headers=h),
+        "events": lambda v, h: client.get(f"/v1/videos/{v}/events", headers=h),
         "list after": lambda v, h: client.get("/v1/videos", params={"after": v}, headers=h),
     }
     for name, call in attempts.items():

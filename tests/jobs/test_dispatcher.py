@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from farm.jobs.dispatcher import Dispatcher, Prepared, ShardOutcome, _error_code, params_of, shard_checkpoint_key
+from farm.jobs.estimates import estimate_in_flight, estimate_queued
 from farm.jobs.retry import ReplicaLost, RetryPolicy, is_transient_storage_error
 from farm.jobs.store import Priority
 from farm.render.denoise import NonFiniteLatents, plan_shards, run_shards
@@ -531,3 +532,48 @@ def test_finisher_upload_waits_out_an_outage_and_aborts_what_it_left_open(tmp_pa
         "videos/job-1/record.json", "videos/job-1/spritesheet.jpg", "videos/job-1/thumbnail.webp", "videos/job-1/video.mp4"
     ]
     assert finisher.store.open_uploads == set()
+
+
+def test_the_snapshot_gives_queue_positions_and_measured_costs(store, tiny_spec, stages):
+    """One denoiser replica, its first job held mid-shard: the jobs behind it wait in the pool in
+    order (positions 0 and 1), nothing is estimated before every stage was measured, and once jobs
+    have run, each model's costs and a running job's remaining work are measured figures."""
+    prompts = ["the held job", "second in line", "third in line"]
+    release = asyncio.Event()
+    clients = LocalStages(tiny_spec, stages, denoisers=1, gates={(prompts[0], 0): release})
+    dispatcher = Dispatcher(store, clients, [tiny_spec], shard_steps=SHARD_STEPS, policy=FAST, poll_s=0.05)
+
+    async def scenario():
+        runner = asyncio.create_task(dispatcher.run())
+        try:
+            ids = [_submit(store, tiny_spec, prompts[0], 1)]
+            while clients.calls[prompts[0]] == 0:
+                await asyncio.sleep(0.01)
+            ids += [_submit(store, tiny_spec, p, 2 + i) for i, p in enumerate(prompts[1:])]
+            dispatcher.wake()
+            while dispatcher.placement.depths()[POOL]["interactive"] < 2:
+                await asyncio.sleep(0.01)
+            waiting = dispatcher.snapshot()
+            release.set()
+            while not all(store.get(i).terminal for i in ids):
+                await asyncio.sleep(0.02)
+            return ids, waiting, dispatcher.snapshot()
+        finally:
+            await dispatcher.stop()
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    ids, waiting, after = asyncio.run(scenario())
+    held, second, third = (waiting.jobs[i] for i in ids)
+    assert (held.started, held.ahead) == (True, None)
+    assert (second.started, second.ahead, third.started, third.ahead) == (False, 0, False, 1)
+    assert [estimate_in_flight(waiting, i).queue_position for i in ids] == [None, 0, 1]
+    assert held.remaining_s is None and waiting.models[tiny_spec.id].job_s(STEPS) is None  # no step measured yet
+
+    costs = after.models[tiny_spec.id]
+    assert after.jobs == {} and costs.slots == 1 and costs.backlog_s == 0
+    assert all(c is not None and c > 0 for c in (costs.encode_s, costs.step_s, costs.decode_s, costs.finish_s))
+    # A job still in the store: behind two queued jobs of its model, it completes after three runs on one slot.
+    queued = estimate_queued(after, tiny_spec.id, "interactive", STEPS, rank=2)
+    assert queued.queue_position == 2
+    assert queued.completion_at == pytest.approx(after.at + 3 * costs.job_s(STEPS))
