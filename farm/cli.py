@@ -459,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub, cmd_accounts)
 
+    from farm.cli_schedule import add_commands as add_schedule_commands
+
+    add_schedule_commands(sub)
+
     check = sub.add_parser("verify", help="check that an MP4 decodes and its C2PA manifest is trusted")
     check.add_argument("file", help="the MP4 to check")
     check.add_argument("--trust-anchors", help="PEM file of trusted root CAs (default: the dev CA)")

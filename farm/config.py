@@ -234,6 +234,42 @@ class ServeSettings(BaseModel):
         return self
 
 
+class BatchSettings(BaseModel):
+    """Files and batches (``/v1/files``, ``/v1/batches``) and schedules (``/v1/schedules``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_file_mb: float = Field(
+        default=200.0, gt=0, le=10_240,
+        description="Largest file accepted by POST /v1/files, in MiB; larger uploads get 413 naming 'file'. "
+        "Uploads stream to S3 (spooled to a temporary file, never held whole in memory).",
+    )
+    max_lines: int = Field(
+        default=50_000, ge=1, le=1_000_000,
+        description="Most requests (non-empty lines) in a batch input file; more gets 400 naming 'file'.",
+    )
+    max_line_kb: float = Field(
+        default=64.0, gt=0, le=10_240,
+        description="Longest line of a batch input file, in KiB; a longer one gets 400 naming 'file' and its line.",
+    )
+    max_queued_per_batch: int = Field(
+        default=4, ge=1, le=10_000,
+        description="Jobs of one batch waiting in the queue at once: the batch runner creates the next ones as "
+        "earlier ones are claimed. Queued batch jobs count against serve.max_queued_per_account, so this must "
+        "stay below it, leaving the account room for its interactive creates.",
+    )
+    poll_s: float = Field(
+        default=1.0, gt=0, le=60,
+        description="How often the leading dispatcher advances batches and fires due schedules.",
+    )
+    misfire_grace_s: float = Field(
+        default=300.0, ge=0, le=7 * 24 * 3600,
+        description="A schedule's run found due later than this (the farm was down) is missed: its "
+        "missed policy decides ('skip' it, or 'run_once' however many were missed).",
+    )
+    max_schedules_per_account: int = Field(default=100, ge=1, le=100_000, description="Schedules per account.")
+
+
 class AuthSettings(BaseModel):
     """Invite-only access: the operator's admin key and invite lifetimes."""
 
@@ -288,6 +324,7 @@ class FarmSettings(BaseModel):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    batches: BatchSettings = Field(default_factory=BatchSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     database_url: str = Field(
         default="", description="SQLAlchemy URL of the job store; empty: a SQLite file in the state folder."
@@ -299,6 +336,15 @@ class FarmSettings(BaseModel):
         for pool in self.serve.pools:
             if pool.model not in known:
                 raise ValueError(f"serve.pools: model {pool.model!r} is not in models; known: {sorted(known)}")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_window(self) -> "FarmSettings":
+        if self.batches.max_queued_per_batch >= self.serve.max_queued_per_account:
+            raise ValueError(
+                f"batches.max_queued_per_batch ({self.batches.max_queued_per_batch}) must be below "
+                f"serve.max_queued_per_account ({self.serve.max_queued_per_account}): a batch would fill the "
+                "account's queue and refuse its interactive creates")
         return self
 
     @model_validator(mode="after")

@@ -15,7 +15,6 @@ import inspect
 import json
 import logging
 import re
-import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -60,16 +59,20 @@ from farm.api.schemas import (
     create_body_schemas,
     read_create_request,
 )
-from farm.api.uploads import UploadLimits, check_image, decode_data_url
+from farm.api.uploads import UploadLimits
 from farm.api.usage_routes import add_usage_routes, budget_refused
+from farm.api.video_requests import check_reference, check_render, param_of
 from farm.api.wire import video_object
 from farm.jobs.estimates import poll_after_ms
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, BudgetExceeded, IdempotencyConflict, QueueFull
-from farm.render.registry import ModelSpec, find_model, validate_request
+from farm.render.registry import ModelSpec, find_model
 from farm.sched.budget import BudgetRule
 from farm.storage.s3 import ClipLayout, checkpoint_prefix, delete_clip
 
 if TYPE_CHECKING:
+    from farm.config import BatchSettings
+    from farm.jobs.batches import BatchStore
+    from farm.jobs.schedules import ScheduleStore
     from farm.jobs.store import Job, JobStore
     from farm.storage.s3 import ObjectStore
     from farm.webhooks.settings import WebhookSettings
@@ -77,7 +80,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PARAM_PREFIX = re.compile(r"^([a-z_]+):")
 _RANGE = re.compile(r"^bytes=(\d{1,18})-(\d{0,18})$")
 # OpenAPI links: what a created video's id opens (lets fuzzers walk create → read → delete).
 _VIDEO_LINKS = {
@@ -124,6 +126,10 @@ class GatewayDeps:
     webhooks: WebhookStore | None = None
     webhook_settings: WebhookSettings | None = None
     metrics: GatewayMetrics | None = None
+    # Files, batches and schedules (farm.api.batch_routes); None: those routes are not served.
+    batches: BatchStore | None = None
+    schedules: ScheduleStore | None = None
+    batch_settings: BatchSettings | None = None
     max_prompt_chars: int = 4000
     max_body_bytes: int = 16 * 1024 * 1024
     upload_limits: UploadLimits = field(default_factory=UploadLimits)
@@ -177,24 +183,27 @@ class GatewayDeps:
 class _BodyLimit:
     """413 for bodies over ``limit``: by Content-Length up front, else by counting the stream."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, paths: dict[str, int] | None = None) -> None:
+        self.app, self.default, self.paths = app, limit, paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.paths.get(scope["path"], self.default)  # a route with its own limit (file uploads)
+        param = "file" if scope["path"] in self.paths else None
         length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            exc = PayloadTooLarge(f"request body of {int(length)} bytes exceeds the limit of {self.limit} bytes")
+        if length.isdigit() and int(length) > limit:
+            exc = PayloadTooLarge(f"request body of {int(length)} bytes exceeds the limit of {limit} bytes",
+                                  param=param)
             return await _send_json(send, exc.status_code, exc.body())
         seen, over = 0, False
-        too_large = PayloadTooLarge(f"request body exceeds the limit of {self.limit} bytes")
+        too_large = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", param=param)
 
         async def counted() -> Message:
             nonlocal seen, over
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
+            if seen > limit:
                 over = True
                 raise too_large
             return message
@@ -268,9 +277,6 @@ class _Timing:
 # -- request parsing -----------------------------------------------------------------------
 
 
-def _param_of(message: str) -> str | None:
-    match = _PARAM_PREFIX.match(message)
-    return match.group(1) if match else None
 
 
 class _RangeNotSatisfiable(InvalidRequest):
@@ -334,18 +340,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         who = await owner(request)
         body, upload = await read_create_request(request, deps.upload_limits.max_bytes)
         spec = deps.model(body.model)
-        reference = upload
-        if reference is None and body.input_reference is not None:
-            if body.input_reference.image_url is None:
-                raise InvalidRequest("input_reference.file_id: this farm has no files API; send the image as a "
-                                     "file part or a base64 data URL", param="input_reference.file_id")
-            reference = decode_data_url(body.input_reference.image_url, deps.upload_limits,
-                                        "input_reference.image_url")
-        if reference is not None:
-            # Checked first (format, size, pixel count), so a bad upload is named as such.
-            await run_in_threadpool(check_image, reference, deps.upload_limits)
-            raise InvalidRequest(f"input_reference is not supported by model {spec.id!r}: it renders from text only",
-                                 param="input_reference", code="unsupported_parameter")
+        # Checked first (format, size, pixel count), so a bad upload is named as such; then refused.
+        await run_in_threadpool(check_reference, spec, upload, body.input_reference, deps.upload_limits)
         size = body.size or spec.sizes[0]
         seconds = body.seconds if body.seconds is not None else spec.seconds[0]
         params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
@@ -469,9 +465,6 @@ async def _create_job(
     size: str, seconds: int, extra: dict[str, Any], priority: str,
 ) -> Job:
     """Validate against the model, then queue (or replay an Idempotency-Key's earlier job)."""
-    if len(prompt) > deps.max_prompt_chars:
-        raise InvalidRequest(f"prompt: {len(prompt)} characters is too long; allowed: at most "
-                             f"{deps.max_prompt_chars}", param="prompt")
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise InvalidRequest(f"Idempotency-Key: {len(idempotency_key)} characters; allowed: 1..255",
@@ -480,15 +473,8 @@ async def _create_job(
     # though this attempt would draw another random seed.
     asked = {"model": spec.id, "prompt": prompt, "size": size, "seconds": seconds, "priority": priority, **extra}
     fingerprint = hashlib.sha256(json.dumps(asked, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    seed = extra.get("seed")
-    seed = seed if seed is not None else secrets.randbelow(2**63)  # recorded: reruns reproduce
-    try:
-        params = validate_request(spec, prompt=prompt, size=size, seconds=seconds, steps=extra.get("steps"),
-                                  seed=seed, scheduler=extra.get("scheduler") or "unipc")
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
-    stored = {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler,
-              "request_fingerprint": fingerprint}
+    params, stored = check_render(spec, prompt, size, seconds, extra, deps.max_prompt_chars)
+    stored["request_fingerprint"] = fingerprint
     # Read before the create; the create refuses on it after replaying an Idempotency-Key's job.
     budget = None if deps.budgets is None else await run_in_threadpool(deps.store.budget_status, who, deps.budgets)
     bulk = priority == "bulk"
@@ -512,7 +498,7 @@ async def _create_job(
     except IdempotencyConflict as exc:
         raise Conflict(str(exc), param="Idempotency-Key", code="idempotency_key_reused") from None
     except ValueError as exc:  # the store's own checks; ours ran first, so this is rare
-        raise InvalidRequest(str(exc), param=_param_of(str(exc))) from None
+        raise InvalidRequest(str(exc), param=param_of(str(exc))) from None
     await _notify(deps, job.id)
     if deps.metrics:
         try:
@@ -650,6 +636,17 @@ def create_app(deps: GatewayDeps) -> FastAPI:
 
     add_usage_routes(app, deps.store, deps.budgets or BudgetRule(), owner_of=_owner_of(deps),
                      accounts=deps.auth.accounts if deps.auth is not None else None)
+    body_limits = {}
+    if deps.batches is not None and deps.schedules is not None and deps.batch_settings is not None:
+        from farm.api.batch_routes import BatchDeps, add_batch_routes
+
+        async def caller(request: Request) -> str | None:
+            return request.state.principal.account_id if deps.auth else None
+
+        batch_deps = BatchDeps(deps.batches, deps.schedules, deps.store, deps.batch_settings, deps.object_store,
+                               caller, wake=lambda: _notify(deps, "batch"))
+        add_batch_routes(app, batch_deps)
+        body_limits["/v1/files"] = batch_deps.max_file_bytes + 1024 * 1024  # the multipart framing besides the file
 
     @app.get("/healthz", response_model=Health, summary="Liveness", operation_id="healthz")
     async def healthz() -> dict[str, Any]:
@@ -659,7 +656,7 @@ def create_app(deps: GatewayDeps) -> FastAPI:
     app.add_middleware(_ResponseHeaders)
     if deps.auth is not None:  # outside the routes: no route reads a request the gate refused
         app.add_middleware(AuthGate, auth=deps.auth)
-    app.add_middleware(_BodyLimit, limit=deps.max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=deps.max_body_bytes, paths=body_limits)
     if deps.metrics is not None:
         app.add_middleware(_Timing, metrics=deps.metrics)
     app.state.deps = deps

@@ -199,7 +199,10 @@ class Dispatcher:
         leader_lease_s: float = 15.0,
         budgets: BudgetRule | None = None,
         budget_poll_s: float = 2.0,
+        leader_work: Callable[[], None] | None = None,
     ) -> None:
+        """``leader_work`` runs on every turn of the loop while this dispatcher leads (the batch
+        runner's ``tick``): it must not block, and starts its own work."""
         self.store = store
         self.clients = clients
         self.models = {m.id: m for m in models}
@@ -210,6 +213,7 @@ class Dispatcher:
         self.lease_s = lease_s
         self.leader_lease_s = leader_lease_s
         self.poll_s = poll_s
+        self.leader_work = leader_work
         # Leases carry role:instance. The role lets a restarted dispatcher take its jobs straight
         # back; the instance fences the old one, whose writes then miss (no job runs twice).
         self.role = worker or "dispatcher"
@@ -252,6 +256,8 @@ class Dispatcher:
             await self._report_metrics()
             await self._maybe_reap()
             await self._refresh_budgets()
+            if self.leader_work is not None:
+                self.leader_work()
             claimed = False
             if len(self._flights) < self.max_in_flight:
                 job = await asyncio.to_thread(

@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Connection
 
 import farm.accounts.tables  # noqa: F401  (each room registers its tables on Base.metadata)
+import farm.jobs.batch_tables  # noqa: F401
 import farm.jobs.store  # noqa: F401
 import farm.secrets  # noqa: F401
 import farm.webhooks.tables  # noqa: F401

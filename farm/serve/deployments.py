@@ -344,6 +344,7 @@ class DispatcherDeployment:
     def __init__(self, settings: dict, replicas: dict[str, list[tuple[str, object]]], finisher) -> None:
         bind_replica_grpc_to_node_address()
         from farm.config import FarmSettings
+        from farm.db import Database
         from farm.jobs.dispatcher import Dispatcher
         from farm.jobs.retry import RetryPolicy
         from farm.jobs.store import JobStore
@@ -352,9 +353,12 @@ class DispatcherDeployment:
         from farm.storage.connect import open_store
 
         self.settings = FarmSettings.model_validate(settings)
-        store = JobStore(self.settings.job_store_url())
+        db = Database(self.settings.job_store_url())  # one pool for the jobs and the batches
+        store = JobStore(db)
         render = self.settings.render
         stages = ServeStages(replicas, finisher, faults=render.faults)
+        self.batches = _batch_runner(self.settings, db, store, leading=lambda: self.dispatcher.leading,
+                                     wake=lambda: self.dispatcher.wake())
         self.dispatcher = Dispatcher(
             store, stages, self.settings.models,
             objects=open_store(self.settings, start=False) if render.checkpoints else None,
@@ -363,6 +367,7 @@ class DispatcherDeployment:
             policy=RetryPolicy.from_settings(render, _count_storage_errors("dispatcher")),
             scheduling=SchedulerConfig(tenant_weights=dict(render.tenant_weights), bulk_aging_s=render.bulk_aging_s),
             leader_lease_s=render.leader_lease_s, budgets=self.settings.budgets.rule(),
+            leader_work=self.batches.tick,
         )
         self._task = asyncio.get_running_loop().create_task(self.dispatcher.run())
 
@@ -391,6 +396,24 @@ class DispatcherDeployment:
 
     async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown (rolling update)
         await self.dispatcher.stop(drain_s=self.settings.render.drain_s)
+
+
+def _batch_runner(settings, db, store, *, leading, wake):
+    """Batches advance and schedules fire in the dispatcher that leads: the one process the leader
+    lease already makes unique, so a standby takes both over with the jobs."""
+    from farm.api.batch_lines import BatchLineRules
+    from farm.api.uploads import UploadLimits
+    from farm.jobs.batch_runner import BatchRunner
+    from farm.jobs.schedules import ScheduleStore
+    from farm.storage.connect import open_store
+
+    b, ss = settings.batches, settings.serve
+    schedules = ScheduleStore(db)
+    rules = BatchLineRules(settings.models, max_prompt_chars=ss.max_prompt_chars, upload_limits=UploadLimits(
+        max_bytes=int(ss.max_upload_mb * 1024 * 1024), max_pixels=ss.max_upload_pixels))
+    return BatchRunner(schedules.batches, schedules, store, lambda: open_store(settings, start=False), rules,
+                       max_queued_per_batch=b.max_queued_per_batch, max_line_bytes=int(b.max_line_kb * 1024),
+                       poll_s=b.poll_s, misfire_grace_s=b.misfire_grace_s, leading=leading, on_queued=wake)
 
 
 def _name(priority: int) -> str:

@@ -39,6 +39,8 @@ class Gateway:
         from farm.api.queue_view import QueueView
         from farm.secrets import SharedSecrets
         from farm.api.uploads import UploadLimits
+        from farm.jobs.batches import BatchStore
+        from farm.jobs.schedules import ScheduleStore
         from farm.webhooks.store import WebhookStore
         from farm.metrics import FarmMetrics
         from farm.storage.connect import open_store
@@ -80,6 +82,7 @@ class Gateway:
             webhooks=WebhookStore(self.db),
             webhook_settings=settings.webhooks,
             metrics=FarmMetrics(),
+            batches=BatchStore(self.db), schedules=ScheduleStore(self.db), batch_settings=settings.batches,
             max_prompt_chars=ss.max_prompt_chars,
             budgets=settings.budgets.rule(),
             max_body_bytes=int(ss.max_body_mb * 1024 * 1024),

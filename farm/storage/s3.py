@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, BinaryIO, ClassVar, Literal
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -302,6 +302,14 @@ class ObjectStore:
             extra["Metadata"] = dict(metadata)
         with self._errors("upload", _check_key(key)):
             self.client.upload_file(str(path), self.bucket, key, ExtraArgs=extra, Config=self._transfer)
+        return self.uri(key)
+
+    def put_stream(self, key: str, fileobj: BinaryIO, content_type: str = "application/octet-stream") -> str:
+        """Upload a readable binary file object from its current position, in parts above the
+        multipart threshold (never read whole into memory); returns its ``s3://`` URI."""
+        with self._errors("upload", _check_key(key)):
+            self.client.upload_fileobj(fileobj, self.bucket, key, ExtraArgs={"ContentType": content_type},
+                                       Config=self._transfer)
         return self.uri(key)
 
     def put_bytes(
