@@ -2,9 +2,9 @@
 """Submit every prompt of a JSONL file to a running farm, through its OpenAI-style API.
 
 This is the entrypoint of the `videofarm-batch` RayJob and the `videofarm-nightly`
-RayCronJob (k8s/base/jobs/). The farm has no batch command of its own yet, so this
-script is a plain client of ``POST /v1/videos``, speaking through the ``openai`` SDK as
-any tenant would:
+RayCronJob (k8s/base/jobs/). It predates the farm's Batch API (``/v1/files`` +
+``/v1/batches``, and ``/v1/schedules``: README) and stays a plain client of ``POST /v1/videos``,
+speaking through the ``openai`` SDK as any tenant would, one create per line:
 
 1. read the whole file (a local path, or ``s3://bucket/key`` through boto3) and check
    every line; one bad line stops the run with its line number before anything is sent;
