@@ -29,7 +29,7 @@ from farm.storage import ClipLayout, ObjectStore
 
 WORKER = "fuzz-finisher"
 SEED = 20240607
-MAX_EXAMPLES = 25  # per operation and phase; the whole run stays well under a minute on 2 cores
+MAX_EXAMPLES = 10  # per operation and phase: ~50 operations × the phases, a couple of minutes on 2 cores
 MAX_QUEUED = 12  # low, so the stateful phase's creates also meet the queue cap (429)
 MEDIA = {"video": b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8,
          "thumbnail": b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(64),

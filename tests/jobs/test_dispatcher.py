@@ -647,6 +647,10 @@ def test_the_snapshot_gives_queue_positions_and_measured_costs(store, tiny_spec,
             release.set()
             while not all(store.get(i).terminal for i in ids):
                 await asyncio.sleep(0.02)
+            # The store marks a job completed before the dispatcher forgets its flight: wait for that.
+            deadline = time.monotonic() + 10
+            while dispatcher.snapshot().jobs and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             return ids, waiting, dispatcher.snapshot()
         finally:
             await dispatcher.stop()
