@@ -17,6 +17,7 @@ from farm import env
 from farm.finish.provenance import SignerConfig
 from farm.finish.watermark import WatermarkConfig
 from farm.jobs.budget_settings import BudgetSettings
+from farm.jobs.expiry_settings import ExpirySettings
 from farm.render.faults import FaultInjection
 from farm.render.registry import ModelSpec, find_model
 from farm.render.tiny import tiny_spec
@@ -184,6 +185,11 @@ class ServeSettings(BaseModel):
         default="30/minute",
         description="Per client address: invite redemptions and requests with a refused key (guessing).",
     )
+    link_rate_limit: str = Field(
+        default="600/minute",
+        description="Per client address: requests to unlisted links (GET /v1/shared/{token}[/content]), which take "
+        "no API key.",
+    )
     rate_limit_store: Literal["auto", "memory", "redis"] = Field(default="auto", description=(
         "Where rate-limit windows live: 'memory' (each gateway replica its own; one replica only), 'redis' (shared "
         "by every replica), 'auto' (redis when gateway_replicas > 1)."))
@@ -203,7 +209,7 @@ class ServeSettings(BaseModel):
         default=4096 * 4096, ge=1, description="Most pixels an uploaded image may have (decompression-bomb guard)."
     )
 
-    @field_validator("rate_limit", "anonymous_rate_limit")
+    @field_validator("rate_limit", "anonymous_rate_limit", "link_rate_limit")
     @classmethod
     def _rate_limit(cls, value: str) -> str:
         from limits import parse
@@ -324,6 +330,8 @@ class FarmSettings(BaseModel):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    expiry: ExpirySettings = Field(default_factory=ExpirySettings, description=(
+        "How long finished clips are kept (per account, per tier, default) and the reaper that removes them."))
     batches: BatchSettings = Field(default_factory=BatchSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     database_url: str = Field(
@@ -355,6 +363,14 @@ class FarmSettings(BaseModel):
         duplicated = sorted({i for i in ids if ids.count(i) > 1})
         if duplicated:
             raise ValueError(f"model ids must be unique; repeated: {duplicated}")
+        return self
+
+    @model_validator(mode="after")
+    def _expiry_tiers_known(self) -> "FarmSettings":
+        unknown = sorted(set(self.expiry.tiers) - set(self.budgets.tiers))
+        if unknown:
+            raise ValueError(f"expiry.tiers: {unknown} are not tiers of budgets.tiers (accounts are put in a tier "
+                             f"through their budget); known: {sorted(self.budgets.tiers)}")
         return self
 
     def model(self, model_id: str | None) -> ModelSpec:

@@ -64,6 +64,8 @@ from farm.api.usage_routes import add_usage_routes, budget_refused
 from farm.api.video_requests import check_reference, check_render, param_of
 from farm.api.wire import video_object
 from farm.jobs.estimates import poll_after_ms
+from farm.jobs.expiry import Lifetimes, expired
+from farm.jobs.sharing import SharingStore
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, BudgetExceeded, IdempotencyConflict, QueueFull
 from farm.render.registry import ModelSpec, find_model
 from farm.sched.budget import BudgetRule
@@ -135,6 +137,10 @@ class GatewayDeps:
     upload_limits: UploadLimits = field(default_factory=UploadLimits)
     # Daily accelerator budgets (farm.sched.budget); None: unlimited, and no budget routes.
     budgets: BudgetRule | None = None
+    # Shares and unlisted links (farm.jobs.sharing), clip lifetimes (farm.jobs.expiry); None: built
+    # over the job store's database with the default lifetimes.
+    sharing: SharingStore | None = None
+    lifetimes: Lifetimes | None = None
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _http: tuple[Any, httpx.AsyncClient] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -154,6 +160,10 @@ class GatewayDeps:
         for name in ("max_queued", "max_queued_bulk"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"GatewayDeps.{name} must be >= 1 or None, got {getattr(self, name)}")
+        if self.sharing is None:
+            self.sharing = SharingStore(self.store.db, clock=self.store.now)
+        if self.lifetimes is None:
+            self.lifetimes = Lifetimes(self.store.db, clock=self.store.now)
 
     def object_store(self) -> ObjectStore:
         """The object store, built by the factory on first use (blocking: call it off the event loop)."""
@@ -310,7 +320,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             response.headers["openai-poll-after-ms"] = str(poll_after_ms(
                 estimate.completion_at if estimate else None, time.time(), fallback_ms=deps.poll_after_ms,
                 min_ms=deps.poll_after_min_ms, max_ms=deps.poll_after_max_ms))
-        return video_object(job, estimate, usage)
+        return video_object(job, estimate, usage, now=deps.store.now())
 
     async def streamed(job: Job) -> dict[str, Any]:
         """An event's video object: usage read for the final event only (updates carry null), so
@@ -321,7 +331,16 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     app.state.job_watch = watch
 
     async def get_job(video_id: str, who: str | None) -> Job:
+        """The caller's own video (what deleting, cancelling and sharing need); 404 otherwise."""
         job = await run_in_threadpool(deps.store.get, video_id, owner=who)
+        if job is None:
+            raise NotFound(f"video {video_id!r} not found", param="video_id")
+        return job
+
+    async def get_readable(video_id: str, who: str | None) -> Job:
+        """The caller's video or one shared with the caller (reading, downloading, remixing); 404
+        otherwise, worded as for an id that never existed."""
+        job = await run_in_threadpool(deps.sharing.readable, video_id, who)
         if job is None:
             raise NotFound(f"video {video_id!r} not found", param="video_id")
         return job
@@ -357,9 +376,10 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     async def remix_video(video_id: str, body: RemixVideoRequest, request: Request,
                           response: Response) -> dict[str, Any]:
         """A new job with the source's model, size, duration, steps, scheduler and seed, and a new prompt:
-        the same noise under a new prompt keeps the composition close to the source's."""
+        the same noise under a new prompt keeps the composition close to the source's. A video
+        shared with the caller may be remixed too; the remix is the caller's own private draft."""
         who = await owner(request)
-        source = await get_job(video_id, who)
+        source = await get_readable(video_id, who)
         spec = deps.model(source.model)
         params = {k: source.params.get(k) for k in ("seed", "steps", "scheduler")} | {
             "remixed_from_video_id": source.id}
@@ -373,12 +393,21 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         after: str | None = Query(None, max_length=256, description="Id of the last video of the previous page."),
         limit: int = Query(20, ge=1, le=100, description="Videos per page."),
         order: Order = Query("desc", description="By creation time: 'desc' newest first, 'asc' oldest first."),
+        shared: bool = Query(False, description=(
+            "Farm extension: list the videos other accounts shared with you (by when each was shared) "
+            "instead of your own.")),
     ) -> dict[str, Any]:
         who = await owner(request)
         try:
-            jobs, has_more = await run_in_threadpool(
-                lambda: deps.store.list(owner=who, after=after, limit=limit, order=order)
-            )
+            if shared and who is not None:
+                jobs, has_more = await run_in_threadpool(
+                    lambda: deps.sharing.list_shared_with(who, after=after, limit=limit, order=order))
+            elif shared:  # one anonymous tenant: nobody to share with
+                jobs, has_more = [], False
+            else:
+                jobs, has_more = await run_in_threadpool(
+                    lambda: deps.store.list(owner=who, after=after, limit=limit, order=order)
+                )
         except ValueError as exc:  # an `after` id that does not exist (for this caller)
             raise NotFound(str(exc), param="after") from None
         usage = await run_in_threadpool(deps.store.usage_of_jobs, [j.id for j in jobs])
@@ -389,7 +418,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     @app.get("/v1/videos/{video_id}", response_model=VideoObject, summary="Retrieve a video job",
              operation_id="retrieveVideo")
     async def retrieve_video(video_id: str, request: Request, response: Response) -> dict[str, Any]:
-        return await shown(await get_job(video_id, await owner(request)), response)
+        return await shown(await get_readable(video_id, await owner(request)), response)
 
     @app.get(
         "/v1/videos/{video_id}/events", summary="Follow a video job as Server-Sent Events",
@@ -400,7 +429,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             "object; the stream then ends. Send `Last-Event-ID` to resume without repeats.")}},
     )
     async def stream_events(video_id: str, request: Request) -> EventSourceResponse:
-        job = await get_job(video_id, await owner(request))
+        job = await get_readable(video_id, await owner(request))
         events = video_events(watch, job, request.headers.get("last-event-id"), streamed)
         return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-store"})
 
@@ -445,15 +474,24 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         video_id: str, request: Request,
         variant: Variant = Query("video", description=f"Which asset: {', '.join(VARIANTS)}."),
     ) -> StreamingResponse:
-        job = await get_job(video_id, await owner(request))
-        status = job.status
-        if status in ("failed", "cancelled"):
-            raise NotFound(f"video {video_id!r} is {status}; it has no content", param="video_id",
-                           code=f"video_{status}")
-        if status != "completed":
-            raise VideoNotReady(f"video {video_id!r} is not ready yet (status {status}); download it once it is "
-                                "completed", param="video_id")
+        job = await get_readable(video_id, await owner(request))
+        check_content(job, deps.store.now())
         return await _stream(deps, ClipLayout(video_id), variant, request.headers.get("range"))
+
+
+def check_content(job: Job, now: Any) -> None:
+    """Raise unless ``job`` has content to download now: 404 ``video_failed``/``video_cancelled``,
+    ``video_not_ready`` while it renders, ``video_expired`` from ``expires_at`` on."""
+    status = job.status
+    if status in ("failed", "cancelled"):
+        raise NotFound(f"video {job.id!r} is {status}; it has no content", param="video_id", code=f"video_{status}")
+    if status != "completed":
+        raise VideoNotReady(f"video {job.id!r} is not ready yet (status {status}); download it once it is "
+                            "completed", param="video_id")
+    if expired(job, now):
+        when = job.expires_at or job.expired_at
+        raise NotFound(f"video {job.id!r} expired at {when.isoformat()}; its content is no longer kept (the "
+                       "video object stays)", param="video_id", code="video_expired")
 
 
 def _priority_name(priority: int) -> str:
@@ -475,6 +513,7 @@ async def _create_job(
     fingerprint = hashlib.sha256(json.dumps(asked, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     params, stored = check_render(spec, prompt, size, seconds, extra, deps.max_prompt_chars)
     stored["request_fingerprint"] = fingerprint
+    lifetime_s = await run_in_threadpool(deps.lifetimes.lifetime_of, who)
     # Read before the create; the create refuses on it after replaying an Idempotency-Key's job.
     budget = None if deps.budgets is None else await run_in_threadpool(deps.store.budget_status, who, deps.budgets)
     bulk = priority == "bulk"
@@ -485,7 +524,7 @@ async def _create_job(
                 priority=PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE, owner=who,
                 max_queued=deps.max_queued_bulk if bulk else deps.max_queued,  # the cap of this class
                 max_queued_per_owner=deps.max_queued_per_account,
-                idempotency_key=idempotency_key, budget=budget,
+                idempotency_key=idempotency_key, budget=budget, expires_in_s=lifetime_s,
             )
         )
     except BudgetExceeded as exc:
@@ -582,7 +621,7 @@ def _openapi(app: FastAPI, deps: GatewayDeps) -> dict[str, Any]:
     if deps.auth is not None:
         # Every route but the public ones takes a key; /v1/admin/* takes the operator's.
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        public = {"/healthz", "/v1/invites/redeem"}
+        public = {"/healthz", "/v1/invites/redeem", "/v1/shared/{token}", "/v1/shared/{token}/content"}
         for path, item in schema["paths"].items():
             for operation in item.values():
                 if path not in public:
@@ -634,6 +673,9 @@ def create_app(deps: GatewayDeps) -> FastAPI:
             add_webhook_routes(app, store_of=lambda: hooks, account_of=account_id,
                                guard=UrlGuard.from_settings(hook_settings), settings=hook_settings)
 
+    from farm.api.sharing_routes import add_sharing_routes
+
+    add_sharing_routes(app, deps, _owner_of(deps), deps.auth.accounts if deps.auth is not None else None)
     add_usage_routes(app, deps.store, deps.budgets or BudgetRule(), owner_of=_owner_of(deps),
                      accounts=deps.auth.accounts if deps.auth is not None else None)
     body_limits = {}
