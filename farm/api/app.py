@@ -340,7 +340,9 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     async def get_readable(video_id: str, who: str | None) -> Job:
         """The caller's video or one shared with the caller (reading, downloading, remixing); 404
         otherwise, worded as for an id that never existed."""
-        job = await run_in_threadpool(deps.sharing.readable, video_id, who)
+        job = await run_in_threadpool(deps.store.get, video_id, owner=who)  # the common case: one's own
+        if job is None and who is not None:
+            job = await run_in_threadpool(deps.sharing.readable, video_id, who)
         if job is None:
             raise NotFound(f"video {video_id!r} not found", param="video_id")
         return job
