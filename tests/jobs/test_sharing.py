@@ -233,3 +233,23 @@ def test_reaper_stops_when_leadership_is_lost(store, objects, clock):
     clock.advance(120)
     assert ClipReaper(lifetimes, objects, leading=lambda: False).turn().reaped == 0
     assert len(keys_of(objects, job.id)) == 5
+
+
+def test_tick_reaps_in_a_worker_thread_at_most_once_per_poll(store, objects, clock):
+    import asyncio
+
+    lifetimes = Lifetimes(store.db, clock=clock)
+    first = completed(store, objects, "ada", 60)
+    clock.advance(120)
+    reaper = ClipReaper(lifetimes, lambda: objects, poll_s=3600)  # a factory: built in the turn's thread
+
+    async def leader_loop() -> None:
+        reaper.tick()
+        await reaper.stop()
+        completed(store, objects, "ada", 1)  # due too, but the next turn is an hour away
+        clock.advance(5)
+        reaper.tick()
+        await reaper.stop()
+
+    asyncio.run(leader_loop())
+    assert store.get(first.id).expired_at is not None and len(lifetimes.due()) == 1
