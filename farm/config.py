@@ -205,6 +205,12 @@ class ServeSettings(BaseModel):
     max_prompt_chars: int = Field(default=4000, ge=1, description="Longest prompt accepted, in characters.")
     max_body_mb: float = Field(default=16.0, gt=0, description="Largest request body accepted, in MiB.")
     max_upload_mb: float = Field(default=10.0, gt=0, description="Largest uploaded image (input_reference), in MiB.")
+    content_redirect: bool = Field(default=False, description=(
+        "Answer content downloads (GET /v1/videos/{id}/content, GET /v1/shared/{token}/content) with a 307 to a "
+        "presigned S3 URL instead of relaying the bytes through the gateway. Only where clients can reach the S3 "
+        "endpoint (storage settings) themselves; the embedded SeaweedFS listens on loopback."))
+    content_redirect_s: int = Field(default=60, ge=1, le=3600, description=(
+        "Seconds a redirect's presigned URL stays valid (content_redirect)."))
     max_upload_pixels: int = Field(
         default=4096 * 4096, ge=1, description="Most pixels an uploaded image may have (decompression-bomb guard)."
     )

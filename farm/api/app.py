@@ -141,6 +141,9 @@ class GatewayDeps:
     # over the job store's database with the default lifetimes.
     sharing: SharingStore | None = None
     lifetimes: Lifetimes | None = None
+    # Seconds a presigned S3 URL lives when content downloads answer 307 to it (clients then fetch
+    # from S3 directly, so it must be reachable by them); None: the gateway relays the bytes.
+    content_redirect_s: int | None = None
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _http: tuple[Any, httpx.AsyncClient] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -470,6 +473,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         responses={200: {"content": {"video/mp4": {}, "image/webp": {}, "image/jpeg": {}},
                          "description": "The bytes of the requested variant."},
                    206: {"description": "The requested byte range."},
+                   307: {"description": "With serve.content_redirect: a short-lived presigned S3 URL of the bytes."},
                    416: {"model": ErrorResponse, "description": "The byte range is outside the object."}},
     )
     async def download_content(
@@ -553,6 +557,8 @@ async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_hea
     """The object's bytes, relayed from S3 on the event loop (an async HTTP GET of a presigned URL):
     a slow client holds a socket and a buffer, never a thread-pool thread the store calls need."""
     objects, key = await run_in_threadpool(deps.object_store), layout.key(variant)
+    if deps.content_redirect_s is not None:
+        return await _redirect(objects, layout, variant, deps.content_redirect_s)
     byte_range = _requested_range(range_header)
     headers = {} if byte_range is None else {"Range": f"bytes={byte_range[0]}-{'' if byte_range[1] is None else byte_range[1]}"}
     http = deps.http_client()
@@ -575,6 +581,20 @@ async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_hea
         raise _RangeNotSatisfiable(info.size if info is not None else 0)
     log.warning("object store answered %d for GET %s", reply.status_code, key)
     raise ServiceUnavailable(f"the object store answered {reply.status_code}; retry later")
+
+
+async def _redirect(objects: ObjectStore, layout: ClipLayout, variant: str, lifetime_s: int) -> Response:
+    """307 to a presigned URL of the object (the client sends its ``Range`` there). The object is
+    looked up first, so a missing variant is still a 404 in the OpenAI shape, not S3's XML."""
+    key = layout.key(variant)
+    try:
+        info = await run_in_threadpool(objects.head, key)
+        url = objects.presigned_get(key, lifetime_s)
+    except Exception as exc:  # the store's own errors, after its retries
+        raise ServiceUnavailable(f"the object store did not answer ({type(exc).__name__}); retry later") from None
+    if info is None:
+        raise NotFound(f"variant {variant!r} of video {layout.video_id!r} is not stored", param="variant")
+    return Response(status_code=307, headers={"Location": url, "Cache-Control": f"private, max-age={lifetime_s}"})
 
 
 def _requested_range(header: str | None) -> tuple[int, int | None] | None:

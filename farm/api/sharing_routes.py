@@ -123,6 +123,7 @@ def add_sharing_routes(app: FastAPI, deps: GatewayDeps, owner_of: Callable[[Requ
              responses={200: {"content": {"video/mp4": {}, "image/webp": {}, "image/jpeg": {}},
                               "description": "The bytes of the requested variant."},
                         206: {"description": "The requested byte range."},
+                        307: {"description": "With serve.content_redirect: a short-lived presigned S3 URL of the bytes."},
                         404: {"model": ErrorResponse, "description": "Unknown or revoked link, or no content."}})
     async def download_shared(
         token: str, request: Request,

@@ -88,6 +88,7 @@ class Gateway:
             max_prompt_chars=ss.max_prompt_chars,
             budgets=settings.budgets.rule(),
             lifetimes=Lifetimes(self.db, settings.expiry.rule()),
+            content_redirect_s=ss.content_redirect_s if ss.content_redirect else None,
             max_body_bytes=int(ss.max_body_mb * 1024 * 1024),
             upload_limits=UploadLimits(max_bytes=int(ss.max_upload_mb * 1024 * 1024),
                                        max_pixels=ss.max_upload_pixels),

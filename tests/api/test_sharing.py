@@ -253,3 +253,27 @@ def test_sharing_routes_are_in_the_openapi_schema_with_summaries(farm):
         assert paths[path][method]["summary"], path
     assert "security" not in paths["/v1/shared/{token}"]["get"]  # no key needed
     assert paths["/v1/videos/{video_id}/links"]["post"]["security"] == [{"bearer": []}]
+
+
+def test_content_redirect_sends_a_presigned_url_of_the_same_bytes(make_auth_app, objects, clocked, clock, tmp_path):
+    import httpx
+
+    client = TestClient(make_auth_app(objects=objects, store=clocked, content_redirect_s=30),
+                        follow_redirects=False)
+    ada = new_tenant(client, "ada")
+    vid = _completed(client, clocked, objects, ada, tmp_path)
+    token = client.post(f"/v1/videos/{vid}/links", headers=ada).json()["token"]
+    for response in (client.get(f"/v1/videos/{vid}/content", headers=ada),
+                     TestClient(client.app, follow_redirects=False).get(f"/v1/shared/{token}/content")):
+        assert response.status_code == 307 and "Signature=" in response.headers["location"]
+        url = response.headers["location"]
+        assert httpx.get(url).content == MEDIA["video"]  # straight from the real S3, no key
+        ranged = httpx.get(url, headers={"Range": "bytes=4-11"})
+        assert ranged.status_code == 206 and ranged.content == MEDIA["video"][4:12]
+    thumb = client.get(f"/v1/videos/{vid}/content", params={"variant": "thumbnail"}, headers=ada)
+    assert httpx.get(thumb.headers["location"]).content == MEDIA["thumbnail"]
+    objects.delete(f"videos/{vid}/spritesheet.jpg")  # a variant that is not stored: a 404 in the OpenAI shape
+    missing = client.get(f"/v1/videos/{vid}/content", params={"variant": "spritesheet"}, headers=ada)
+    assert error_of(missing, 404)["param"] == "variant"
+    clock.advance(8 * 24 * 3600)  # expiry is checked before any URL is made
+    assert error_of(client.get(f"/v1/videos/{vid}/content", headers=ada), 404)["code"] == "video_expired"
