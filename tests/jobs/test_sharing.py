@@ -253,3 +253,25 @@ def test_tick_reaps_in_a_worker_thread_at_most_once_per_poll(store, objects, clo
 
     asyncio.run(leader_loop())
     assert store.get(first.id).expired_at is not None and len(lifetimes.due()) == 1
+
+
+def test_expiry_settings_describe_every_field_and_name_only_budget_tiers(tmp_path):
+    from pydantic import ValidationError
+
+    from farm.config import FarmSettings, ServeSettings
+    from farm.jobs.expiry_settings import ExpirySettings
+    from farm.render.registry import ModelSpec
+
+    assert all(field.description for field in ExpirySettings.model_fields.values())
+    for name in ("link_rate_limit", "content_redirect", "content_redirect_s"):
+        assert ServeSettings.model_fields[name].description, name
+    models = [ModelSpec(id="wan-tiny", path="/m", sizes=["128x128"], seconds=[2], default_steps=4, max_steps=50)]
+    settings = FarmSettings(state_dir=tmp_path, models=models, budgets={"tiers": {"pro": 3600}},
+                            expiry={"default_lifetime_s": 86400, "tiers": {"pro": 30 * DAY}})
+    assert settings.expiry.rule().lifetime_s("pro", None) == 30 * DAY
+    assert settings.expiry.rule().lifetime_s("trial", None) == 86400
+    with pytest.raises(ValidationError, match=r"expiry.tiers: \['gold'\]"):
+        FarmSettings(state_dir=tmp_path, models=models, expiry={"tiers": {"gold": 3600}})
+    for bad in ({"default_lifetime_s": 10}, {"reaper_batch": 0}, {"reaper_poll_s": 0}, {"ttl": 5}):
+        with pytest.raises(ValidationError):
+            ExpirySettings(**bad)
