@@ -4,7 +4,9 @@
 validates, records jobs in the store (the source of truth), wakes the dispatcher, and
 streams finished clips from the object store. It never imports torch or diffusers.
 Store and boto3 calls are blocking, so they run in the thread pool, never on the event loop;
-content downloads are relayed from S3 by async HTTP, on the loop, holding no thread.
+content downloads are relayed from S3 by async HTTP, on the loop, holding no thread (or, with
+``content_redirect_s``, answered with a 307 to a presigned URL). Who may read a video — its owner,
+the accounts it was shared with, holders of an unlisted link — is ``farm.jobs.sharing``'s.
 """
 
 from __future__ import annotations

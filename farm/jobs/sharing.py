@@ -34,7 +34,6 @@ from farm.jobs.sharing_tables import LINKS, SHARES
 from farm.jobs.tables import VIDEOS
 
 LINK_PREFIX = "vf_share_"
-VISIBILITIES = ("private", "shared", "unlisted")
 MAX_SHARES_PER_VIDEO = 100
 MAX_LIVE_LINKS_PER_VIDEO = 20
 _V, _C, _S, _L = VIDEOS, VIDEOS.c, SHARES.c, LINKS.c
