@@ -17,6 +17,7 @@ from farm import env
 from farm.finish.provenance import SignerConfig
 from farm.finish.watermark import WatermarkConfig
 from farm.jobs.budget_settings import BudgetSettings
+from farm.jobs.expiry_settings import ExpirySettings
 from farm.render.faults import FaultInjection
 from farm.render.registry import ModelSpec, find_model
 from farm.render.tiny import tiny_spec
@@ -184,6 +185,11 @@ class ServeSettings(BaseModel):
         default="30/minute",
         description="Per client address: invite redemptions and requests with a refused key (guessing).",
     )
+    link_rate_limit: str = Field(
+        default="600/minute",
+        description="Per client address: requests to unlisted links (GET /v1/shared/{token}[/content]), which take "
+        "no API key.",
+    )
     rate_limit_store: Literal["auto", "memory", "redis"] = Field(default="auto", description=(
         "Where rate-limit windows live: 'memory' (each gateway replica its own; one replica only), 'redis' (shared "
         "by every replica), 'auto' (redis when gateway_replicas > 1)."))
@@ -199,11 +205,17 @@ class ServeSettings(BaseModel):
     max_prompt_chars: int = Field(default=4000, ge=1, description="Longest prompt accepted, in characters.")
     max_body_mb: float = Field(default=16.0, gt=0, description="Largest request body accepted, in MiB.")
     max_upload_mb: float = Field(default=10.0, gt=0, description="Largest uploaded image (input_reference), in MiB.")
+    content_redirect: bool = Field(default=False, description=(
+        "Answer content downloads (GET /v1/videos/{id}/content, GET /v1/shared/{token}/content) with a 307 to a "
+        "presigned S3 URL instead of relaying the bytes through the gateway. Only where clients can reach the S3 "
+        "endpoint (storage settings) themselves; the embedded SeaweedFS listens on loopback."))
+    content_redirect_s: int = Field(default=60, ge=1, le=3600, description=(
+        "Seconds a redirect's presigned URL stays valid (content_redirect)."))
     max_upload_pixels: int = Field(
         default=4096 * 4096, ge=1, description="Most pixels an uploaded image may have (decompression-bomb guard)."
     )
 
-    @field_validator("rate_limit", "anonymous_rate_limit")
+    @field_validator("rate_limit", "anonymous_rate_limit", "link_rate_limit")
     @classmethod
     def _rate_limit(cls, value: str) -> str:
         from limits import parse
@@ -324,6 +336,8 @@ class FarmSettings(BaseModel):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    expiry: ExpirySettings = Field(default_factory=ExpirySettings, description=(
+        "How long finished clips are kept (per account, per tier, default) and the reaper that removes them."))
     batches: BatchSettings = Field(default_factory=BatchSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     database_url: str = Field(
@@ -355,6 +369,14 @@ class FarmSettings(BaseModel):
         duplicated = sorted({i for i in ids if ids.count(i) > 1})
         if duplicated:
             raise ValueError(f"model ids must be unique; repeated: {duplicated}")
+        return self
+
+    @model_validator(mode="after")
+    def _expiry_tiers_known(self) -> "FarmSettings":
+        unknown = sorted(set(self.expiry.tiers) - set(self.budgets.tiers))
+        if unknown:
+            raise ValueError(f"expiry.tiers: {unknown} are not tiers of budgets.tiers (accounts are put in a tier "
+                             f"through their budget); known: {sorted(self.budgets.tiers)}")
         return self
 
     def model(self, model_id: str | None) -> ModelSpec:

@@ -154,6 +154,33 @@ class FarmMetrics:
             tag_keys=("stage",),
         )
 
+    # Expiry (the clip reaper, farm.jobs.reaper) ---------------------------------------------
+    @cached_property
+    def clips_reaped(self):
+        return self._m.Counter(
+            "videofarm_clips_reaped_total",
+            description="Expired clips whose objects the reaper removed from S3 (their records are kept, marked expired).",
+        )
+
+    @cached_property
+    def reaped_objects(self):
+        return self._m.Counter(
+            "videofarm_reaped_objects_total", description="S3 objects the reaper deleted (clip variants, records, checkpoints).",
+        )
+
+    @cached_property
+    def reap_failures(self):
+        return self._m.Counter(
+            "videofarm_reap_failures_total",
+            description="Expired clips whose objects could not be removed on a reaper turn (retried on the next turn).",
+        )
+
+    def clips_reaped_observe(self, reaped: int, objects: int, failed: int) -> None:
+        for counter, value in ((self.clips_reaped, reaped), (self.reaped_objects, objects),
+                               (self.reap_failures, failed)):
+            if value > 0:  # Ray counters refuse non-positive increments
+                counter.inc(value)
+
     # Webhooks -----------------------------------------------------------------------------
     @cached_property
     def webhook_backlog(self):

@@ -4,7 +4,9 @@
 validates, records jobs in the store (the source of truth), wakes the dispatcher, and
 streams finished clips from the object store. It never imports torch or diffusers.
 Store and boto3 calls are blocking, so they run in the thread pool, never on the event loop;
-content downloads are relayed from S3 by async HTTP, on the loop, holding no thread.
+content downloads are relayed from S3 by async HTTP, on the loop, holding no thread (or, with
+``content_redirect_s``, answered with a 307 to a presigned URL). Who may read a video — its owner,
+the accounts it was shared with, holders of an unlisted link — is ``farm.jobs.sharing``'s.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ from farm.api.usage_routes import add_usage_routes, budget_refused
 from farm.api.video_requests import check_reference, check_render, param_of
 from farm.api.wire import video_object
 from farm.jobs.estimates import poll_after_ms
+from farm.jobs.expiry import Lifetimes, expired
+from farm.jobs.sharing import SharingStore
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, BudgetExceeded, IdempotencyConflict, QueueFull
 from farm.render.registry import ModelSpec, find_model
 from farm.sched.budget import BudgetRule
@@ -135,6 +139,13 @@ class GatewayDeps:
     upload_limits: UploadLimits = field(default_factory=UploadLimits)
     # Daily accelerator budgets (farm.sched.budget); None: unlimited, and no budget routes.
     budgets: BudgetRule | None = None
+    # Shares and unlisted links (farm.jobs.sharing), clip lifetimes (farm.jobs.expiry); None: built
+    # over the job store's database with the default lifetimes.
+    sharing: SharingStore | None = None
+    lifetimes: Lifetimes | None = None
+    # Seconds a presigned S3 URL lives when content downloads answer 307 to it (clients then fetch
+    # from S3 directly, so it must be reachable by them); None: the gateway relays the bytes.
+    content_redirect_s: int | None = None
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _http: tuple[Any, httpx.AsyncClient] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -154,6 +165,10 @@ class GatewayDeps:
         for name in ("max_queued", "max_queued_bulk"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"GatewayDeps.{name} must be >= 1 or None, got {getattr(self, name)}")
+        if self.sharing is None:
+            self.sharing = SharingStore(self.store.db, clock=self.store.now)
+        if self.lifetimes is None:
+            self.lifetimes = Lifetimes(self.store.db, clock=self.store.now)
 
     def object_store(self) -> ObjectStore:
         """The object store, built by the factory on first use (blocking: call it off the event loop)."""
@@ -310,7 +325,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             response.headers["openai-poll-after-ms"] = str(poll_after_ms(
                 estimate.completion_at if estimate else None, time.time(), fallback_ms=deps.poll_after_ms,
                 min_ms=deps.poll_after_min_ms, max_ms=deps.poll_after_max_ms))
-        return video_object(job, estimate, usage)
+        return video_object(job, estimate, usage, now=deps.store.now())
 
     async def streamed(job: Job) -> dict[str, Any]:
         """An event's video object: usage read for the final event only (updates carry null), so
@@ -321,7 +336,18 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     app.state.job_watch = watch
 
     async def get_job(video_id: str, who: str | None) -> Job:
+        """The caller's own video (what deleting, cancelling and sharing need); 404 otherwise."""
         job = await run_in_threadpool(deps.store.get, video_id, owner=who)
+        if job is None:
+            raise NotFound(f"video {video_id!r} not found", param="video_id")
+        return job
+
+    async def get_readable(video_id: str, who: str | None) -> Job:
+        """The caller's video or one shared with the caller (reading, downloading, remixing); 404
+        otherwise, worded as for an id that never existed."""
+        job = await run_in_threadpool(deps.store.get, video_id, owner=who)  # the common case: one's own
+        if job is None and who is not None:
+            job = await run_in_threadpool(deps.sharing.readable, video_id, who)
         if job is None:
             raise NotFound(f"video {video_id!r} not found", param="video_id")
         return job
@@ -357,9 +383,10 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     async def remix_video(video_id: str, body: RemixVideoRequest, request: Request,
                           response: Response) -> dict[str, Any]:
         """A new job with the source's model, size, duration, steps, scheduler and seed, and a new prompt:
-        the same noise under a new prompt keeps the composition close to the source's."""
+        the same noise under a new prompt keeps the composition close to the source's. A video
+        shared with the caller may be remixed too; the remix is the caller's own private draft."""
         who = await owner(request)
-        source = await get_job(video_id, who)
+        source = await get_readable(video_id, who)
         spec = deps.model(source.model)
         params = {k: source.params.get(k) for k in ("seed", "steps", "scheduler")} | {
             "remixed_from_video_id": source.id}
@@ -373,12 +400,21 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         after: str | None = Query(None, max_length=256, description="Id of the last video of the previous page."),
         limit: int = Query(20, ge=1, le=100, description="Videos per page."),
         order: Order = Query("desc", description="By creation time: 'desc' newest first, 'asc' oldest first."),
+        shared: bool = Query(False, description=(
+            "Farm extension: list the videos other accounts shared with you (by when each was shared) "
+            "instead of your own.")),
     ) -> dict[str, Any]:
         who = await owner(request)
         try:
-            jobs, has_more = await run_in_threadpool(
-                lambda: deps.store.list(owner=who, after=after, limit=limit, order=order)
-            )
+            if shared and who is not None:
+                jobs, has_more = await run_in_threadpool(
+                    lambda: deps.sharing.list_shared_with(who, after=after, limit=limit, order=order))
+            elif shared:  # one anonymous tenant: nobody to share with
+                jobs, has_more = [], False
+            else:
+                jobs, has_more = await run_in_threadpool(
+                    lambda: deps.store.list(owner=who, after=after, limit=limit, order=order)
+                )
         except ValueError as exc:  # an `after` id that does not exist (for this caller)
             raise NotFound(str(exc), param="after") from None
         usage = await run_in_threadpool(deps.store.usage_of_jobs, [j.id for j in jobs])
@@ -389,7 +425,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     @app.get("/v1/videos/{video_id}", response_model=VideoObject, summary="Retrieve a video job",
              operation_id="retrieveVideo")
     async def retrieve_video(video_id: str, request: Request, response: Response) -> dict[str, Any]:
-        return await shown(await get_job(video_id, await owner(request)), response)
+        return await shown(await get_readable(video_id, await owner(request)), response)
 
     @app.get(
         "/v1/videos/{video_id}/events", summary="Follow a video job as Server-Sent Events",
@@ -400,7 +436,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             "object; the stream then ends. Send `Last-Event-ID` to resume without repeats.")}},
     )
     async def stream_events(video_id: str, request: Request) -> EventSourceResponse:
-        job = await get_job(video_id, await owner(request))
+        job = await get_readable(video_id, await owner(request))
         events = video_events(watch, job, request.headers.get("last-event-id"), streamed)
         return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-store"})
 
@@ -439,21 +475,31 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         responses={200: {"content": {"video/mp4": {}, "image/webp": {}, "image/jpeg": {}},
                          "description": "The bytes of the requested variant."},
                    206: {"description": "The requested byte range."},
+                   307: {"description": "With serve.content_redirect: a short-lived presigned S3 URL of the bytes."},
                    416: {"model": ErrorResponse, "description": "The byte range is outside the object."}},
     )
     async def download_content(
         video_id: str, request: Request,
         variant: Variant = Query("video", description=f"Which asset: {', '.join(VARIANTS)}."),
     ) -> StreamingResponse:
-        job = await get_job(video_id, await owner(request))
-        status = job.status
-        if status in ("failed", "cancelled"):
-            raise NotFound(f"video {video_id!r} is {status}; it has no content", param="video_id",
-                           code=f"video_{status}")
-        if status != "completed":
-            raise VideoNotReady(f"video {video_id!r} is not ready yet (status {status}); download it once it is "
-                                "completed", param="video_id")
+        job = await get_readable(video_id, await owner(request))
+        check_content(job, deps.store.now())
         return await _stream(deps, ClipLayout(video_id), variant, request.headers.get("range"))
+
+
+def check_content(job: Job, now: Any) -> None:
+    """Raise unless ``job`` has content to download now: 404 ``video_failed``/``video_cancelled``,
+    ``video_not_ready`` while it renders, ``video_expired`` from ``expires_at`` on."""
+    status = job.status
+    if status in ("failed", "cancelled"):
+        raise NotFound(f"video {job.id!r} is {status}; it has no content", param="video_id", code=f"video_{status}")
+    if status != "completed":
+        raise VideoNotReady(f"video {job.id!r} is not ready yet (status {status}); download it once it is "
+                            "completed", param="video_id")
+    if expired(job, now):
+        when = job.expires_at or job.expired_at
+        raise NotFound(f"video {job.id!r} expired at {when.isoformat()}; its content is no longer kept (the "
+                       "video object stays)", param="video_id", code="video_expired")
 
 
 def _priority_name(priority: int) -> str:
@@ -475,6 +521,7 @@ async def _create_job(
     fingerprint = hashlib.sha256(json.dumps(asked, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     params, stored = check_render(spec, prompt, size, seconds, extra, deps.max_prompt_chars)
     stored["request_fingerprint"] = fingerprint
+    lifetime_s = await run_in_threadpool(deps.lifetimes.lifetime_of, who)
     # Read before the create; the create refuses on it after replaying an Idempotency-Key's job.
     budget = None if deps.budgets is None else await run_in_threadpool(deps.store.budget_status, who, deps.budgets)
     bulk = priority == "bulk"
@@ -485,7 +532,7 @@ async def _create_job(
                 priority=PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE, owner=who,
                 max_queued=deps.max_queued_bulk if bulk else deps.max_queued,  # the cap of this class
                 max_queued_per_owner=deps.max_queued_per_account,
-                idempotency_key=idempotency_key, budget=budget,
+                idempotency_key=idempotency_key, budget=budget, expires_in_s=lifetime_s,
             )
         )
     except BudgetExceeded as exc:
@@ -512,6 +559,8 @@ async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_hea
     """The object's bytes, relayed from S3 on the event loop (an async HTTP GET of a presigned URL):
     a slow client holds a socket and a buffer, never a thread-pool thread the store calls need."""
     objects, key = await run_in_threadpool(deps.object_store), layout.key(variant)
+    if deps.content_redirect_s is not None:
+        return await _redirect(objects, layout, variant, deps.content_redirect_s)
     byte_range = _requested_range(range_header)
     headers = {} if byte_range is None else {"Range": f"bytes={byte_range[0]}-{'' if byte_range[1] is None else byte_range[1]}"}
     http = deps.http_client()
@@ -534,6 +583,20 @@ async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_hea
         raise _RangeNotSatisfiable(info.size if info is not None else 0)
     log.warning("object store answered %d for GET %s", reply.status_code, key)
     raise ServiceUnavailable(f"the object store answered {reply.status_code}; retry later")
+
+
+async def _redirect(objects: ObjectStore, layout: ClipLayout, variant: str, lifetime_s: int) -> Response:
+    """307 to a presigned URL of the object (the client sends its ``Range`` there). The object is
+    looked up first, so a missing variant is still a 404 in the OpenAI shape, not S3's XML."""
+    key = layout.key(variant)
+    try:
+        info = await run_in_threadpool(objects.head, key)
+        url = objects.presigned_get(key, lifetime_s)
+    except Exception as exc:  # the store's own errors, after its retries
+        raise ServiceUnavailable(f"the object store did not answer ({type(exc).__name__}); retry later") from None
+    if info is None:
+        raise NotFound(f"variant {variant!r} of video {layout.video_id!r} is not stored", param="variant")
+    return Response(status_code=307, headers={"Location": url, "Cache-Control": f"private, max-age={lifetime_s}"})
 
 
 def _requested_range(header: str | None) -> tuple[int, int | None] | None:
@@ -582,7 +645,7 @@ def _openapi(app: FastAPI, deps: GatewayDeps) -> dict[str, Any]:
     if deps.auth is not None:
         # Every route but the public ones takes a key; /v1/admin/* takes the operator's.
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        public = {"/healthz", "/v1/invites/redeem"}
+        public = {"/healthz", "/v1/invites/redeem", "/v1/shared/{token}", "/v1/shared/{token}/content"}
         for path, item in schema["paths"].items():
             for operation in item.values():
                 if path not in public:
@@ -634,6 +697,9 @@ def create_app(deps: GatewayDeps) -> FastAPI:
             add_webhook_routes(app, store_of=lambda: hooks, account_of=account_id,
                                guard=UrlGuard.from_settings(hook_settings), settings=hook_settings)
 
+    from farm.api.sharing_routes import add_sharing_routes
+
+    add_sharing_routes(app, deps, _owner_of(deps), deps.auth.accounts if deps.auth is not None else None)
     add_usage_routes(app, deps.store, deps.budgets or BudgetRule(), owner_of=_owner_of(deps),
                      accounts=deps.auth.accounts if deps.auth is not None else None)
     body_limits = {}

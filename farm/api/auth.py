@@ -34,6 +34,11 @@ ANONYMOUS_RATE_LIMIT = "30/minute"
 # Route templates (as declared, whatever prefix the app is mounted under) by who may call them.
 PUBLIC_ROUTES = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 ANONYMOUS_ROUTES = frozenset({"/v1/invites/redeem"})
+# Unlisted links (farm.api.sharing_routes): no key, a limit per client address of their own, since a
+# player's Range requests would exhaust the redemption limit at once. Tokens carry 256 random bits:
+# the limit bounds load, not guessing, which is hopeless anyway.
+LINK_ROUTES = frozenset({"/v1/shared/{token}", "/v1/shared/{token}/content"})
+LINK_RATE_LIMIT = "600/minute"
 ADMIN_PREFIX = "/v1/admin/"
 
 
@@ -53,6 +58,7 @@ class GatewayAuth:
     admin_key: str
     rate_limit: str = "1200/minute"
     anonymous_rate_limit: str = ANONYMOUS_RATE_LIMIT  # per address: invite redemptions, refused keys
+    link_rate_limit: str = LINK_RATE_LIMIT  # per address: the unlisted-link routes
     # redis://…: rate windows shared by every replica; None: this replica's memory.
     limits_url: str | None = field(default=None, repr=False)
     key_cache_s: float = 30.0  # 0: look every key up on every request
@@ -61,10 +67,12 @@ class GatewayAuth:
     clock: Callable[[], float] = time.monotonic
     _limit: RateLimitItem = field(init=False, repr=False)
     _anonymous: RateLimitItem = field(init=False, repr=False)
+    _links: RateLimitItem = field(init=False, repr=False)
     _limiter: MovingWindowRateLimiter = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._limit, self._anonymous = parse(self.rate_limit), parse(self.anonymous_rate_limit)
+        self._links = parse(self.link_rate_limit)
         if self.limits_url is None:
             storage = MemoryStorage()
         else:  # async I/O on the event loop, never a blocking call there
@@ -145,6 +153,11 @@ class GatewayAuth:
         host = request.client.host if request.client else "unknown"
         await self._spend(request, self._anonymous, f"ip:{host}")
 
+    async def link(self, request: Request) -> None:
+        """Rate-limit an unlisted-link request by client address (no key is read)."""
+        host = request.client.host if request.client else "unknown"
+        await self._spend(request, self._links, f"link:{host}")
+
     async def _spend(self, request: Request, limit: RateLimitItem, bucket: str) -> None:
         try:
             allowed = await self._limiter.hit(limit, bucket)
@@ -198,6 +211,8 @@ class AuthGate:
             try:
                 if template in ANONYMOUS_ROUTES:
                     await self.auth.anonymous(request)
+                elif template in LINK_ROUTES:
+                    await self.auth.link(request)
                 elif template.startswith(ADMIN_PREFIX):
                     await self.auth.admin(request)
                 else:

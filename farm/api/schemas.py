@@ -169,6 +169,12 @@ class VideoObject(BaseModel):
         default=None, description="Farm extension: Unix seconds when it should complete, from the scheduler's queue "
         "and measured stage costs; null when finished or before its model's stages were measured.")
     usage: VideoUsage | None = Field(default=None, description="Farm extension: replica-seconds used so far.")
+    visibility: Literal["private", "shared", "unlisted"] | None = Field(
+        default=None, description="Farm extension: who besides its owner may see it: 'private' (a draft), 'shared' "
+        "(named accounts) or 'unlisted' (anyone with a live link).")
+    expired: bool | None = Field(
+        default=None, description="Farm extension: true from expires_at on; its content then answers 404 "
+        "video_expired and its objects are removed from storage. status is unchanged.")
 
 
 class VideoList(BaseModel):

@@ -3,18 +3,22 @@
 The job store keeps bookkeeping (``farm.jobs.job.Job``); what a client sees of it is decided
 here, at the edge. Farm extensions beside OpenAI's fields: ``prompt``, ``priority``, ``seed``,
 ``remixed_from_video_id``, ``cancel_requested``, ``queue_position`` and ``estimated_completion_at``
-(see :mod:`farm.jobs.estimates`; null when unknown or finished), and ``usage`` (replica-seconds per
-pool and device, from the usage ledger). The openai SDK keeps unknown fields as extra attributes.
+(see :mod:`farm.jobs.estimates`; null when unknown or finished), ``usage`` (replica-seconds per
+pool and device, from the usage ledger), ``visibility`` (private, shared or unlisted:
+:mod:`farm.jobs.sharing`) and ``expired`` (true from ``expires_at`` on, when content is refused:
+:mod:`farm.jobs.expiry`; ``status`` keeps what the job ended as). The openai SDK keeps unknown fields as extra attributes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import datetime as dt
 import math
 
-from farm.db import unix
+from farm.db import unix, utcnow
 from farm.jobs.estimates import Estimate
+from farm.jobs.expiry import expired
 from farm.jobs.job import Job, Priority
 
 
@@ -34,9 +38,11 @@ def usage_object(lines: list[dict] | None) -> dict[str, Any]:
                         for line in lines]}
 
 
-def video_object(job: Job, estimate: Estimate | None = None, usage: list[dict] | None = None) -> dict[str, Any]:
+def video_object(job: Job, estimate: Estimate | None = None, usage: list[dict] | None = None,
+                 now: dt.datetime | None = None) -> dict[str, Any]:
     """The ``video`` object of ``job``, as the routes return it: with its queue estimate if known,
-    and ``usage`` from its ledger lines (None: not read, the field is null)."""
+    and ``usage`` from its ledger lines (None: not read, the field is null); ``now`` (default: the
+    wall clock) decides ``expired``."""
     try:
         priority: str | int = Priority(job.priority).name.lower()
     except ValueError:
@@ -67,4 +73,6 @@ def video_object(job: Job, estimate: Estimate | None = None, usage: list[dict] |
         "estimated_completion_at": (math.ceil(estimate.completion_at)
                                     if estimate and estimate.completion_at is not None else None),
         "usage": None if usage is None else usage_object(usage),
+        "visibility": job.visibility,
+        "expired": expired(job, now or utcnow()),
     }

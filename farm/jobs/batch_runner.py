@@ -111,8 +111,10 @@ class BatchRunner:
     def __init__(self, batches: BatchStore, schedules: ScheduleStore, jobs, objects, rules: LineRules, *,
                  max_queued_per_batch: int = 4, max_line_bytes: int = 64 * 1024, poll_s: float = 1.0,
                  misfire_grace_s: float = 300.0, leading: Callable[[], bool] = lambda: True,
-                 on_queued: Callable[[], None] | None = None) -> None:
-        """``jobs``: the JobStore (its cancel path); ``objects``: an ObjectStore, or a factory of one."""
+                 on_queued: Callable[[], None] | None = None,
+                 lifetime_of: Callable[[str | None], float] | None = None) -> None:
+        """``jobs``: the JobStore (its cancel path); ``objects``: an ObjectStore, or a factory of one;
+        ``lifetime_of``: an owner's clip lifetime in seconds (``Lifetimes.lifetime_of``; default 7 days)."""
         self.batches, self.schedules, self.jobs = batches, schedules, jobs
         self._objects = objects
         self.rules = rules
@@ -122,6 +124,7 @@ class BatchRunner:
         self.misfire_grace_s = misfire_grace_s
         self.leading = leading
         self.on_queued = on_queued
+        self.lifetime_of = lifetime_of or (lambda _owner: DEFAULT_EXPIRES_IN_S)
         self._turn: asyncio.Future | None = None
         self._turned_at = float("-inf")
 
@@ -257,7 +260,7 @@ class BatchRunner:
         # The span of at most `window` lines the validation pass measured: one ranged GET.
         with self.objects.stream(source.key, byte_range=(first, last)) as body:
             span = b"".join(body)
-        now = self.batches.now()
+        now, lifetime_s = self.batches.now(), self.lifetime_of(batch.owner)
         jobs: list[tuple[int, Job]] = []
         refused: list[tuple[int, dict]] = []
         for item in pending:
@@ -269,7 +272,7 @@ class BatchRunner:
             video = verdict.video
             params = {**video.params, "batch_id": batch.id, "custom_id": item["custom_id"]}
             jobs.append((item["line"], new_job(video.model, video.prompt, video.size, video.seconds, params,
-                                               PRIORITY_BULK, batch.owner, None, DEFAULT_EXPIRES_IN_S, now)))
+                                               PRIORITY_BULK, batch.owner, None, lifetime_s, now)))
         if self.batches.feed(batch.id, jobs, refused) and jobs and self.on_queued is not None:
             self.on_queued()
 

@@ -202,7 +202,7 @@ class Dispatcher:
         leader_work: Callable[[], None] | None = None,
     ) -> None:
         """``leader_work`` runs on every turn of the loop while this dispatcher leads (the batch
-        runner's ``tick``): it must not block, and starts its own work."""
+        runner's and the clip reaper's ``tick``): it must not block, and starts its own work."""
         self.store = store
         self.clients = clients
         self.models = {m.id: m for m in models}

@@ -70,6 +70,8 @@ class Job:
     lease_expires_at: dt.datetime | None = None
     cancel_requested: bool = False
     idempotency_key: str | None = None
+    visibility: str = "private"  # private, shared or unlisted (farm.jobs.sharing)
+    expired_at: dt.datetime | None = None  # when the reaper removed its objects
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:

@@ -205,9 +205,13 @@ class LeasedQueue:
         return self._write_held(id, worker, {"checkpoint_key": key, "updated_at": self._clock()})
 
     def complete(self, id: str, worker: str, objects: Mapping[str, str]) -> bool:
-        """Mark done with its stored objects (variant → S3 key); False unless we hold the lease."""
-        changes = finished("completed", self._clock())
-        changes.update(progress=100, objects=dict(objects))
+        """Mark done with its stored objects (variant → S3 key); False unless we hold the lease.
+
+        The clip's lifetime (``expires_at - created_at``, chosen at create) starts now: its
+        assets are kept that long after they exist, however long the job waited in the queue."""
+        now = self._clock()
+        changes = finished("completed", now)
+        changes.update(progress=100, objects=dict(objects), expires_at=_restarted_expiry(now))
         return self._write_held(id, worker, changes)
 
     def fail(self, id: str, worker: str, code: str, message: str) -> bool:
@@ -277,6 +281,12 @@ class LeasedQueue:
             if row is not None:
                 emit(conn, changes.get("status"), [(row.id, row.owner)])
         return row is not None
+
+
+def _restarted_expiry(now: dt.datetime) -> sa.ColumnElement:
+    """``now + (expires_at - created_at)`` in SQL (null stays null), on the stored microseconds."""
+    start = sa.literal(_C.created_at.type.process_bind_param(now, None), sa.BigInteger)
+    return start + sa.type_coerce(_C.expires_at, sa.BigInteger) - sa.type_coerce(_C.created_at, sa.BigInteger)
 
 
 def claim_query(*where: sa.ColumnElement[bool]) -> sa.Select:

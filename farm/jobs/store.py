@@ -49,6 +49,7 @@ from farm.jobs.job import (  # noqa: F401
 from farm.jobs.leader import Leader, Leadership  # noqa: F401
 from farm.jobs.outbox import EVENT_TYPES, Event, EventLog, emit  # noqa: F401
 from farm.jobs.queue import LeasedQueue, ReapReport  # noqa: F401
+from farm.jobs.sharing_tables import LINKS, SHARES
 from farm.jobs.tables import DEPTHS, VIDEOS, LeaderLease, QueueDepth, Video, VideoEvent, runnable  # noqa: F401
 from farm.jobs.usage import BudgetExceeded, UsageLedger  # noqa: F401
 
@@ -66,6 +67,11 @@ class JobStore(Admission, LeasedQueue, Leadership, EventLog, UsageLedger):
         self._sqlite = self._db.sqlite
         self._engine, self._writer = self._db.engine, self._db.writer
         self._clock = clock or utcnow
+
+    @property
+    def db(self) -> Database:
+        """The database this store uses, for the stores that share it (sharing, lifetimes)."""
+        return self._db
 
     def __repr__(self) -> str:
         return f"JobStore({self.url.render_as_string(hide_password=True)!r})"
@@ -126,10 +132,13 @@ class JobStore(Admission, LeasedQueue, Leadership, EventLog, UsageLedger):
         return [Job.from_row(row) for row in rows[:limit]], len(rows) > limit
 
     def delete(self, id: str, owner: str | None = None) -> Job | None:
-        """Remove the row and return it, so the caller can delete its objects; a running
-        job's worker finds its writes refused and stops."""
+        """Remove the row, its shares and its links, and return it, so the caller can delete its
+        objects; a running job's worker finds its writes refused and stops."""
         with self._writer.begin() as conn:
             row = conn.execute(sa.delete(_V).where(_owned(id, owner)).returning(*_C)).mappings().first()
+            if row is not None:  # in the same transaction: a link never outlives its video
+                conn.execute(sa.delete(SHARES).where(SHARES.c.video_id == id))
+                conn.execute(sa.delete(LINKS).where(LINKS.c.video_id == id))
         return Job.from_row(row) if row is not None else None
 
     def request_cancel(self, id: str, owner: str | None = None) -> Job | None:

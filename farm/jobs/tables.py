@@ -31,6 +31,8 @@ from farm.db import Base
 # reads the same on SQLite and PostgreSQL.
 RUNNABLE = "status = 'queued' AND NOT cancel_requested"
 LEASED = "status = 'in_progress'"
+# Finished and its objects not yet removed by the reaper (farm.jobs.reaper).
+UNREAPED = "expired_at IS NULL AND status IN ('completed', 'failed', 'cancelled')"
 
 
 def runnable() -> sa.TextClause:
@@ -78,6 +80,10 @@ class Video(Base):
     lease_expires_at: Mapped[dt.datetime | None]
     cancel_requested: Mapped[bool]
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255))
+    # Who may see it besides its owner (farm.jobs.sharing): private, shared or unlisted.
+    visibility: Mapped[str] = mapped_column(sa.String(16))
+    # When the reaper removed its objects (farm.jobs.reaper); the row stays.
+    expired_at: Mapped[dt.datetime | None]
 
     __table_args__ = (
         sa.CheckConstraint(
@@ -95,6 +101,8 @@ class Video(Base):
         sa.Index("ix_videos_created", "created_at", "id"),
         # Recent throughput, for QueueFull's retry-after estimate.
         sa.Index("ix_videos_completed", "completed_at"),
+        # The reaper: finished rows whose objects are still stored, by expiry.
+        sa.Index("ix_videos_unreaped", "expires_at", **_partial(UNREAPED)),
     )
 
 

@@ -359,6 +359,7 @@ class DispatcherDeployment:
         stages = ServeStages(replicas, finisher, faults=render.faults)
         self.batches = _batch_runner(self.settings, db, store, leading=lambda: self.dispatcher.leading,
                                      wake=lambda: self.dispatcher.wake())
+        self.reaper = _clip_reaper(self.settings, db, leading=lambda: self.dispatcher.leading)
         self.dispatcher = Dispatcher(
             store, stages, self.settings.models,
             objects=open_store(self.settings, start=False) if render.checkpoints else None,
@@ -367,9 +368,15 @@ class DispatcherDeployment:
             policy=RetryPolicy.from_settings(render, _count_storage_errors("dispatcher")),
             scheduling=SchedulerConfig(tenant_weights=dict(render.tenant_weights), bulk_aging_s=render.bulk_aging_s),
             leader_lease_s=render.leader_lease_s, budgets=self.settings.budgets.rule(),
-            leader_work=self.batches.tick,
+            leader_work=self._leader_work,
         )
         self._task = asyncio.get_running_loop().create_task(self.dispatcher.run())
+
+    def _leader_work(self) -> None:
+        """What only the leader does besides jobs, on every turn of its loop (each starts its own
+        thread at its own pace): batches and schedules, and the reaper of expired clips."""
+        self.batches.tick()
+        self.reaper.tick()
 
     def wake(self) -> None:
         self.dispatcher.wake()
@@ -404,6 +411,7 @@ def _batch_runner(settings, db, store, *, leading, wake):
     from farm.api.batch_lines import BatchLineRules
     from farm.api.uploads import UploadLimits
     from farm.jobs.batch_runner import BatchRunner
+    from farm.jobs.expiry import Lifetimes
     from farm.jobs.schedules import ScheduleStore
     from farm.storage.connect import open_store
 
@@ -413,7 +421,21 @@ def _batch_runner(settings, db, store, *, leading, wake):
         max_bytes=int(ss.max_upload_mb * 1024 * 1024), max_pixels=ss.max_upload_pixels))
     return BatchRunner(schedules.batches, schedules, store, lambda: open_store(settings, start=False), rules,
                        max_queued_per_batch=b.max_queued_per_batch, max_line_bytes=int(b.max_line_kb * 1024),
-                       poll_s=b.poll_s, misfire_grace_s=b.misfire_grace_s, leading=leading, on_queued=wake)
+                       poll_s=b.poll_s, misfire_grace_s=b.misfire_grace_s, leading=leading, on_queued=wake,
+                       lifetime_of=Lifetimes(db, settings.expiry.rule()).lifetime_of)
+
+
+def _clip_reaper(settings, db, *, leading):
+    """Expired clips are reaped in the dispatcher that leads, for the batch runner's reason: the
+    leader lease makes it one process on one node."""
+    from farm.jobs.expiry import Lifetimes
+    from farm.jobs.reaper import ClipReaper
+    from farm.metrics import FarmMetrics
+    from farm.storage.connect import open_store
+
+    e = settings.expiry
+    return ClipReaper(Lifetimes(db, e.rule()), lambda: open_store(settings, start=False), batch=e.reaper_batch,
+                      poll_s=e.reaper_poll_s, leading=leading, metrics=FarmMetrics())
 
 
 def _name(priority: int) -> str:

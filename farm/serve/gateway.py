@@ -40,6 +40,7 @@ class Gateway:
         from farm.secrets import SharedSecrets
         from farm.api.uploads import UploadLimits
         from farm.jobs.batches import BatchStore
+        from farm.jobs.expiry import Lifetimes
         from farm.jobs.schedules import ScheduleStore
         from farm.webhooks.store import WebhookStore
         from farm.metrics import FarmMetrics
@@ -63,7 +64,8 @@ class Gateway:
         auth = GatewayAuth(AccountStore(self.db),
                            resolve_admin_key(settings.state_dir, configured, SharedSecrets(self.db)),
                            rate_limit=ss.rate_limit,
-                           anonymous_rate_limit=ss.anonymous_rate_limit, key_cache_s=ss.key_cache_s,
+                           anonymous_rate_limit=ss.anonymous_rate_limit, link_rate_limit=ss.link_rate_limit,
+                           key_cache_s=ss.key_cache_s,
                            revocation_check_s=ss.revocation_check_s, limits_url=limits_url)
         deps = GatewayDeps(
             store=self.store,
@@ -85,6 +87,8 @@ class Gateway:
             batches=BatchStore(self.db), schedules=ScheduleStore(self.db), batch_settings=settings.batches,
             max_prompt_chars=ss.max_prompt_chars,
             budgets=settings.budgets.rule(),
+            lifetimes=Lifetimes(self.db, settings.expiry.rule()),
+            content_redirect_s=ss.content_redirect_s if ss.content_redirect else None,
             max_body_bytes=int(ss.max_body_mb * 1024 * 1024),
             upload_limits=UploadLimits(max_bytes=int(ss.max_upload_mb * 1024 * 1024),
                                        max_pixels=ss.max_upload_pixels),

@@ -36,6 +36,15 @@ def test_tenant_b_cannot_touch_tenant_a_videos(make_auth_app, objects, jobs, tmp
         "cancel": lambda v, h: client.post(f"/v1/videos/{v}/cancel", headers=h),
         "events": lambda v, h: client.get(f"/v1/videos/{v}/events", headers=h),
         "list after": lambda v, h: client.get("/v1/videos", params={"after": v}, headers=h),
+        "shared list after": lambda v, h: client.get("/v1/videos", params={"after": v, "shared": "true"}, headers=h),
+        "spritesheet": lambda v, h: client.get(f"/v1/videos/{v}/content", params={"variant": "spritesheet"},
+                                               headers=h),
+        "share": lambda v, h: client.post(f"/v1/videos/{v}/shares", json={"account": "bob"}, headers=h),
+        "list shares": lambda v, h: client.get(f"/v1/videos/{v}/shares", headers=h),
+        "unshare": lambda v, h: client.delete(f"/v1/videos/{v}/shares/bob", headers=h),
+        "publish link": lambda v, h: client.post(f"/v1/videos/{v}/links", headers=h),
+        "list links": lambda v, h: client.get(f"/v1/videos/{v}/links", headers=h),
+        "revoke link": lambda v, h: client.delete(f"/v1/videos/{v}/links/vlink_x", headers=h),
     }
     for name, call in attempts.items():
         theirs, missing = error_of(call(vid, bob), 404), error_of(call(ghost, bob), 404)
@@ -43,7 +52,9 @@ def test_tenant_b_cannot_touch_tenant_a_videos(make_auth_app, objects, jobs, tmp
         assert _masked(theirs, vid) == _masked(missing, ghost), name
     assert client.get("/v1/videos", headers=bob).json()["data"] == []
 
-    # Nothing of A's changed: the row, its objects and no remix job for B.
+    # Nothing of A's changed: the row, its objects, no share or link, and no remix job for B.
+    assert client.get(f"/v1/videos/{vid}", headers=ada).json()["visibility"] == "private"
+    assert client.get(f"/v1/videos/{vid}/shares", headers=ada).json()["data"] == []
     assert client.get(f"/v1/videos/{vid}", headers=ada).json()["status"] == "completed"
     assert client.get(f"/v1/videos/{vid}/content", headers=ada).content == MEDIA["video"]
     assert [j.id for j in jobs.list(limit=10)[0]] == [vid]

@@ -169,6 +169,8 @@ def test_create_and_get_round_trip(store: JobStore) -> None:
         "queue_position": None,  # no estimate given (the gateway's queue view adds them)
         "estimated_completion_at": None,
         "usage": None,  # none given (the gateway reads the ledger)
+        "visibility": "private",  # a draft until its owner shares it
+        "expired": False,
     }
     assert store.get("video_" + "0" * 32) is None
 
