@@ -2,7 +2,9 @@
 
 The job store keeps bookkeeping (``farm.jobs.job.Job``); what a client sees of it is decided
 here, at the edge. Farm extensions beside OpenAI's fields: ``prompt``, ``priority``, ``seed``,
-``remixed_from_video_id``, ``cancel_requested``, ``queue_position`` and ``estimated_completion_at``
+``remixed_from_video_id``, ``cancel_requested``, ``served_model`` and ``mapped_from`` (a job asked
+for under an alias: ``model`` echoes the alias, as OpenAI echoes what it was sent, ``served_model``
+is the model that renders it, ``mapped_from`` what a tier's mapping changed), ``queue_position`` and ``estimated_completion_at``
 (see :mod:`farm.jobs.estimates`; null when unknown or finished), and ``usage`` (replica-seconds per
 pool and device, from the usage ledger). The openai SDK keeps unknown fields as extra attributes.
 """
@@ -47,7 +49,9 @@ def video_object(job: Job, estimate: Estimate | None = None, usage: list[dict] |
     return {
         "id": job.id,
         "object": "video",
-        "model": job.model,
+        "model": job.params.get("requested_model") or job.model,  # what the client sent (an alias) or the model
+        "served_model": job.model,
+        "mapped_from": job.params.get("mapped_from"),
         "status": job.status,
         "progress": job.progress,
         "created_at": unix(job.created_at),
