@@ -36,6 +36,11 @@ def usage_object(lines: list[dict] | None) -> dict[str, Any]:
                         for line in lines]}
 
 
+def _mapped_from(asked: dict[str, str] | None) -> dict[str, str | None] | None:
+    """Both fields, null where the tier rendered what was asked; None when nothing was mapped."""
+    return {"size": asked.get("size"), "seconds": asked.get("seconds")} if asked else None
+
+
 def video_object(job: Job, estimate: Estimate | None = None, usage: list[dict] | None = None) -> dict[str, Any]:
     """The ``video`` object of ``job``, as the routes return it: with its queue estimate if known,
     and ``usage`` from its ledger lines (None: not read, the field is null)."""
@@ -51,7 +56,7 @@ def video_object(job: Job, estimate: Estimate | None = None, usage: list[dict] |
         "object": "video",
         "model": job.params.get("requested_model") or job.model,  # what the client sent (an alias) or the model
         "served_model": job.model,
-        "mapped_from": job.params.get("mapped_from"),
+        "mapped_from": _mapped_from(job.params.get("mapped_from")),
         "status": job.status,
         "progress": job.progress,
         "created_at": unix(job.created_at),
