@@ -59,8 +59,8 @@ from farm.api.schemas import (
     create_body_schemas,
     read_create_request,
 )
-from farm.api.uploads import UploadLimits
 from farm.api.model_routes import add_model_routes
+from farm.api.uploads import UploadLimits
 from farm.api.usage_routes import add_usage_routes, budget_refused
 from farm.api.video_requests import (
     check_reference, check_render, find_target, param_of, place_request, tier_params,

@@ -18,7 +18,6 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from farm.api.errors import InvalidRequest, UnsupportedMediaType, from_pydantic
-
 from farm.render.tiers import OPENAI_SECONDS, OPENAI_SIZES
 
 if TYPE_CHECKING:

@@ -2,9 +2,10 @@
 
 The job store keeps bookkeeping (``farm.jobs.job.Job``); what a client sees of it is decided
 here, at the edge. Farm extensions beside OpenAI's fields: ``prompt``, ``priority``, ``seed``,
-``remixed_from_video_id``, ``cancel_requested``, ``served_model`` and ``mapped_from`` (a job asked
-for under an alias: ``model`` echoes the alias, as OpenAI echoes what it was sent, ``served_model``
-is the model that renders it, ``mapped_from`` what a tier's mapping changed), ``queue_position`` and ``estimated_completion_at``
+``remixed_from_video_id``, ``cancel_requested``, ``served_model`` and ``mapped_from`` (for a job
+asked for under an alias, ``model`` echoes the alias, as OpenAI echoes what it was sent;
+``served_model`` is the model that renders it, ``mapped_from`` what the tier's mapping changed),
+``queue_position`` and ``estimated_completion_at``
 (see :mod:`farm.jobs.estimates`; null when unknown or finished), and ``usage`` (replica-seconds per
 pool and device, from the usage ledger). The openai SDK keeps unknown fields as extra attributes.
 """
