@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="send a prompt to the running farm (POST /v1/videos)")
     submit.add_argument("prompt", help="what to render")
-    submit.add_argument("--model", help="model id (default: the farm's first)")
+    submit.add_argument("--model", help="model id or alias, e.g. sora-2 (default: the farm's first)")
     submit.add_argument("--size", help="WIDTHxHEIGHT")
     submit.add_argument("--seconds", type=_whole_number, help="clip length in seconds")
     submit.add_argument("--steps", type=_whole_number, help="denoising steps")

@@ -20,7 +20,8 @@ from farm.jobs.budget_settings import BudgetSettings
 from farm.jobs.expiry_settings import ExpirySettings
 from farm.render.faults import FaultInjection
 from farm.render.registry import ModelSpec, find_model
-from farm.render.tiny import tiny_spec
+from farm.render.tiers import ModelAlias, check_aliases
+from farm.render.tiny import TINY_MODEL_IDS, tiny_spec
 from farm.storage.s3 import S3Settings
 from farm.webhooks.settings import WebhookSettings
 
@@ -328,6 +329,13 @@ class FarmSettings(BaseModel):
 
     state_dir: Path = Field(description="Folder for embedded S3 data, signing credentials, built models, renders.")
     models: list[ModelSpec] = Field(description="The model registry; the first entry is the default model.")
+    aliases: list[ModelAlias] | None = Field(
+        default=None,
+        description="Model names clients may send besides the model ids, each a tier of a served model with "
+        "its own sizes, durations and steps (OpenAI's 'sora-2', 'sora-2-pro'; see farm/render/tiers.py). An "
+        "alias naming a model not in `models` is refused at load. Null: the built-in tiers of the embedded tiny "
+        "models (sora-2 -> wan-tiny, sora-2-pro -> wan-tiny-2x) when both are served, else none; [] for none.",
+    )
     storage: StorageSettings = Field(default_factory=StorageSettings)
     watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
     signer: SignerConfig = Field(default_factory=SignerConfig)
@@ -351,6 +359,19 @@ class FarmSettings(BaseModel):
             if pool.model not in known:
                 raise ValueError(f"serve.pools: model {pool.model!r} is not in models; known: {sorted(known)}")
         return self
+
+    @model_validator(mode="after")
+    def _check_aliases(self) -> "FarmSettings":
+        check_aliases(self.models, self.model_aliases)
+        return self
+
+    @property
+    def model_aliases(self) -> list[ModelAlias]:
+        """The aliases in force: the configured ones, or (``aliases`` null) the embedded models' tiers."""
+        if self.aliases is not None:
+            return self.aliases
+        served = {m.id for m in self.models}
+        return embedded_aliases() if set(TINY_MODEL_IDS.values()) <= served else []
 
     @model_validator(mode="after")
     def _batch_window(self) -> "FarmSettings":
@@ -407,6 +428,22 @@ def embedded_models(state_dir: Path) -> list[ModelSpec]:
     """The models a fresh install serves: tiny Wan models built under the state folder."""
     models = state_dir / "models"
     return [tiny_spec(models / "wan-tiny", experts=1), tiny_spec(models / "wan-tiny-2x", experts=2)]
+
+
+def embedded_aliases() -> list[ModelAlias]:
+    """OpenAI's tier names over the embedded tiny models, on the pools they already have.
+
+    sora-2 is the standard tier on wan-tiny (what `make demo` renders); sora-2-pro runs on
+    wan-tiny-2x, the two-expert model whose two pools every local farm deploys anyway (no pool
+    is added for it), with twice the steps and a larger size. Portrait first and 4 s first, as
+    OpenAI's defaults (720x1280, 4 s) are; OpenAI's sizes map to these by orientation.
+    """
+    return [
+        ModelAlias(id="sora-2", model=TINY_MODEL_IDS[1], sizes=["96x128", "128x96", "128x128"], seconds=[4, 2],
+                   default_steps=8),
+        ModelAlias(id="sora-2-pro", model=TINY_MODEL_IDS[2], sizes=["96x128", "128x96", "128x128", "256x256"],
+                   seconds=[4, 2], default_steps=16),
+    ]
 
 
 def load_settings(path: Path | None = None) -> FarmSettings:

@@ -59,6 +59,32 @@ def test_gpu_yaml_describes_one_pool_per_expert_on_gpus():
     assert nodes["Decoder:0"].ray_actor_options["num_gpus"] > 0  # the VAE decodes on a GPU
 
 
+def test_tiers_map_to_served_models_on_pools_that_exist():
+    """sora-2 / sora-2-pro in both deployments: each names a served model, and no alias adds a pool (the
+    local pro tier runs on wan-tiny-2x's pools, which local.yaml deploys anyway)."""
+    local = resolve_settings(read_deployment(ROOT / "deployments" / "local.yaml").args)
+    gpu = resolve_settings(read_deployment(ROOT / "deployments" / "gpu.yaml").args)
+    assert {a.id: a.model for a in local.model_aliases} == {"sora-2": "wan-tiny", "sora-2-pro": "wan-tiny-2x"}
+    assert {a.id: a.model for a in gpu.model_aliases} == {"sora-2": "wan2.1-t2v-1.3b", "sora-2-pro": "wan2.2-t2v-a14b"}
+    for settings in (local, gpu):
+        pooled = {p.model for p in settings.serve.pools}
+        assert all(a.model in pooled for a in settings.model_aliases)
+        standard, pro = (a.limits(settings.model(a.model)) for a in settings.model_aliases)
+        assert pro.default_steps > standard.default_steps  # the pro tier: more steps, larger sizes
+        area = lambda spec: max(int(w) * int(h) for w, h in (s.split("x") for s in spec.sizes))  # noqa: E731
+        assert area(pro) > area(standard)
+    assert gpu.model("wan2.2-t2v-a14b").experts == 2  # the pro tier's own pools, one per expert
+
+
+def test_aliases_belong_to_the_models_they_name():
+    """Null aliases: the embedded tiers only while both tiny models are served, so replacing the models
+    needs no alias setting; an explicit empty list turns them off."""
+    assert [a.id for a in resolve_settings(FarmAppArgs()).model_aliases] == ["sora-2", "sora-2-pro"]
+    own = [{"id": "mine", "path": "/m", "sizes": ["128x128"], "seconds": [2]}]
+    assert resolve_settings(FarmAppArgs(settings={"models": own})).model_aliases == []
+    assert resolve_settings(FarmAppArgs(settings={"aliases": []})).model_aliases == []
+
+
 def test_default_pools_give_each_expert_its_own_pool():
     settings = resolve_settings(FarmAppArgs())
     assert [(p.model, p.experts) for p in default_pools(settings)] == [
@@ -72,6 +98,9 @@ def test_default_pools_give_each_expert_its_own_pool():
         ({"serve": {"pools": [{"model": "wan-tiny", "experts": ["transformer_3"]}]}}, "transformer_3"),
         ({"serve": {"max_queued": 0}}, "max_queued"),
         ({"serve": {"replicas_typo": 2}}, "replicas_typo"),
+        ({"aliases": [{"id": "sora-2", "model": "wan-huge"}]}, "'sora-2' maps to model 'wan-huge', which is not in models"),
+        ({"aliases": [{"id": "sora-2", "model": "wan-tiny", "sizes": ["720x1280"]}]}, "not served by model 'wan-tiny'"),
+        ({"aliases": [{"id": "sora-2", "model": "wan-tiny", "mapping": "stretch"}]}, "mapping"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_field(patch, needle):

@@ -61,15 +61,19 @@ from farm.api.schemas import (
     create_body_schemas,
     read_create_request,
 )
+from farm.api.model_routes import add_model_routes
 from farm.api.uploads import UploadLimits
 from farm.api.usage_routes import add_usage_routes, budget_refused
-from farm.api.video_requests import check_reference, check_render, param_of
+from farm.api.video_requests import (
+    check_reference, check_render, find_target, param_of, place_request, tier_params,
+)
 from farm.api.wire import video_object
 from farm.jobs.estimates import poll_after_ms
 from farm.jobs.expiry import Lifetimes, expired
 from farm.jobs.sharing import SharingStore
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, BudgetExceeded, IdempotencyConflict, QueueFull
-from farm.render.registry import ModelSpec, find_model
+from farm.render.registry import ModelSpec
+from farm.render.tiers import ModelAlias, Target, check_aliases
 from farm.sched.budget import BudgetRule
 from farm.storage.s3 import ClipLayout, checkpoint_prefix, delete_clip
 
@@ -108,6 +112,8 @@ class GatewayDeps:
     store: JobStore
     objects: ObjectStore | Callable[[], ObjectStore]  # a factory defers the boto3 client
     models: list[ModelSpec]
+    # Names clients may send besides the model ids (OpenAI's tiers: farm.render.tiers).
+    aliases: list[ModelAlias] = field(default_factory=list)
     # Queue caps per priority class, each counted apart (a bulk flood never refuses interactive
     # creates): queued interactive jobs beyond which interactive creates get 429, and the same
     # for bulk. None: no cap for that class.
@@ -156,6 +162,7 @@ class GatewayDeps:
         ids = [m.id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"GatewayDeps.models: model ids must be unique, got {ids}")
+        check_aliases(self.models, self.aliases)
         for name in ("poll_after_ms", "max_prompt_chars", "max_body_bytes"):
             if getattr(self, name) < (0 if name == "poll_after_ms" else 1):
                 raise ValueError(f"GatewayDeps.{name} must be positive, got {getattr(self, name)}")
@@ -185,11 +192,9 @@ class GatewayDeps:
                                                   limits=httpx.Limits(max_connections=512)))
         return self._http[1]
 
-    def model(self, model_id: str | None) -> ModelSpec:
-        try:
-            return find_model(self.models, model_id)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), param="model", code="model_not_found") from None
+    def target(self, name: str | None) -> Target:
+        """A request's ``model`` (a model id or an alias); 400 ``model_not_found`` lists every name."""
+        return find_target(self.models, self.aliases, name)
 
 
 # -- middleware ----------------------------------------------------------------------------
@@ -365,14 +370,12 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     async def create_video(request: Request, response: Response) -> dict[str, Any]:
         who = await owner(request)
         body, upload = await read_create_request(request, deps.upload_limits.max_bytes)
-        spec = deps.model(body.model)
+        target = deps.target(body.model)
         # Checked first (format, size, pixel count), so a bad upload is named as such; then refused.
-        await run_in_threadpool(check_reference, spec, upload, body.input_reference, deps.upload_limits)
-        size = body.size or spec.sizes[0]
-        seconds = body.seconds if body.seconds is not None else spec.seconds[0]
+        await run_in_threadpool(check_reference, target.limits, upload, body.input_reference, deps.upload_limits)
         params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
-        return await shown(await _create_job(deps, request, who, spec, body.prompt, size, seconds, params,
-                                             body.priority), response)
+        return await shown(await _create_job(deps, request, who, target, body.prompt, body.size, body.seconds,
+                                             params, body.priority), response)
 
     @app.post(
         "/v1/videos/{video_id}/remix", response_model=VideoObject, summary="Remix a video with a new prompt",
@@ -387,10 +390,12 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         shared with the caller may be remixed too; the remix is the caller's own private draft."""
         who = await owner(request)
         source = await get_readable(video_id, who)
-        spec = deps.model(source.model)
+        # Under the alias the source was asked for (the remix echoes it too), if this farm still has it.
+        requested = source.params.get("requested_model")
+        target = deps.target(requested if any(a.id == requested for a in deps.aliases) else source.model)
         params = {k: source.params.get(k) for k in ("seed", "steps", "scheduler")} | {
             "remixed_from_video_id": source.id}
-        return await shown(await _create_job(deps, request, who, spec, body.prompt, source.size, source.seconds,
+        return await shown(await _create_job(deps, request, who, target, body.prompt, source.size, source.seconds,
                                              params, _priority_name(source.priority)), response)
 
     @app.get("/v1/videos", response_model=VideoList, summary="List videos", operation_id="listVideos",
@@ -507,19 +512,25 @@ def _priority_name(priority: int) -> str:
 
 
 async def _create_job(
-    deps: GatewayDeps, request: Request, who: str | None, spec: ModelSpec, prompt: str,
-    size: str, seconds: int, extra: dict[str, Any], priority: str,
+    deps: GatewayDeps, request: Request, who: str | None, target: Target, prompt: str,
+    size: str | None, seconds: int | None, extra: dict[str, Any], priority: str,
 ) -> Job:
-    """Validate against the model, then queue (or replay an Idempotency-Key's earlier job)."""
+    """Validate against the model (or the tier an alias names: its defaults for a size or duration not
+    given, its mapping of OpenAI's), then queue (or replay an Idempotency-Key's earlier job)."""
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise InvalidRequest(f"Idempotency-Key: {len(idempotency_key)} characters; allowed: 1..255",
                              param="Idempotency-Key")
+    spec, placement = target.spec, place_request(target, size, seconds)
+    size, seconds = placement.size, placement.seconds
     # What the client asked for, before defaults: a retry without a seed is the same request,
     # though this attempt would draw another random seed.
-    asked = {"model": spec.id, "prompt": prompt, "size": size, "seconds": seconds, "priority": priority, **extra}
+    asked = {"model": target.name, "prompt": prompt, "size": size, "seconds": seconds, "priority": priority, **extra}
+    if placement.mapped_from:
+        asked["mapped_from"] = placement.mapped_from
     fingerprint = hashlib.sha256(json.dumps(asked, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    params, stored = check_render(spec, prompt, size, seconds, extra, deps.max_prompt_chars)
+    params, stored = check_render(target.limits, prompt, size, seconds, extra, deps.max_prompt_chars)
+    stored |= tier_params(target, placement)
     stored["request_fingerprint"] = fingerprint
     lifetime_s = await run_in_threadpool(deps.lifetimes.lifetime_of, who)
     # Read before the create; the create refuses on it after replaying an Idempotency-Key's job.
@@ -641,7 +652,7 @@ def _openapi(app: FastAPI, deps: GatewayDeps) -> dict[str, Any]:
                 del operation["responses"]["422"]
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
-    components.update(create_body_schemas(deps.models, deps.max_prompt_chars))
+    components.update(create_body_schemas(deps.models, deps.max_prompt_chars, deps.aliases))
     if deps.auth is not None:
         # Every route but the public ones takes a key; /v1/admin/* takes the operator's.
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
@@ -700,6 +711,7 @@ def create_app(deps: GatewayDeps) -> FastAPI:
     from farm.api.sharing_routes import add_sharing_routes
 
     add_sharing_routes(app, deps, _owner_of(deps), deps.auth.accounts if deps.auth is not None else None)
+    add_model_routes(app, deps.models, deps.aliases)
     add_usage_routes(app, deps.store, deps.budgets or BudgetRule(), owner_of=_owner_of(deps),
                      accounts=deps.auth.accounts if deps.auth is not None else None)
     body_limits = {}

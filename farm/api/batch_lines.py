@@ -9,6 +9,7 @@ bulk priority: a body that asks for ``interactive`` is refused rather than quiet
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from farm.api.errors import APIError, InvalidRequest
@@ -19,6 +20,7 @@ from farm.jobs.batch_runner import LineVerdict
 from farm.jobs.batches import ENDPOINT
 from farm.jobs.job import Job
 from farm.render.registry import ModelSpec
+from farm.render.tiers import ModelAlias, check_aliases
 
 LINE_FIELDS = ("custom_id", "method", "url", "body")
 MAX_CUSTOM_ID = 512
@@ -28,8 +30,9 @@ class BatchLineRules:
     """``check(raw line) -> LineVerdict`` and ``video(job)``, the wire shape output lines carry."""
 
     def __init__(self, models: list[ModelSpec], *, max_prompt_chars: int = 4000,
-                 upload_limits: UploadLimits | None = None) -> None:
-        self.models = models
+                 upload_limits: UploadLimits | None = None, aliases: Sequence[ModelAlias] = ()) -> None:
+        check_aliases(models, aliases)
+        self.models, self.aliases = models, list(aliases)
         self.max_prompt_chars = max_prompt_chars
         self.upload_limits = upload_limits or UploadLimits()
 
@@ -65,7 +68,7 @@ class BatchLineRules:
             body = line.get("body")
             try:
                 video = check_create_body(body, self.models, max_prompt_chars=self.max_prompt_chars,
-                                          upload_limits=self.upload_limits)
+                                          upload_limits=self.upload_limits, aliases=self.aliases)
             except APIError as exc:
                 exc.param = f"body.{exc.param}" if exc.param else "body"
                 raise

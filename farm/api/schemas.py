@@ -18,9 +18,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from farm.api.errors import InvalidRequest, UnsupportedMediaType, from_pydantic
+from farm.render.tiers import OPENAI_SECONDS, OPENAI_SIZES
 
 if TYPE_CHECKING:
     from farm.render.registry import ModelSpec
+    from farm.render.tiers import ModelAlias
 
 Priority = Literal["interactive", "bulk"]
 Scheduler = Literal["unipc", "flow-euler"]
@@ -73,7 +75,8 @@ class CreateVideoRequest(BaseModel):
         # Documents what _prompt enforces (a pydantic pattern would word its error less clearly).
         json_schema_extra={"pattern": r"^[^\x00]*\S[^\x00]*$"},
     )
-    model: str | None = Field(default=None, description="Model id; defaults to the farm's first model.")
+    model: str | None = Field(default=None, description="Model id or alias (GET /v1/models lists both); defaults to "
+                              "the farm's first model.")
     seconds: _SecondsField | None = Field(default=None, description="Clip duration; defaults to the model's first.")
     size: str | None = Field(
         default=None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
@@ -143,6 +146,13 @@ class VideoUsage(BaseModel):
     by_pool: list[UsageLine] = Field(description="Seconds per pool and device kind.")
 
 
+class MappedFrom(BaseModel):
+    """The OpenAI size or duration a request asked for, where its tier renders another (farm.render.tiers)."""
+
+    size: str | None = Field(default=None, description="The size asked for; the video's `size` is what renders.")
+    seconds: str | None = Field(default=None, description="The duration asked for; `seconds` is what renders.")
+
+
 class VideoObject(BaseModel):
     """One video job, the ``Video`` object of the OpenAI API plus farm extensions."""
 
@@ -152,7 +162,7 @@ class VideoObject(BaseModel):
     completed_at: int | None = Field(default=None, description="Unix seconds when the job finished, if it has.")
     expires_at: int | None = Field(default=None, description="Unix seconds when the assets expire, if set.")
     error: VideoError | None = Field(default=None, description="Why generation failed, if it did.")
-    model: str = Field(description="The model that renders the job.")
+    model: str = Field(description="The model asked for: an alias (e.g. 'sora-2') as sent, else the model's id.")
     progress: int = Field(ge=0, le=100, description="Approximate completion percentage.")
     prompt: str | None = Field(default=None, description="The prompt of the job.")
     remixed_from_video_id: str | None = Field(default=None, description="Source video of a remix.")
@@ -175,6 +185,11 @@ class VideoObject(BaseModel):
     expired: bool | None = Field(
         default=None, description="Farm extension: true from expires_at on; its content then answers 404 "
         "video_expired and its objects are removed from storage. status is unchanged.")
+    served_model: str | None = Field(
+        default=None, description="Farm extension: the served model that renders it (`model` may be an alias).")
+    mapped_from: MappedFrom | None = Field(
+        default=None, description="Farm extension: what the request asked where an alias's mapping changed it "
+        "(`size` and `seconds` say what renders); null when nothing was mapped.")
 
 
 class VideoList(BaseModel):
@@ -244,21 +259,24 @@ async def read_create_request(request: Request, max_file_bytes: int) -> tuple[Cr
         raise from_pydantic(exc, allowed=tuple(CreateVideoRequest.model_fields)) from None
 
 
-def create_body_schemas(models: Sequence[ModelSpec], max_prompt_chars: int) -> dict[str, Any]:
-    """OpenAPI components for the create body (JSON and multipart), with this farm's allowed values."""
+def create_body_schemas(models: Sequence[ModelSpec], max_prompt_chars: int,
+                        aliases: Sequence[ModelAlias] = ()) -> dict[str, Any]:
+    """OpenAPI components for the create body (JSON and multipart), with this farm's allowed values
+    (an alias's tier offers a subset of its model's, plus OpenAI's values when it maps them)."""
     body = CreateVideoRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     body.pop("$defs", None)
     props = body["properties"]
     # No served model takes a reference image yet: the field is refused with a clear 400, not advertised.
     del props["input_reference"]
-    sizes = sorted({s for m in models for s in m.sizes})
-    seconds = sorted({s for m in models for s in m.seconds})
+    mapping = any(a.mapping == "map" for a in aliases)
+    sizes = sorted({s for m in models for s in m.sizes} | (set(OPENAI_SIZES) if mapping else set()))
+    seconds = sorted({s for m in models for s in m.seconds} | (set(OPENAI_SECONDS) if mapping else set()))
     props["prompt"]["maxLength"] = max_prompt_chars
     for option in props["steps"]["anyOf"]:
         if option.get("type") == "integer":
             option["maximum"] = max(m.max_steps for m in models)
     null = {"type": "null"}  # JSON may send null for "the default"
-    props["model"] = {"anyOf": [{"type": "string", "enum": [m.id for m in models]}, null],
+    props["model"] = {"anyOf": [{"type": "string", "enum": [m.id for m in models] + [a.id for a in aliases]}, null],
                       "description": props["model"]["description"]}
     props["size"] = {"anyOf": [{"type": "string", "enum": sizes}, null], "description": props["size"]["description"]}
     props["seconds"] = {

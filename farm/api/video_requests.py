@@ -17,10 +17,14 @@ from pydantic import ValidationError
 from farm.api.errors import InvalidRequest, from_pydantic
 from farm.api.schemas import CreateVideoRequest, ImageReference
 from farm.api.uploads import UploadLimits, check_image, decode_data_url
-from farm.render.registry import find_model, validate_request
+from farm.render.registry import validate_request
+from farm.render.tiers import Placement, Target, place, resolve
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from farm.render.registry import ModelSpec, RenderParams
+    from farm.render.tiers import ModelAlias
 
 _PARAM_PREFIX = re.compile(r"^([a-z_]+):")
 
@@ -43,11 +47,32 @@ def param_of(message: str) -> str | None:
     return match.group(1) if match else None
 
 
-def find_spec(models: list[ModelSpec], model_id: str | None) -> ModelSpec:
+def find_target(models: Sequence[ModelSpec], aliases: Sequence[ModelAlias], name: str | None) -> Target:
+    """A request's ``model``: a served model's id or an alias (a tier); 400 ``model_not_found`` lists both."""
     try:
-        return find_model(models, model_id)
+        return resolve(models, aliases, name)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="model", code="model_not_found") from None
+
+
+def place_request(target: Target, size: str | None, seconds: int | None) -> Placement:
+    """Where the request renders (``farm.render.tiers.place``): a tier's defaults or its mapping of
+    OpenAI's sizes and durations; a value it cannot map is a 400 naming the field and the allowed ones."""
+    try:
+        return place(target, size, seconds)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=param_of(str(exc))) from None
+
+
+def tier_params(target: Target, placement: Placement) -> dict[str, Any]:
+    """What a job records of its tier: the alias asked for (the video object's ``model``) and what a
+    mapping changed (``mapped_from``); nothing for a request that named a served model."""
+    out: dict[str, Any] = {}
+    if target.alias is not None:
+        out["requested_model"] = target.name
+    if placement.mapped_from:
+        out["mapped_from"] = dict(placement.mapped_from)
+    return out
 
 
 def check_reference(spec: ModelSpec, upload: bytes | None, reference: ImageReference | None,
@@ -82,19 +107,20 @@ def check_render(spec: ModelSpec, prompt: str, size: str, seconds: int, extra: d
 
 
 def check_create_body(data: Any, models: list[ModelSpec], *, max_prompt_chars: int,
-                      upload_limits: UploadLimits) -> CheckedVideo:
-    """A JSON create body (a batch line's ``body``), checked as ``POST /v1/videos`` checks one."""
+                      upload_limits: UploadLimits, aliases: Sequence[ModelAlias] = ()) -> CheckedVideo:
+    """A JSON create body (a batch line's ``body``), checked as ``POST /v1/videos`` checks one
+    (an alias resolves and maps the same way)."""
     if not isinstance(data, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     try:
         body = CreateVideoRequest.model_validate(data)
     except ValidationError as exc:
         raise from_pydantic(exc, allowed=tuple(CreateVideoRequest.model_fields)) from None
-    spec = find_spec(models, body.model)
-    check_reference(spec, None, body.input_reference, upload_limits)
-    size = body.size or spec.sizes[0]
-    seconds = body.seconds if body.seconds is not None else spec.seconds[0]
+    target = find_target(models, aliases, body.model)
+    check_reference(target.limits, None, body.input_reference, upload_limits)
+    placement = place_request(target, body.size, body.seconds)
     extra = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
-    params, stored = check_render(spec, body.prompt, size, seconds, extra, max_prompt_chars)
-    return CheckedVideo(model=spec.id, prompt=params.prompt, size=size, seconds=seconds, priority=body.priority,
-                        params=stored)
+    params, stored = check_render(target.limits, body.prompt, placement.size, placement.seconds, extra,
+                                  max_prompt_chars)
+    return CheckedVideo(model=target.spec.id, prompt=params.prompt, size=placement.size, seconds=placement.seconds,
+                        priority=body.priority, params=stored | tier_params(target, placement))

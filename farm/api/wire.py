@@ -2,7 +2,10 @@
 
 The job store keeps bookkeeping (``farm.jobs.job.Job``); what a client sees of it is decided
 here, at the edge. Farm extensions beside OpenAI's fields: ``prompt``, ``priority``, ``seed``,
-``remixed_from_video_id``, ``cancel_requested``, ``queue_position`` and ``estimated_completion_at``
+``remixed_from_video_id``, ``cancel_requested``, ``served_model`` and ``mapped_from`` (for a job
+asked for under an alias, ``model`` echoes the alias, as OpenAI echoes what it was sent;
+``served_model`` is the model that renders it, ``mapped_from`` what the tier's mapping changed),
+``queue_position`` and ``estimated_completion_at``
 (see :mod:`farm.jobs.estimates`; null when unknown or finished), ``usage`` (replica-seconds per
 pool and device, from the usage ledger), ``visibility`` (private, shared or unlisted:
 :mod:`farm.jobs.sharing`) and ``expired`` (true from ``expires_at`` on, when content is refused:
@@ -38,6 +41,11 @@ def usage_object(lines: list[dict] | None) -> dict[str, Any]:
                         for line in lines]}
 
 
+def _mapped_from(asked: dict[str, str] | None) -> dict[str, str | None] | None:
+    """Both fields, null where the tier rendered what was asked; None when nothing was mapped."""
+    return {"size": asked.get("size"), "seconds": asked.get("seconds")} if asked else None
+
+
 def video_object(job: Job, estimate: Estimate | None = None, usage: list[dict] | None = None,
                  now: dt.datetime | None = None) -> dict[str, Any]:
     """The ``video`` object of ``job``, as the routes return it: with its queue estimate if known,
@@ -53,7 +61,9 @@ def video_object(job: Job, estimate: Estimate | None = None, usage: list[dict] |
     return {
         "id": job.id,
         "object": "video",
-        "model": job.model,
+        "model": job.params.get("requested_model") or job.model,  # what the client sent (an alias) or the model
+        "served_model": job.model,
+        "mapped_from": _mapped_from(job.params.get("mapped_from")),
         "status": job.status,
         "progress": job.progress,
         "created_at": unix(job.created_at),

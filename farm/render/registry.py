@@ -81,6 +81,18 @@ class ModelSpec(BaseModel):
     def num_frames(self, seconds: int) -> int:
         return seconds * self.fps + 1
 
+    # What a family can take and make; derived, not configured, so `GET /v1/models` cannot claim
+    # more than the render stack does. A family that conditions on images or makes audio says so here.
+    @property
+    def input_types(self) -> tuple[str, ...]:
+        """What a request may condition on: the Wan text-to-video family takes text only."""
+        return ("text",)
+
+    @property
+    def audio(self) -> bool:
+        """Whether clips carry an audio track: no family served today makes one."""
+        return False
+
 
 def find_model(models: list[ModelSpec], model_id: str | None) -> ModelSpec:
     """Look a model up by id (None: the default, the first); ValueError lists the served ids."""

@@ -418,7 +418,8 @@ def _batch_runner(settings, db, store, *, leading, wake):
     b, ss = settings.batches, settings.serve
     schedules = ScheduleStore(db)
     rules = BatchLineRules(settings.models, max_prompt_chars=ss.max_prompt_chars, upload_limits=UploadLimits(
-        max_bytes=int(ss.max_upload_mb * 1024 * 1024), max_pixels=ss.max_upload_pixels))
+        max_bytes=int(ss.max_upload_mb * 1024 * 1024), max_pixels=ss.max_upload_pixels),
+        aliases=settings.model_aliases)
     return BatchRunner(schedules.batches, schedules, store, lambda: open_store(settings, start=False), rules,
                        max_queued_per_batch=b.max_queued_per_batch, max_line_bytes=int(b.max_line_kb * 1024),
                        poll_s=b.poll_s, misfire_grace_s=b.misfire_grace_s, leading=leading, on_queued=wake,

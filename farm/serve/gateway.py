@@ -71,6 +71,7 @@ class Gateway:
             store=self.store,
             objects=lambda: open_store(settings, start=False),
             models=settings.models,
+            aliases=settings.model_aliases,
             max_queued=ss.max_queued,
             max_queued_per_account=ss.max_queued_per_account,
             poll_after_ms=ss.poll_after_ms,

@@ -25,6 +25,7 @@ import schemathesis
 from schemathesis.engine import events, from_schema
 
 from farm.jobs.store import JobStore
+from farm.render.tiers import ModelAlias
 from farm.storage import ClipLayout, ObjectStore
 
 WORKER = "fuzz-finisher"
@@ -112,8 +113,10 @@ class Tally:
 
 @pytest.fixture
 def fuzz_app(make_auth_app, jobs, objects):
-    """The gateway as the farm runs it: API keys required, a queue cap, S3 for content and deletes."""
-    return make_auth_app(objects=objects, max_queued=MAX_QUEUED, on_created=InstantFarm(jobs, objects))
+    """The gateway as the farm runs it: API keys required, a queue cap, S3 for content and deletes, and a
+    tier alias (OpenAI's sizes map onto wan-tiny's portrait one; a landscape one has none to map to)."""
+    return make_auth_app(objects=objects, max_queued=MAX_QUEUED, on_created=InstantFarm(jobs, objects),
+                         aliases=[ModelAlias(id="sora-2", model="wan-tiny")])
 
 
 def fuzz(app: Any, headers: dict[str, str], *, max_examples: int = MAX_EXAMPLES, path_regex: str | None = None,
