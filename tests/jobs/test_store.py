@@ -153,6 +153,8 @@ def test_create_and_get_round_trip(store: JobStore) -> None:
         "id": job.id,
         "object": "video",
         "model": "wan-tiny",
+        "served_model": "wan-tiny",  # no alias asked for
+        "mapped_from": None,
         "status": "queued",
         "progress": 0,
         "created_at": int(job.created_at.timestamp()),
