@@ -17,6 +17,7 @@ from farm import env
 from farm.finish.provenance import SignerConfig
 from farm.finish.watermark import WatermarkConfig
 from farm.jobs.budget_settings import BudgetSettings
+from farm.policy.settings import PolicySettings
 from farm.render.faults import FaultInjection
 from farm.render.registry import ModelSpec, find_model
 from farm.render.tiny import tiny_spec
@@ -325,6 +326,8 @@ class FarmSettings(BaseModel):
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     batches: BatchSettings = Field(default_factory=BatchSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings, description=(
+        "Content policy: the moderation rules every create passes and how fresh the protected-name registry is."))
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     database_url: str = Field(
         default="", description="SQLAlchemy URL of the job store; empty: a SQLite file in the state folder."

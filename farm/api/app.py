@@ -61,10 +61,11 @@ from farm.api.schemas import (
 )
 from farm.api.uploads import UploadLimits
 from farm.api.usage_routes import add_usage_routes, budget_refused
-from farm.api.video_requests import check_reference, check_render, param_of
+from farm.api.video_requests import ContentPolicyViolation, check_reference, check_render, moderate, param_of
 from farm.api.wire import video_object
 from farm.jobs.estimates import poll_after_ms
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, BudgetExceeded, IdempotencyConflict, QueueFull
+from farm.policy.moderation import ModerationRequest
 from farm.render.registry import ModelSpec, find_model
 from farm.sched.budget import BudgetRule
 from farm.storage.s3 import ClipLayout, checkpoint_prefix, delete_clip
@@ -74,6 +75,8 @@ if TYPE_CHECKING:
     from farm.jobs.batches import BatchStore
     from farm.jobs.schedules import ScheduleStore
     from farm.jobs.store import Job, JobStore
+    from farm.policy.index import RegistryCache
+    from farm.policy.moderation import Moderator
     from farm.storage.s3 import ObjectStore
     from farm.webhooks.settings import WebhookSettings
     from farm.webhooks.store import WebhookStore
@@ -95,6 +98,8 @@ class GatewayMetrics(Protocol):
     def request_finished(self, method: str, route: str, status: int, seconds: float) -> None: ...
 
     def video_created(self, model: str, priority: str) -> None: ...
+
+    def video_refused(self, rule: str, kind: str, path: str) -> None: ...
 
 
 @dataclass
@@ -135,6 +140,11 @@ class GatewayDeps:
     upload_limits: UploadLimits = field(default_factory=UploadLimits)
     # Daily accelerator budgets (farm.sched.budget); None: unlimited, and no budget routes.
     budgets: BudgetRule | None = None
+    # The content policy every create passes (farm.policy.moderation); None: no moderation.
+    moderator: Moderator | None = None
+    # The protected-name registry behind the operator and rights-holder routes (needs ``auth``);
+    # its cache is invalidated on every change made through this gateway. None: no such routes.
+    policy_registry: RegistryCache | None = None
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _http: tuple[Any, httpx.AsyncClient] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -346,7 +356,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         seconds = body.seconds if body.seconds is not None else spec.seconds[0]
         params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
         return await shown(await _create_job(deps, request, who, spec, body.prompt, size, seconds, params,
-                                             body.priority), response)
+                                             body.priority, path="create"), response)
 
     @app.post(
         "/v1/videos/{video_id}/remix", response_model=VideoObject, summary="Remix a video with a new prompt",
@@ -364,7 +374,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         params = {k: source.params.get(k) for k in ("seed", "steps", "scheduler")} | {
             "remixed_from_video_id": source.id}
         return await shown(await _create_job(deps, request, who, spec, body.prompt, source.size, source.seconds,
-                                             params, _priority_name(source.priority)), response)
+                                             params, _priority_name(source.priority), path="remix",
+                                             source_video_id=source.id), response)
 
     @app.get("/v1/videos", response_model=VideoList, summary="List videos", operation_id="listVideos",
              responses={404: {"model": ErrorResponse, "description": "No video with the `after` id."}})
@@ -462,9 +473,11 @@ def _priority_name(priority: int) -> str:
 
 async def _create_job(
     deps: GatewayDeps, request: Request, who: str | None, spec: ModelSpec, prompt: str,
-    size: str, seconds: int, extra: dict[str, Any], priority: str,
+    size: str, seconds: int, extra: dict[str, Any], priority: str, *, path: str,
+    source_video_id: str | None = None,
 ) -> Job:
-    """Validate against the model, then queue (or replay an Idempotency-Key's earlier job)."""
+    """Validate against the model and the content policy, then queue (or replay an Idempotency-Key's
+    earlier job). A refusal creates nothing: no job, no idempotency record, no usage."""
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise InvalidRequest(f"Idempotency-Key: {len(idempotency_key)} characters; allowed: 1..255",
@@ -475,6 +488,7 @@ async def _create_job(
     fingerprint = hashlib.sha256(json.dumps(asked, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     params, stored = check_render(spec, prompt, size, seconds, extra, deps.max_prompt_chars)
     stored["request_fingerprint"] = fingerprint
+    await _moderate(deps, ModerationRequest(params.prompt, who, spec.id, path, source_video_id))  # type: ignore[arg-type]
     # Read before the create; the create refuses on it after replaying an Idempotency-Key's job.
     budget = None if deps.budgets is None else await run_in_threadpool(deps.store.budget_status, who, deps.budgets)
     bulk = priority == "bulk"
@@ -506,6 +520,25 @@ async def _create_job(
         except Exception:  # the job exists; a broken metrics hook must not turn that into an error
             log.exception("metrics hook failed")
     return job
+
+
+async def _moderate(deps: GatewayDeps, request: ModerationRequest) -> None:
+    """The content policy, off the event loop (a registry refresh reads the database)."""
+    if deps.moderator is None:
+        return
+    try:
+        await run_in_threadpool(moderate, deps.moderator, request)
+    except ContentPolicyViolation as exc:
+        if deps.metrics:
+            try:
+                deps.metrics.video_refused(exc.rule, exc.kind, request.path)
+            except Exception:  # the refusal stands; a broken metrics hook must not turn it into a 500
+                log.exception("metrics hook failed")
+        raise
+    except Exception as exc:
+        log.exception("the moderator failed on a %s request", request.path)
+        raise ServiceUnavailable(f"the content policy check did not answer ({type(exc).__name__}); nothing was "
+                                 "created, retry later") from None
 
 
 async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_header: str | None) -> StreamingResponse:
@@ -633,6 +666,10 @@ def create_app(deps: GatewayDeps) -> FastAPI:
 
             add_webhook_routes(app, store_of=lambda: hooks, account_of=account_id,
                                guard=UrlGuard.from_settings(hook_settings), settings=hook_settings)
+        if deps.policy_registry is not None:
+            from farm.api.policy_routes import add_policy_routes
+
+            add_policy_routes(app, deps.policy_registry, principal)
 
     add_usage_routes(app, deps.store, deps.budgets or BudgetRule(), owner_of=_owner_of(deps),
                      accounts=deps.auth.accounts if deps.auth is not None else None)

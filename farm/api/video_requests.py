@@ -1,6 +1,6 @@
 """The checks a video request passes, in one place: ``POST /v1/videos`` and every line of a batch.
 
-Each raises :class:`~farm.api.errors.InvalidRequest` naming the field and what is allowed, so a
+The content policy (``moderate``) runs last, on a request that passed every other check. Each raises :class:`~farm.api.errors.InvalidRequest` naming the field and what is allowed, so a
 batch line that fails lands in the batch's error file with the same message, type, param and
 code the same body would get as a request of its own.
 """
@@ -20,6 +20,7 @@ from farm.api.uploads import UploadLimits, check_image, decode_data_url
 from farm.render.registry import find_model, validate_request
 
 if TYPE_CHECKING:
+    from farm.policy.moderation import ModerationRequest, Moderator
     from farm.render.registry import ModelSpec, RenderParams
 
 _PARAM_PREFIX = re.compile(r"^([a-z_]+):")
@@ -35,6 +36,26 @@ class CheckedVideo:
     seconds: int
     priority: str
     params: dict[str, Any]  # seed (drawn when absent), steps, scheduler
+
+
+class ContentPolicyViolation(InvalidRequest):
+    """400 ``content_policy_violation`` on ``prompt``: a moderator refused the request (not a render failure)."""
+
+    default_code = "content_policy_violation"
+
+    def __init__(self, message: str, *, rule: str, kind: str) -> None:
+        super().__init__(message, param="prompt")
+        self.rule, self.kind = rule, kind
+
+
+def moderate(moderator: Moderator | None, request: ModerationRequest) -> None:
+    """Ask the moderator (blocking: call it off the event loop); a refusal raises ContentPolicyViolation."""
+    if moderator is None:
+        return
+    decision = moderator.check(request)
+    if not decision.allowed:
+        raise ContentPolicyViolation(decision.message or f"prompt: refused by the content policy ({decision.rule})",
+                                     rule=decision.rule or "unnamed", kind=decision.kind or "unknown")
 
 
 def param_of(message: str) -> str | None:
@@ -82,8 +103,9 @@ def check_render(spec: ModelSpec, prompt: str, size: str, seconds: int, extra: d
 
 
 def check_create_body(data: Any, models: list[ModelSpec], *, max_prompt_chars: int,
-                      upload_limits: UploadLimits) -> CheckedVideo:
-    """A JSON create body (a batch line's ``body``), checked as ``POST /v1/videos`` checks one."""
+                      upload_limits: UploadLimits, moderator: Moderator | None = None,
+                      owner: str | None = None) -> CheckedVideo:
+    """A JSON create body (a batch line's ``body``, ``owner``'s), checked as ``POST /v1/videos`` checks one."""
     if not isinstance(data, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     try:
@@ -96,5 +118,9 @@ def check_create_body(data: Any, models: list[ModelSpec], *, max_prompt_chars: i
     seconds = body.seconds if body.seconds is not None else spec.seconds[0]
     extra = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
     params, stored = check_render(spec, body.prompt, size, seconds, extra, max_prompt_chars)
+    if moderator is not None:
+        from farm.policy.moderation import ModerationRequest
+
+        moderate(moderator, ModerationRequest(params.prompt, owner, spec.id, "batch"))
     return CheckedVideo(model=spec.id, prompt=params.prompt, size=size, seconds=seconds, priority=body.priority,
                         params=stored)
