@@ -65,7 +65,7 @@ from farm.api.video_requests import ContentPolicyViolation, check_reference, che
 from farm.api.wire import video_object
 from farm.jobs.estimates import poll_after_ms
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, BudgetExceeded, IdempotencyConflict, QueueFull
-from farm.policy.moderation import ModerationRequest
+from farm.policy.moderation import CreatePath, ModerationRequest
 from farm.render.registry import ModelSpec, find_model
 from farm.sched.budget import BudgetRule
 from farm.storage.s3 import ClipLayout, checkpoint_prefix, delete_clip
@@ -473,7 +473,7 @@ def _priority_name(priority: int) -> str:
 
 async def _create_job(
     deps: GatewayDeps, request: Request, who: str | None, spec: ModelSpec, prompt: str,
-    size: str, seconds: int, extra: dict[str, Any], priority: str, *, path: str,
+    size: str, seconds: int, extra: dict[str, Any], priority: str, *, path: CreatePath,
     source_video_id: str | None = None,
 ) -> Job:
     """Validate against the model and the content policy, then queue (or replay an Idempotency-Key's
@@ -488,7 +488,7 @@ async def _create_job(
     fingerprint = hashlib.sha256(json.dumps(asked, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     params, stored = check_render(spec, prompt, size, seconds, extra, deps.max_prompt_chars)
     stored["request_fingerprint"] = fingerprint
-    await _moderate(deps, ModerationRequest(params.prompt, who, spec.id, path, source_video_id))  # type: ignore[arg-type]
+    await _moderate(deps, ModerationRequest(params.prompt, who, spec.id, path, source_video_id))
     # Read before the create; the create refuses on it after replaying an Idempotency-Key's job.
     budget = None if deps.budgets is None else await run_in_threadpool(deps.store.budget_status, who, deps.budgets)
     bulk = priority == "bulk"

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from farm.policy.index import NameMatch, RegistryCache
     from farm.policy.settings import PolicySettings
 
-Path = Literal["create", "remix", "batch"]
+CreatePath = Literal["create", "remix", "batch"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ModerationRequest:
     prompt: str
     account_id: str | None  # None: a gateway without accounts (embedding, tests)
     model: str
-    path: Path
+    path: CreatePath
     source_video_id: str | None = None  # remix: the video it starts from
 
     @cached_property

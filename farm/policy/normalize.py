@@ -7,8 +7,9 @@ folded prompt. Folding removes the differences that cost an evader nothing and c
 2. Unicode NFKC: full/half width (``ＰＩＫＡ`` → ``PIKA``, half-width ``ｶﾞ`` → ``ガ``), circled and
    other compatibility forms, ligatures;
 3. case folding (``casefold``: ``ß`` → ``ss`` as well as ``A`` → ``a``);
-4. accents off Latin, Greek and Cyrillic letters (``Pokémon`` → ``pokemon``): combining marks are
-   dropped, except the kana sound marks U+3099/U+309A, which make ``が`` a different syllable from ``か``;
+4. accents off (``Pokémon`` → ``pokemon``): every combining mark (Unicode category Mn, in any
+   script) is dropped, except the kana sound marks U+3099/U+309A, which make ``が`` a different
+   syllable from ``か``;
 5. katakana → hiragana, the one canonical kana (``ピカチュウ`` → ``ぴかちゅう``; ``ヷ`` → ``わ゙``);
 6. long-vowel marks are dropped: ``ー`` (U+30FC, also half-width ``ｰ`` after NFKC), and the wave
    dashes and other dashes written for it (``〜`` ``～`` ``〰`` ``―`` ``－``) go with the punctuation

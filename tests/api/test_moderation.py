@@ -159,6 +159,8 @@ def test_registry_routes_are_the_operators_and_refuse_bad_input(client, registry
     assert registry.store.version() == version and len(client.get("/v1/admin/protected_names", headers=ADMIN)
                                                         .json()["data"]) == 1
     assert client.get("/v1/admin/protected_names/pn_nope", headers=ADMIN).status_code == 404
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/admin/protected_names/{protected_name_id}", "/v1/protected_names", "/v1/admin/rights_holders"} <= set(paths)
     assert client.delete(f"/v1/admin/protected_names/{made['id']}", headers=ADMIN).status_code == 200
     assert client.delete(f"/v1/admin/protected_names/{made['id']}", headers=ADMIN).status_code == 404
 
