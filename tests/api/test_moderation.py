@@ -273,3 +273,39 @@ def test_a_batch_line_refused_lands_in_the_error_file(make_auth_app, registry, j
     assert "ミッキーマウス" in errors["mouse"]["body"]["error"]["message"]
     assert refusals == [("opt_out", "character"), ("public_figure", "public_figure")]
     assert sum(jobs.counts_by_status().values()) == 2  # the two allowed lines only
+
+
+def test_a_create_reads_no_registry_rows_within_the_refresh_bound(make_auth_app, jobs, db_url) -> None:
+    store = PolicyStore(db_url)
+    reads = {"version": 0}
+    version = store.version
+
+    def counted() -> int:
+        reads["version"] += 1
+        return version()
+
+    store.version = counted  # type: ignore[method-assign]
+    registry = RegistryCache(store, refresh_s=60.0)
+    with TestClient(make_auth_app(moderator=default_chain(registry), policy_registry=registry)) as client:
+        alice = new_tenant(client, "alice")
+        for i in range(10):
+            assert client.post("/v1/videos", json=BODY | {"prompt": f"a fox, take {i}"}, headers=alice).status_code == 200
+        assert (reads["version"], registry.loads) == (1, 1)  # the first create loaded it; the rest read nothing
+        register(client, kind="work", name="ゴジラ")  # through this gateway: enforced on its next create
+        assert_refused(client.post("/v1/videos", json=BODY | {"prompt": "ゴジラ"}, headers=alice))
+        assert (reads["version"], registry.loads) == (2, 2)
+
+
+def test_schemathesis_on_the_registry_routes_finds_no_server_error(make_auth_app, registry, accounts) -> None:
+    from tests.api.test_fuzz import assert_clean, fuzz
+
+    app = make_auth_app(moderator=default_chain(registry), policy_registry=registry)
+    tally = fuzz(app, ADMIN, max_examples=15, path_regex=r"^/v1/admin/(protected_names|rights_holders)")
+    assert_clean(tally)
+    assert ("POST /v1/admin/protected_names", 200) in {(label, status) for (_, label, status) in tally.statuses}
+    _, code = accounts.create_invite(note="holder")
+    holder, _, key = accounts.redeem(code, "holder")
+    registry.store.grant_holder(holder.id, "Holder Inc.")
+    tally = fuzz(app, {"Authorization": f"Bearer {key}"}, max_examples=15, path_regex=r"^/v1/protected_names")
+    assert_clean(tally)
+    assert ("POST /v1/protected_names", 200) in {(label, status) for (_, label, status) in tally.statuses}
