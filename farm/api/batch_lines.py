@@ -93,7 +93,6 @@ class BatchLineRules:
             return LineVerdict(custom_id, error={"status_code": exc.status_code, "body": exc.body()})
         return LineVerdict(custom_id, video=video)
 
-
     def _refused(self, exc: ContentPolicyViolation) -> None:
         if self.on_refused is not None:
             try:

@@ -1,8 +1,9 @@
 """The checks a video request passes, in one place: ``POST /v1/videos`` and every line of a batch.
 
-The content policy (``moderate``) runs last, on a request that passed every other check. Each raises :class:`~farm.api.errors.InvalidRequest` naming the field and what is allowed, so a
+Each raises :class:`~farm.api.errors.InvalidRequest` naming the field and what is allowed, so a
 batch line that fails lands in the batch's error file with the same message, type, param and
-code the same body would get as a request of its own.
+code the same body would get as a request of its own. The content policy (``moderate``) runs
+last, on a request that passed every other check.
 """
 
 from __future__ import annotations
