@@ -26,7 +26,9 @@ from starlette.concurrency import run_in_threadpool
 from farm.accounts.store import Principal
 from farm.api.errors import ErrorResponse, Forbidden, InvalidRequest, NotFound
 from farm.policy.index import RegistryCache
-from farm.policy.registry import MAX_ALIAS_CHARS, MAX_ALIASES, HolderGrant, ProtectedEntry, RegistryError
+from farm.policy.registry import (
+    MAX_ALIAS_CHARS, MAX_ALIASES, HolderGrant, NotRightsHolder, ProtectedEntry, RegistryError, UnknownAccount,
+)
 
 _PARAM = re.compile(r"^([a-z_]+(?:\[\d+\])?):")
 _RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -93,7 +95,7 @@ def add_policy_routes(app: FastAPI, registry: RegistryCache,
             return await run_in_threadpool(lambda: fn(*args, **kwargs))
         except RegistryError as exc:
             raise _refused(exc) from None
-        except PermissionError as exc:
+        except NotRightsHolder as exc:
             raise Forbidden(f"{exc}; the operator grants the role (POST /v1/admin/rights_holders)") from None
 
     async def changed(result: Any) -> Any:
@@ -155,7 +157,7 @@ def add_policy_routes(app: FastAPI, registry: RegistryCache,
     async def grant(body: HolderGrantCreate) -> dict[str, Any]:
         try:
             granted: HolderGrant = await call(store.grant_holder, body.account_id, body.holder)
-        except LookupError as exc:
+        except UnknownAccount as exc:
             raise NotFound(str(exc), param="account_id") from None
         return await changed(granted.to_api())
 

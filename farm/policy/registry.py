@@ -34,6 +34,14 @@ class RegistryError(ValueError):
     """A refused registry write; the message starts with the field at fault ('aliases[2]: …')."""
 
 
+class NotRightsHolder(Exception):
+    """The account was not granted the rights-holder role."""
+
+
+class UnknownAccount(Exception):
+    """No account has that id."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ProtectedEntry:
     id: str
@@ -123,7 +131,7 @@ class PolicyStore:
             if account_id is not None:
                 granted = conn.execute(sa.select(_H.c.holder).where(_H.c.account_id == account_id)).scalar()
                 if granted is None:
-                    raise PermissionError("this account is not a rights holder")
+                    raise NotRightsHolder("this account is not a rights holder")
                 owned = conn.scalar(sa.select(sa.func.count()).select_from(_N).where(_N.c.account_id == account_id))
                 if owned >= MAX_ENTRIES_PER_HOLDER:
                     raise RegistryError(f"name: this rights holder has {owned} entries, the most allowed; "
@@ -222,7 +230,7 @@ class PolicyStore:
         now = self._clock()
         with self.db.writer.begin() as conn:
             if conn.execute(sa.select(Account.__table__.c.id).where(Account.__table__.c.id == account_id)).first() is None:
-                raise LookupError(f"account_id: no account {account_id!r}")
+                raise UnknownAccount(f"account_id: no account {account_id!r}")
             updated = conn.execute(sa.update(_H).where(_H.c.account_id == account_id).values(holder=holder)).rowcount
             if not updated:
                 conn.execute(sa.insert(_H).values(account_id=account_id, holder=holder, granted_at=now))

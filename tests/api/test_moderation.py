@@ -309,3 +309,30 @@ def test_schemathesis_on_the_registry_routes_finds_no_server_error(make_auth_app
     tally = fuzz(app, {"Authorization": f"Bearer {key}"}, max_examples=15, path_regex=r"^/v1/protected_names")
     assert_clean(tally)
     assert ("POST /v1/protected_names", 200) in {(label, status) for (_, label, status) in tally.statuses}
+
+
+def test_the_sdk_hears_the_refusal_from_a_second_gateway_within_the_bound(make_auth_app, accounts, db_url) -> None:
+    """Two gateways on one database (two replicas): a name registered through one is enforced by the
+    other within its ``refresh_s``, as the unmodified ``openai`` SDK sees it."""
+    import time
+
+    import openai
+
+    from tests.api.conftest import LiveServer
+
+    first = RegistryCache(PolicyStore(db_url), refresh_s=0.5)
+    second = RegistryCache(PolicyStore(db_url), refresh_s=0.5)
+    _, code = accounts.create_invite(note="sdk")
+    _, _, key = accounts.redeem(code, "sdk")
+    with TestClient(make_auth_app(moderator=default_chain(first), policy_registry=first)) as one, \
+            LiveServer(make_auth_app(moderator=default_chain(second), policy_registry=second)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        assert client.videos.create(model="wan-tiny", prompt="Pikachu", seconds="1", size="128x128").id
+        register(one, kind="character", name="ピカチュウ", aliases=["Pikachu"])
+        time.sleep(0.6)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.videos.create(model="wan-tiny", prompt="ﾋﾟｶﾁｭｳ", seconds="1", size="128x128")
+    assert refused.value.status_code == 400
+    assert (refused.value.code, refused.value.param, refused.value.type) == (
+        "content_policy_violation", "prompt", "invalid_request_error")
+    assert refused.value.body["code"] == "content_policy_violation" and "ピカチュウ" in refused.value.body["message"]

@@ -9,7 +9,7 @@ from farm.accounts.store import AccountStore
 from farm.db import Database
 from farm.policy.index import RegistryCache
 from farm.policy.normalize import FoldedText
-from farm.policy.registry import MAX_ALIASES, PolicyStore, RegistryError
+from farm.policy.registry import MAX_ALIASES, NotRightsHolder, PolicyStore, RegistryError, UnknownAccount
 
 
 @pytest.fixture
@@ -73,9 +73,9 @@ def test_bad_entries_are_refused_naming_the_field_and_change_nothing(policy: Pol
 
 def test_a_rights_holder_manages_only_its_own_entries(db: Database, policy: PolicyStore) -> None:
     toho, other = account(db, "toho"), account(db, "other")
-    with pytest.raises(PermissionError):
+    with pytest.raises(NotRightsHolder):
         policy.create(kind="work", name="ゴジラ", account_id=toho)  # not a rights holder yet
-    with pytest.raises(LookupError):
+    with pytest.raises(UnknownAccount):
         policy.grant_holder("acct_nobody", "Nobody")
     policy.grant_holder(toho, "TOHO")
     policy.grant_holder(other, "Other Studio")
