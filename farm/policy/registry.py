@@ -229,7 +229,8 @@ class PolicyStore:
         holder = _text("holder", holder, 255)
         now = self._clock()
         with self.db.writer.begin() as conn:
-            if conn.execute(sa.select(Account.__table__.c.id).where(Account.__table__.c.id == account_id)).first() is None:
+            accounts = Account.__table__
+            if conn.execute(sa.select(accounts.c.id).where(accounts.c.id == account_id)).first() is None:
                 raise UnknownAccount(f"account_id: no account {account_id!r}")
             updated = conn.execute(sa.update(_H).where(_H.c.account_id == account_id).values(holder=holder)).rowcount
             if not updated:
