@@ -276,6 +276,22 @@ def cmd_accounts(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
 
 
+def cmd_optout(args: argparse.Namespace) -> int:
+    """optout add / list / remove / grant / revoke: the running farm's protected-name registry."""
+    from farm.cli_accounts import AccountCliError
+    from farm.cli_policy import run
+    from farm.runtime import running_farm
+
+    settings = _settings(args)
+    runtime = running_farm(settings)
+    if runtime is None:
+        raise CliError(f"no farm is up for {settings.state_dir}; start one with `farm up`")
+    try:
+        return run(args, runtime.http_url, settings.state_dir)
+    except AccountCliError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _api_error(exc) -> str:
     """The gateway's OpenAI-shaped error already names the field and what is allowed."""
     try:
@@ -462,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     from farm.cli_schedule import add_commands as add_schedule_commands
 
     add_schedule_commands(sub)
+
+    from farm.cli_policy import add_commands as add_policy_commands
+
+    add_policy_commands(sub, cmd_optout)
 
     check = sub.add_parser("verify", help="check that an MP4 decodes and its C2PA manifest is trusted")
     check.add_argument("file", help="the MP4 to check")

@@ -42,11 +42,23 @@ class FarmMetrics:
             "videofarm_jobs_created_total", description="Jobs accepted by the gateway.", tag_keys=("model", "priority")
         )
 
+    @cached_property
+    def policy_refusals(self):
+        # Refusals at create, before anything exists; failures while rendering are jobs_failed_total.
+        return self._m.Counter(
+            "videofarm_policy_refusals_total",
+            description="Creates refused by the content policy, by rule, what it found (kind) and create path.",
+            tag_keys=("rule", "kind", "path"),
+        )
+
     def request_finished(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.observe(seconds, tags={"method": method, "route": route, "status": str(status)})
 
     def video_created(self, model: str, priority: str) -> None:
         self.jobs_created.inc(1, tags={"model": model, "priority": str(priority)})
+
+    def video_refused(self, rule: str, kind: str, path: str) -> None:
+        self.policy_refusals.inc(1, tags={"rule": rule, "kind": kind, "path": path})
 
     # Dispatcher ---------------------------------------------------------------------
     @cached_property

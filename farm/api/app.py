@@ -65,13 +65,15 @@ from farm.api.model_routes import add_model_routes
 from farm.api.uploads import UploadLimits
 from farm.api.usage_routes import add_usage_routes, budget_refused
 from farm.api.video_requests import (
-    check_reference, check_render, find_target, param_of, place_request, tier_params,
+    ContentPolicyViolation, check_reference, check_render, find_target, moderate, param_of, place_request,
+    tier_params,
 )
 from farm.api.wire import video_object
 from farm.jobs.estimates import poll_after_ms
 from farm.jobs.expiry import Lifetimes, expired
 from farm.jobs.sharing import SharingStore
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, BudgetExceeded, IdempotencyConflict, QueueFull
+from farm.policy.moderation import CreatePath, ModerationRequest
 from farm.render.registry import ModelSpec
 from farm.render.tiers import ModelAlias, Target, check_aliases
 from farm.sched.budget import BudgetRule
@@ -82,6 +84,8 @@ if TYPE_CHECKING:
     from farm.jobs.batches import BatchStore
     from farm.jobs.schedules import ScheduleStore
     from farm.jobs.store import Job, JobStore
+    from farm.policy.index import RegistryCache
+    from farm.policy.moderation import Moderator
     from farm.storage.s3 import ObjectStore
     from farm.webhooks.settings import WebhookSettings
     from farm.webhooks.store import WebhookStore
@@ -103,6 +107,8 @@ class GatewayMetrics(Protocol):
     def request_finished(self, method: str, route: str, status: int, seconds: float) -> None: ...
 
     def video_created(self, model: str, priority: str) -> None: ...
+
+    def video_refused(self, rule: str, kind: str, path: str) -> None: ...
 
 
 @dataclass
@@ -152,6 +158,11 @@ class GatewayDeps:
     # Seconds a presigned S3 URL lives when content downloads answer 307 to it (clients then fetch
     # from S3 directly, so it must be reachable by them); None: the gateway relays the bytes.
     content_redirect_s: int | None = None
+    # The content policy every create passes (farm.policy.moderation); None: no moderation.
+    moderator: Moderator | None = None
+    # The protected-name registry behind the operator and rights-holder routes (needs ``auth``);
+    # its cache is invalidated on every change made through this gateway. None: no such routes.
+    policy_registry: RegistryCache | None = None
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _http: tuple[Any, httpx.AsyncClient] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -375,7 +386,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         await run_in_threadpool(check_reference, target.limits, upload, body.input_reference, deps.upload_limits)
         params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
         return await shown(await _create_job(deps, request, who, target, body.prompt, body.size, body.seconds,
-                                             params, body.priority), response)
+                                             params, body.priority, path="create"), response)
 
     @app.post(
         "/v1/videos/{video_id}/remix", response_model=VideoObject, summary="Remix a video with a new prompt",
@@ -396,7 +407,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         params = {k: source.params.get(k) for k in ("seed", "steps", "scheduler")} | {
             "remixed_from_video_id": source.id}
         return await shown(await _create_job(deps, request, who, target, body.prompt, source.size, source.seconds,
-                                             params, _priority_name(source.priority)), response)
+                                             params, _priority_name(source.priority), path="remix",
+                                             source_video_id=source.id), response)
 
     @app.get("/v1/videos", response_model=VideoList, summary="List videos", operation_id="listVideos",
              responses={404: {"model": ErrorResponse, "description": "No video with the `after` id."}})
@@ -514,9 +526,11 @@ def _priority_name(priority: int) -> str:
 async def _create_job(
     deps: GatewayDeps, request: Request, who: str | None, target: Target, prompt: str,
     size: str | None, seconds: int | None, extra: dict[str, Any], priority: str,
+    *, path: CreatePath, source_video_id: str | None = None,
 ) -> Job:
     """Validate against the model (or the tier an alias names: its defaults for a size or duration not
-    given, its mapping of OpenAI's), then queue (or replay an Idempotency-Key's earlier job)."""
+    given, its mapping of OpenAI's) and the content policy, then queue (or replay an Idempotency-Key's earlier
+    job). A refusal creates nothing: no job, no idempotency record, no usage."""
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise InvalidRequest(f"Idempotency-Key: {len(idempotency_key)} characters; allowed: 1..255",
@@ -532,6 +546,7 @@ async def _create_job(
     params, stored = check_render(target.limits, prompt, size, seconds, extra, deps.max_prompt_chars)
     stored |= tier_params(target, placement)
     stored["request_fingerprint"] = fingerprint
+    await _moderate(deps, ModerationRequest(params.prompt, who, spec.id, path, source_video_id))
     lifetime_s = await run_in_threadpool(deps.lifetimes.lifetime_of, who)
     # Read before the create; the create refuses on it after replaying an Idempotency-Key's job.
     budget = None if deps.budgets is None else await run_in_threadpool(deps.store.budget_status, who, deps.budgets)
@@ -564,6 +579,25 @@ async def _create_job(
         except Exception:  # the job exists; a broken metrics hook must not turn that into an error
             log.exception("metrics hook failed")
     return job
+
+
+async def _moderate(deps: GatewayDeps, request: ModerationRequest) -> None:
+    """The content policy, off the event loop (a registry refresh reads the database)."""
+    if deps.moderator is None:
+        return
+    try:
+        await run_in_threadpool(moderate, deps.moderator, request)
+    except ContentPolicyViolation as exc:
+        if deps.metrics:
+            try:
+                deps.metrics.video_refused(exc.rule, exc.kind, request.path)
+            except Exception:  # the refusal stands; a broken metrics hook must not turn it into a 500
+                log.exception("metrics hook failed")
+        raise
+    except Exception as exc:
+        log.exception("the moderator failed on a %s request", request.path)
+        raise ServiceUnavailable(f"the content policy check did not answer ({type(exc).__name__}); nothing was "
+                                 "created, retry later") from None
 
 
 async def _stream(deps: GatewayDeps, layout: ClipLayout, variant: str, range_header: str | None) -> StreamingResponse:
@@ -707,6 +741,10 @@ def create_app(deps: GatewayDeps) -> FastAPI:
 
             add_webhook_routes(app, store_of=lambda: hooks, account_of=account_id,
                                guard=UrlGuard.from_settings(hook_settings), settings=hook_settings)
+        if deps.policy_registry is not None:
+            from farm.api.policy_routes import add_policy_routes
+
+            add_policy_routes(app, deps.policy_registry, principal)
 
     from farm.api.sharing_routes import add_sharing_routes
 

@@ -3,18 +3,22 @@
 A line is a JSON object ``{"custom_id", "method": "POST", "url": "/v1/videos", "body"}``; its
 ``body`` passes exactly the checks of ``POST /v1/videos`` (``farm.api.video_requests``), and a
 refusal carries the same error object, its ``param`` prefixed with ``body.``. Batch videos run at
-bulk priority: a body that asks for ``interactive`` is refused rather than quietly demoted.
+bulk priority: a body that asks for ``interactive`` is refused rather than quietly demoted. With a
+``moderator`` the prompt passes the content policy too (``farm.policy.moderation``): a refused line
+lands in the error file with ``content_policy_violation``, ``param`` ``body.prompt``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from farm.api.errors import APIError, InvalidRequest
 from farm.api.uploads import UploadLimits
-from farm.api.video_requests import check_create_body
+from farm.api.video_requests import ContentPolicyViolation, check_create_body
 from farm.api.wire import video_object
 from farm.jobs.batch_runner import LineVerdict
 from farm.jobs.batches import ENDPOINT
@@ -22,6 +26,10 @@ from farm.jobs.job import Job
 from farm.render.registry import ModelSpec
 from farm.render.tiers import ModelAlias, check_aliases
 
+if TYPE_CHECKING:
+    from farm.policy.moderation import Moderator
+
+log = logging.getLogger(__name__)
 LINE_FIELDS = ("custom_id", "method", "url", "body")
 MAX_CUSTOM_ID = 512
 
@@ -30,16 +38,21 @@ class BatchLineRules:
     """``check(raw line) -> LineVerdict`` and ``video(job)``, the wire shape output lines carry."""
 
     def __init__(self, models: list[ModelSpec], *, max_prompt_chars: int = 4000,
-                 upload_limits: UploadLimits | None = None, aliases: Sequence[ModelAlias] = ()) -> None:
+                 upload_limits: UploadLimits | None = None, aliases: Sequence[ModelAlias] = (),
+                 moderator: Moderator | None = None, on_refused: Callable[[str, str], None] | None = None) -> None:
+        """``on_refused(rule, kind)`` hears each content-policy refusal (the farm counts them)."""
         check_aliases(models, aliases)
         self.models, self.aliases = models, list(aliases)
         self.max_prompt_chars = max_prompt_chars
         self.upload_limits = upload_limits or UploadLimits()
+        self.moderator = moderator
+        self.on_refused = on_refused
 
     def video(self, job: Job) -> dict[str, Any]:
         return video_object(job)
 
-    def check(self, raw: bytes) -> LineVerdict:
+    def check(self, raw: bytes, owner: str | None = None) -> LineVerdict:
+        """One line of ``owner``'s batch. A moderator that fails raises (the runner retries the step)."""
         custom_id = None
         try:
             try:
@@ -68,7 +81,12 @@ class BatchLineRules:
             body = line.get("body")
             try:
                 video = check_create_body(body, self.models, max_prompt_chars=self.max_prompt_chars,
-                                          upload_limits=self.upload_limits, aliases=self.aliases)
+                                          upload_limits=self.upload_limits, aliases=self.aliases,
+                                          moderator=self.moderator, owner=owner)
+            except ContentPolicyViolation as exc:
+                self._refused(exc)
+                exc.param = "body.prompt"
+                raise
             except APIError as exc:
                 exc.param = f"body.{exc.param}" if exc.param else "body"
                 raise
@@ -78,6 +96,13 @@ class BatchLineRules:
         except APIError as exc:
             return LineVerdict(custom_id, error={"status_code": exc.status_code, "body": exc.body()})
         return LineVerdict(custom_id, video=video)
+
+    def _refused(self, exc: ContentPolicyViolation) -> None:
+        if self.on_refused is not None:
+            try:
+                self.on_refused(exc.rule, exc.kind)
+            except Exception:  # a broken metrics hook must not change the line's verdict
+                log.exception("on_refused hook failed")
 
 
 def _shown(value: Any) -> str:

@@ -69,6 +69,13 @@ class VideoNotReady(APIError):
     default_code = "video_not_ready"
 
 
+class Forbidden(APIError):
+    """403: the caller is known but may not do this (a role it does not hold)."""
+
+    status_code = 403
+    default_code = "permission_denied"
+
+
 class Conflict(APIError):
     """409: the object is in a state that does not allow this operation."""
 

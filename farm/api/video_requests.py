@@ -2,7 +2,8 @@
 
 Each raises :class:`~farm.api.errors.InvalidRequest` naming the field and what is allowed, so a
 batch line that fails lands in the batch's error file with the same message, type, param and
-code the same body would get as a request of its own.
+code the same body would get as a request of its own. The content policy (``moderate``) runs
+last, on a request that passed every other check.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from farm.render.tiers import Placement, Target, place, resolve
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from farm.policy.moderation import ModerationRequest, Moderator
     from farm.render.registry import ModelSpec, RenderParams
     from farm.render.tiers import ModelAlias
 
@@ -39,6 +41,26 @@ class CheckedVideo:
     seconds: int
     priority: str
     params: dict[str, Any]  # seed (drawn when absent), steps, scheduler
+
+
+class ContentPolicyViolation(InvalidRequest):
+    """400 ``content_policy_violation`` on ``prompt``: a moderator refused the request (not a render failure)."""
+
+    default_code = "content_policy_violation"
+
+    def __init__(self, message: str, *, rule: str, kind: str) -> None:
+        super().__init__(message, param="prompt")
+        self.rule, self.kind = rule, kind
+
+
+def moderate(moderator: Moderator | None, request: ModerationRequest) -> None:
+    """Ask the moderator (blocking: call it off the event loop); a refusal raises ContentPolicyViolation."""
+    if moderator is None:
+        return
+    decision = moderator.check(request)
+    if not decision.allowed:
+        raise ContentPolicyViolation(decision.message or f"prompt: refused by the content policy ({decision.rule})",
+                                     rule=decision.rule or "unnamed", kind=decision.kind or "unknown")
 
 
 def param_of(message: str) -> str | None:
@@ -107,9 +129,10 @@ def check_render(spec: ModelSpec, prompt: str, size: str, seconds: int, extra: d
 
 
 def check_create_body(data: Any, models: list[ModelSpec], *, max_prompt_chars: int,
-                      upload_limits: UploadLimits, aliases: Sequence[ModelAlias] = ()) -> CheckedVideo:
-    """A JSON create body (a batch line's ``body``), checked as ``POST /v1/videos`` checks one
-    (an alias resolves and maps the same way)."""
+                      upload_limits: UploadLimits, aliases: Sequence[ModelAlias] = (),
+                      moderator: Moderator | None = None, owner: str | None = None) -> CheckedVideo:
+    """A JSON create body (a batch line's ``body``, ``owner``'s), checked as ``POST /v1/videos`` checks
+    one (an alias resolves and maps the same way, and the content policy is asked)."""
     if not isinstance(data, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     try:
@@ -122,5 +145,9 @@ def check_create_body(data: Any, models: list[ModelSpec], *, max_prompt_chars: i
     extra = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
     params, stored = check_render(target.limits, body.prompt, placement.size, placement.seconds, extra,
                                   max_prompt_chars)
+    if moderator is not None:
+        from farm.policy.moderation import ModerationRequest
+
+        moderate(moderator, ModerationRequest(params.prompt, owner, target.spec.id, "batch"))
     return CheckedVideo(model=target.spec.id, prompt=params.prompt, size=placement.size, seconds=placement.seconds,
                         priority=body.priority, params=stored | tier_params(target, placement))

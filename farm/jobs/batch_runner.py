@@ -59,7 +59,7 @@ class LineVerdict:
 class LineRules(Protocol):
     """What the runner needs from the gateway's rules (``farm.api.batch_lines``)."""
 
-    def check(self, raw: bytes) -> LineVerdict: ...
+    def check(self, raw: bytes, owner: str | None = None) -> LineVerdict: ...
 
     def video(self, job: Job) -> dict[str, Any]: ...
 
@@ -208,7 +208,7 @@ class BatchRunner:
                 if not line.data.strip():
                     continue  # blank lines (a trailing newline) are no requests
                 total += 1
-                verdict = self._check(line)
+                verdict = self._check(line, batch.owner)
                 error = verdict.error
                 if error is None and verdict.custom_id in seen:
                     error = _line_error(f"custom_id: {verdict.custom_id!r} is also the custom_id of line "
@@ -237,12 +237,12 @@ class BatchRunner:
         if self.batches.validated(batch.id, total=total, invalid=invalid, errors=failed):
             log.info("batch %s: %d requests, %d refused", batch.id, total, invalid)
 
-    def _check(self, line: Line) -> LineVerdict:
+    def _check(self, line: Line, owner: str | None) -> LineVerdict:
         if line.length > self.max_line_bytes:
             return LineVerdict(None, error=_line_error(
                 f"line {line.number}: {line.length} bytes is too long; allowed: at most {self.max_line_bytes}",
                 None, "line_too_long"))
-        return self.rules.check(line.data)
+        return self.rules.check(line.data, owner)
 
     # -- in_progress -------------------------------------------------------------------------
 
@@ -265,7 +265,7 @@ class BatchRunner:
         refused: list[tuple[int, dict]] = []
         for item in pending:
             raw = span[item["start"] - first:item["start"] - first + item["length"]]
-            verdict = self.rules.check(raw)  # again: settings may have changed; a seed is drawn now
+            verdict = self.rules.check(raw, batch.owner)  # again: settings may have changed; a seed is drawn now
             if verdict.error is not None:
                 refused.append((item["line"], verdict.error))
                 continue

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection
 import farm.accounts.tables  # noqa: F401  (each room registers its tables on Base.metadata)
 import farm.jobs.batch_tables  # noqa: F401
 import farm.jobs.store  # noqa: F401
+import farm.policy.tables  # noqa: F401
 import farm.secrets  # noqa: F401
 import farm.webhooks.tables  # noqa: F401
 from farm.db import Base

@@ -413,13 +413,21 @@ def _batch_runner(settings, db, store, *, leading, wake):
     from farm.jobs.batch_runner import BatchRunner
     from farm.jobs.expiry import Lifetimes
     from farm.jobs.schedules import ScheduleStore
+    from farm.metrics import FarmMetrics
+    from farm.policy.index import RegistryCache
+    from farm.policy.moderation import build_moderator
+    from farm.policy.registry import PolicyStore
     from farm.storage.connect import open_store
 
     b, ss = settings.batches, settings.serve
     schedules = ScheduleStore(db)
+    # Batch lines (and so every schedule run) pass the same content policy as POST /v1/videos.
+    moderator = build_moderator(settings.policy, RegistryCache(PolicyStore(db), refresh_s=settings.policy.refresh_s))
+    metrics = FarmMetrics()
     rules = BatchLineRules(settings.models, max_prompt_chars=ss.max_prompt_chars, upload_limits=UploadLimits(
         max_bytes=int(ss.max_upload_mb * 1024 * 1024), max_pixels=ss.max_upload_pixels),
-        aliases=settings.model_aliases)
+        aliases=settings.model_aliases, moderator=moderator,
+        on_refused=lambda rule, kind: metrics.video_refused(rule, kind, "batch"))
     return BatchRunner(schedules.batches, schedules, store, lambda: open_store(settings, start=False), rules,
                        max_queued_per_batch=b.max_queued_per_batch, max_line_bytes=int(b.max_line_kb * 1024),
                        poll_s=b.poll_s, misfire_grace_s=b.misfire_grace_s, leading=leading, on_queued=wake,

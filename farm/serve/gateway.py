@@ -44,6 +44,9 @@ class Gateway:
         from farm.jobs.schedules import ScheduleStore
         from farm.webhooks.store import WebhookStore
         from farm.metrics import FarmMetrics
+        from farm.policy.index import RegistryCache
+        from farm.policy.moderation import build_moderator
+        from farm.policy.registry import PolicyStore
         from farm.storage.connect import open_store
 
         settings = self.settings
@@ -67,6 +70,7 @@ class Gateway:
                            anonymous_rate_limit=ss.anonymous_rate_limit, link_rate_limit=ss.link_rate_limit,
                            key_cache_s=ss.key_cache_s,
                            revocation_check_s=ss.revocation_check_s, limits_url=limits_url)
+        registry = RegistryCache(PolicyStore(self.db), refresh_s=settings.policy.refresh_s)
         deps = GatewayDeps(
             store=self.store,
             objects=lambda: open_store(settings, start=False),
@@ -90,6 +94,8 @@ class Gateway:
             budgets=settings.budgets.rule(),
             lifetimes=Lifetimes(self.db, settings.expiry.rule()),
             content_redirect_s=ss.content_redirect_s if ss.content_redirect else None,
+            moderator=build_moderator(settings.policy, registry),
+            policy_registry=registry,
             max_body_bytes=int(ss.max_body_mb * 1024 * 1024),
             upload_limits=UploadLimits(max_bytes=int(ss.max_upload_mb * 1024 * 1024),
                                        max_pixels=ss.max_upload_pixels),

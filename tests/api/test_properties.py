@@ -180,8 +180,8 @@ def test_prompt_needs_a_visible_character_and_no_nul(prompt: str) -> None:
 # -- errors.py -------------------------------------------------------------------------------
 
 STATUS = {errors.InvalidRequest: 400, errors.NotFound: 404, errors.VideoNotReady: 404, errors.Conflict: 409,
-          errors.Unprocessable: 422, errors.PayloadTooLarge: 413, errors.UnsupportedMediaType: 415,
-          errors.ServiceUnavailable: 503}
+          errors.Forbidden: 403, errors.Unprocessable: 422, errors.PayloadTooLarge: 413,
+          errors.UnsupportedMediaType: 415, errors.ServiceUnavailable: 503}
 
 
 def test_every_error_class_has_a_status_and_a_type() -> None:

@@ -1,0 +1,1 @@
+"""Content policy: prompt folding, the protected-name registry, and the moderation hook."""

@@ -1,0 +1,158 @@
+"""The moderation hook: one interface every video create passes through before anything is stored.
+
+``POST /v1/videos``, ``POST /v1/videos/{id}/remix`` and every line of a batch (so every run of a
+schedule, which is a batch) build a ``ModerationRequest`` and ask the farm's ``Moderator``. The
+default chain (``default_chain``) is the rights-holder opt-out rule, then the public-figure rule;
+an operator adds a classifier of their own by import path (``policy.moderators``) or by handing the
+gateway any object with ``check(request) -> Decision``. The first refusal wins; the gateway turns
+it into a 400 ``content_policy_violation`` (``farm.api.video_requests.moderate``) and creates
+nothing. ``check`` may block (a registry refresh reads the database): callers run it off the
+event loop. An exception from a moderator is not a refusal: the gateway answers 503 and the batch
+runner retries the line's step on its next turn.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+from farm.policy.normalize import FoldedText
+
+if TYPE_CHECKING:
+    from farm.policy.index import NameMatch, RegistryCache
+    from farm.policy.settings import PolicySettings
+
+CreatePath = Literal["create", "remix", "batch"]
+
+
+@dataclass(frozen=True)
+class ModerationRequest:
+    """What a create asks for, as far as policy is concerned."""
+
+    prompt: str
+    account_id: str | None  # None: a gateway without accounts (embedding, tests)
+    model: str
+    path: CreatePath
+    source_video_id: str | None = None  # remix: the video it starts from
+
+    @cached_property
+    def folded(self) -> FoldedText:
+        """The prompt folded once for every rule that matches names."""
+        return FoldedText.of(self.prompt)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A moderator's answer: allowed, or refused by ``rule`` with a message for the caller."""
+
+    allowed: bool
+    rule: str = ""  # opt_out, public_figure, or an operator classifier's name (a metric label)
+    kind: str = ""  # what was found: work, character, public_figure, or the classifier's category
+    message: str = ""  # shown to the caller: it says what to change, never more than they may know
+    entry_id: str | None = field(default=None, compare=False)  # the registry entry, for logs
+
+    @classmethod
+    def allow(cls) -> Decision:
+        return cls(True)
+
+    @classmethod
+    def refuse(cls, rule: str, kind: str, message: str, entry_id: str | None = None) -> Decision:
+        return cls(False, rule, kind, message, entry_id)
+
+
+@runtime_checkable
+class Moderator(Protocol):
+    def check(self, request: ModerationRequest) -> Decision: ...
+
+
+class OptOutRule:
+    """Refuses a prompt that names a registered work or character. The message names the entry (a
+    published work's name: the caller wrote it, and can only rephrase once they know which)."""
+
+    name = "opt_out"
+
+    def __init__(self, registry: RegistryCache) -> None:
+        self.registry = registry
+
+    def check(self, request: ModerationRequest) -> Decision:
+        found = self.registry.index().find(request.folded, ("work", "character"))
+        if found is None:
+            return Decision.allow()
+        entry = found.entry
+        whose = f" by its rights holder ({entry.holder})" if entry.holder else " by its rights holder"
+        return Decision.refuse(self.name, entry.kind, (
+            f"prompt: refused by the content policy (rights-holder opt-out): it names {entry.name!r}, a "
+            f"{entry.kind} withdrawn from use{whose}; nothing was created"), entry.id)
+
+
+class CameoConsent(Protocol):
+    """Whether a request may show a protected person because that person consented (a cameo)."""
+
+    def allows(self, request: ModerationRequest, figure: NameMatch) -> bool: ...
+
+
+class PublicFigureRule:
+    """Refuses a prompt that names a protected public figure.
+
+    The issue allows such a prompt when a consenting cameo of that person is used. Cameos do not
+    exist in this farm yet, so today ``consent`` is None and every such prompt is refused; the
+    cameo work passes a ``CameoConsent`` here (and carries the request's cameos on
+    ``ModerationRequest``). The message does not name the person: it would confirm, one probe at a
+    time, who is on the list.
+    """
+
+    name = "public_figure"
+
+    def __init__(self, registry: RegistryCache, consent: CameoConsent | None = None) -> None:
+        self.registry, self.consent = registry, consent
+
+    def check(self, request: ModerationRequest) -> Decision:
+        found = self.registry.index().find(request.folded, ("public_figure",))
+        if found is None or (self.consent is not None and self.consent.allows(request, found)):
+            return Decision.allow()
+        return Decision.refuse(self.name, "public_figure", (
+            "prompt: refused by the content policy (public figures): it names a person on this farm's "
+            "protected list; nothing was created"), found.entry.id)
+
+
+class ModerationChain:
+    """Asks each moderator in order; the first refusal is the answer."""
+
+    def __init__(self, moderators: Sequence[Moderator]) -> None:
+        self.moderators = list(moderators)
+
+    def check(self, request: ModerationRequest) -> Decision:
+        for moderator in self.moderators:
+            decision = moderator.check(request)
+            if not decision.allowed:
+                return decision
+        return Decision.allow()
+
+
+def default_chain(registry: RegistryCache) -> ModerationChain:
+    return ModerationChain([OptOutRule(registry), PublicFigureRule(registry)])
+
+
+def load_moderator(path: str) -> Moderator:
+    """``package.module:attribute``: a class or factory called with no arguments, returning a Moderator."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"policy.moderators: {path!r} is not an import path; write package.module:attribute")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"policy.moderators: cannot import {path!r}: {exc}") from None
+    moderator = target()
+    if not isinstance(moderator, Moderator):
+        raise ValueError(f"policy.moderators: {path!r} made a {type(moderator).__name__}, which has no "
+                         "check(request) method")
+    return moderator
+
+
+def build_moderator(settings: PolicySettings, registry: RegistryCache) -> ModerationChain:
+    """The configured chain: the enabled built-in rules, then the operator's moderators, in order."""
+    rules = {"opt_out": lambda: OptOutRule(registry), "public_figure": lambda: PublicFigureRule(registry)}
+    return ModerationChain([rules[r]() for r in settings.rules] + [load_moderator(p) for p in settings.moderators])

@@ -1,0 +1,35 @@
+"""Settings of the content policy (the ``policy`` section of the farm's settings)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class PolicySettings(BaseModel):
+    """Which moderation rules every create passes, and how fresh each process's registry is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rules: list[Literal["opt_out", "public_figure"]] = Field(
+        default=["opt_out", "public_figure"], description=(
+            "Built-in rules every create (POST /v1/videos, remix, batch lines) passes, in order: opt_out refuses "
+            "prompts naming a registered work or character, public_figure those naming a protected person."))
+    moderators: list[str] = Field(default=[], description=(
+        "Import paths (package.module:attribute) of the operator's own moderators, asked after the rules, in "
+        "order: each a class or factory called with no arguments that returns an object with "
+        "check(farm.policy.moderation.ModerationRequest) -> Decision."))
+    refresh_s: float = Field(default=2.0, ge=0, le=300, description=(
+        "How often each gateway replica and the batch runner read the registry's version: a registered, changed "
+        "or deleted name takes effect everywhere within this many seconds (at once on the gateway that took the "
+        "change). 0: read it on every create."))
+
+    @field_validator("moderators")
+    @classmethod
+    def _paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            module, sep, attribute = path.partition(":")
+            if not sep or not module or not attribute:
+                raise ValueError(f"policy.moderators: {path!r} is not an import path; write package.module:attribute")
+        return value
