@@ -14,6 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 _SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")  # ASCII digits (\d takes any script), no zeros
 
 
+# The families whose encoder takes a reference image (farm.render.families names them; this module
+# stays torch-free for the gateway).
+IMAGE_FAMILIES = frozenset({"wan-i2v"})
+WAN_I2V_TEXT_TOKENS = 512
+
+
 def parse_size(size: str) -> tuple[int, int]:
     """``"WxH"`` → ``(width, height)``; raises ValueError naming the value."""
     match = _SIZE.match(size.strip()) if isinstance(size, str) else None
@@ -32,7 +38,12 @@ class ModelSpec(BaseModel):
         description="A local folder saved with save_pretrained, or a hub repo id such as "
         "'Wan-AI/Wan2.1-T2V-1.3B-Diffusers' (needs network access on the workers)."
     )
-    family: Literal["wan"] = Field(default="wan", description="Pipeline family; decides the denoising loop.")
+    family: Literal["wan", "wan-i2v"] = Field(
+        default="wan",
+        description="Model family (farm.render.families), which decides the encoder, the denoising step and the "
+        "decoder: 'wan' is Wan 2.1/2.2 text-to-video; 'wan-i2v' is Wan 2.1 image-to-video (a reference image "
+        "conditions the clip; needs max_sequence_length 512).",
+    )
     experts: Literal[1, 2] = Field(
         default=1, description="1, or 2 for Wan 2.2 A14B-style high-noise/low-noise experts (one pool each)."
     )
@@ -74,12 +85,22 @@ class ModelSpec(BaseModel):
                     f"seconds={seconds} at fps={self.fps} gives {seconds * self.fps + 1} frames; "
                     "seconds*fps must be a positive multiple of 4"
                 )
+        if self.family in IMAGE_FAMILIES and self.max_sequence_length != WAN_I2V_TEXT_TOKENS:
+            # Wan 2.1 I2V's cross-attention splits image tokens from text tokens by assuming 512 of the latter.
+            raise ValueError(
+                f"max_sequence_length={self.max_sequence_length}: family {self.family!r} needs {WAN_I2V_TEXT_TOKENS}"
+            )
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps={self.default_steps} exceeds max_steps={self.max_steps}")
         return self
 
     def num_frames(self, seconds: int) -> int:
         return seconds * self.fps + 1
+
+    @property
+    def takes_image(self) -> bool:
+        """True when the model's family conditions on a reference image (``input_reference``)."""
+        return self.family in IMAGE_FAMILIES
 
 
 def find_model(models: list[ModelSpec], model_id: str | None) -> ModelSpec:

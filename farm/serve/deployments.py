@@ -104,12 +104,14 @@ class Encoder:
 
     def __init__(self, settings: dict) -> None:
         bind_replica_grpc_to_node_address()
-        from farm.render.engine import TextEncoderStage, configure_torch
+        from farm.render.engine import configure_torch
+        from farm.render.families import get_family
 
         configure_torch()
         self.settings, self.objects, self.retry = _storage(settings, "encoder")
         self.specs = {m.id: m for m in self.settings.models}
-        self.stages = {mid: TextEncoderStage(spec) for mid, spec in self.specs.items()}
+        # Each model's family brings its encoder stage (text only, or text + image encoder + VAE).
+        self.stages = {mid: get_family(spec.family).load_encoder(spec) for mid, spec in self.specs.items()}
 
     async def start(self, job_id: str, model_id: str, params: RenderParams, resume_from: str | None) -> Prepared:
         return await asyncio.to_thread(self._start, job_id, model_id, params, resume_from)
@@ -123,7 +125,7 @@ class Encoder:
         if resume_from and self.objects is not None:
             state = read_checkpoint(self.objects, self.retry, job_id, resume_from)
         if state is None:
-            conditioning = self.stages[model_id].encode(params.prompt)
+            conditioning = self.stages[model_id].encode_job(params)
             state = initial_state(self.specs[model_id], params, conditioning)
             if self.objects is not None:  # once per job: shard checkpoints leave it out
                 write_conditioning(self.objects, self.retry, job_id, conditioning)
@@ -193,11 +195,12 @@ class Decoder:
         bind_replica_grpc_to_node_address()
         from farm.config import FarmSettings
         from farm.metrics import FarmMetrics
-        from farm.render.engine import DecoderStage, configure_torch
+        from farm.render.engine import configure_torch
+        from farm.render.families import get_family
 
         configure_torch()
         self.settings = FarmSettings.model_validate(settings)
-        self.decoders = {spec.id: DecoderStage(spec) for spec in self.settings.models}
+        self.decoders = {spec.id: get_family(spec.family).load_decoder(spec) for spec in self.settings.models}
         self.metrics = FarmMetrics()
 
     async def decode(self, model_id: str, box: ObjectBox) -> Decoded:
