@@ -25,14 +25,19 @@ class CliError(Exception):
 # Commands --------------------------------------------------------------------
 def cmd_model_init(args: argparse.Namespace) -> int:
     _quiet_libraries(args)
-    from farm.render.tiny import build_tiny_wan
+    from farm.render.tiny import build_tiny_wan, build_tiny_wan_i2v
 
-    if args.kind != "tiny":
-        raise CliError(f"model kind {args.kind!r} is not buildable here; allowed: tiny")
+    if args.kind not in ("tiny", "tiny-i2v"):
+        raise CliError(f"model kind {args.kind!r} is not buildable here; allowed: tiny, tiny-i2v")
+    if args.kind == "tiny-i2v" and args.experts != 1:
+        raise CliError(f"--experts: {args.experts} is not buildable for tiny-i2v (Wan 2.1 I2V has one expert); allowed: 1")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out: {out} exists and is not a folder")
-    path = build_tiny_wan(out, experts=args.experts, seed=args.seed)
+    if args.kind == "tiny-i2v":
+        path = build_tiny_wan_i2v(out, seed=args.seed)
+    else:
+        path = build_tiny_wan(out, experts=args.experts, seed=args.seed)
     print(path)
     return 0
 
@@ -398,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="build or list models").add_subparsers(dest="action", required=True)
     init = model.add_parser("init", help="build a tiny random-weight model with save_pretrained")
-    init.add_argument("kind", help="what to build: tiny")
+    init.add_argument("kind", help="what to build: tiny (Wan text-to-video) or tiny-i2v (Wan 2.1 image-to-video)")
     init.add_argument("--out", required=True, help="folder to save the pipeline into")
     init.add_argument("--experts", type=int, choices=(1, 2), default=1, help="2: the Wan 2.2 two-expert layout")
     init.add_argument("--seed", type=_whole_number, default=0, help="seed for the random weights")
