@@ -46,3 +46,23 @@ def fit_reference(image: Image.Image, width: int, height: int) -> Image.Image:
     image = image.convert("RGB")
     box = cover_crop_box(image.width, image.height, width, height)
     return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
+
+
+REFERENCE_FORMATS = ("PNG", "JPEG", "WEBP")  # what the gateway accepts (farm.api.uploads.ALLOWED_FORMATS)
+
+
+def open_reference(data: bytes) -> Image.Image:
+    """A stored reference image's bytes → a loaded Pillow image; ValueError for anything else.
+
+    The gateway checked format, size and pixel count before storing them; this decodes only the
+    same formats, so bytes that are not such an image fail here, by name.
+    """
+    import io
+
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(REFERENCE_FORMATS))
+        image.load()
+    except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError…
+        raise ValueError(f"input_reference: the stored bytes are not a {'/'.join(REFERENCE_FORMATS)} image "
+                         f"({type(exc).__name__})") from None
+    return image

@@ -18,6 +18,8 @@ _SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")  # ASCII digits (\d
 # stays torch-free for the gateway).
 IMAGE_FAMILIES = frozenset({"wan-i2v"})
 WAN_I2V_TEXT_TOKENS = 512
+# The job param (set by the gateway) naming the object-store key of the job's reference image.
+REFERENCE_KEY_PARAM = "input_reference_key"
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -126,6 +128,11 @@ class RenderParams(BaseModel):
     seed: int = Field(ge=0, lt=2**63)
     scheduler: Literal["unipc", "flow-euler"] = Field(
         default="unipc", description="'unipc' is the model's own multistep solver; 'flow-euler' is flow-matching Euler."
+    )
+    reference_key: str | None = Field(
+        default=None,
+        description="Object-store key of the job's reference image (image-to-video models), stored by the "
+        "gateway under the job's prefix; None for text-to-video.",
     )
 
 
