@@ -119,3 +119,11 @@ def test_render_end_to_end_through_real_s3(tmp_path):
     finally:
         stopped = _farm("storage", "stop", env=env)
         assert stopped.returncode == 0, stopped.stderr
+
+
+def test_render_image_is_refused_for_a_text_model_and_unreadable_files(tmp_path, farm_home, capsys):
+    image = tmp_path / "ref.png"
+    image.write_bytes(b"not a png")
+    assert main(["render", "cat", "--image", str(image)]) == 2
+    assert "--image: model 'wan-tiny' renders from text only" in capsys.readouterr().err
+    assert not farm_home.exists()

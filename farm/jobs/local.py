@@ -74,8 +74,11 @@ def render_clip(
     shard_steps: int | None = None,
     out: Path | None = None,
     progress: Progress | None = None,
+    image=None,
 ) -> RenderResult:
-    """Render, finish and upload one clip; returns its S3 URIs and a local copy's path."""
+    """Render, finish and upload one clip; returns its S3 URIs and a local copy's path.
+
+    ``image`` (a Pillow image) is the reference of an image-to-video model; None for text-to-video."""
     configure_torch()
     progress = progress or Progress()
     timer = _Timer(progress)
@@ -90,8 +93,8 @@ def render_clip(
         "load", lambda: (family.load_encoder(spec), DenoiserStage(spec), family.load_decoder(spec))
     )
 
-    # 1. Request → conditioning (the prompt's embeddings for text-to-video).
-    conditioning = timer.run("encode", lambda: encoder.encode_job(params))
+    # 1. Request → conditioning (the prompt's embeddings; for image-to-video also the image's).
+    conditioning = timer.run("encode", lambda: encoder.encode_job(params, image))
 
     # 2. Noise from the seed, schedule set; 3. the denoising shards, state serialized between them.
     def _denoise():

@@ -228,6 +228,22 @@ def is_built(path: Path) -> bool:
 TINY_MODEL_IDS = {1: "wan-tiny", 2: "wan-tiny-2x"}
 
 
+def is_tiny_id(model_id: str) -> bool:
+    """True for the ids of the tiny models this module builds (text-to-video and image-to-video)."""
+    return model_id in TINY_MODEL_IDS.values() or model_id == TINY_I2V_MODEL_ID
+
+
+def build_tiny_by_id(model_id: str, out_dir: Path) -> Path:
+    """Build the tiny model called ``model_id`` (see :func:`is_tiny_id`) into ``out_dir``; ValueError otherwise."""
+    if model_id == TINY_I2V_MODEL_ID:
+        return build_tiny_wan_i2v(out_dir)
+    experts = {v: k for k, v in TINY_MODEL_IDS.items()}.get(model_id)
+    if experts is None:
+        raise ValueError(f"model {model_id!r} is not a tiny model; tiny ones: "
+                         f"{', '.join([*TINY_MODEL_IDS.values(), TINY_I2V_MODEL_ID])}")
+    return build_tiny_wan(out_dir, experts=experts)
+
+
 def tiny_spec(path: Path | str, experts: int = 1) -> ModelSpec:
     """The registry entry for a tiny model: small sizes, 8 fps, few steps."""
     return ModelSpec(

@@ -191,3 +191,27 @@ def test_first_frame_follows_the_image_with_trained_weights():
                                  params)
     assert figures["clip_x~x"] > figures["clip_x~y"] + 3.0, figures
     assert figures["clip_x~x"] > figures["clip_y~x"] + 3.0, figures
+
+
+def test_tiny_models_are_built_by_id(tmp_path):
+    from farm.render.tiny import build_tiny_by_id, is_tiny_id
+
+    assert is_tiny_id("wan-tiny-i2v") and is_tiny_id("wan-tiny-2x") and not is_tiny_id("wan2.1-i2v-14b")
+    with pytest.raises(ValueError, match="'wan2.1-i2v-14b' is not a tiny model; tiny ones: wan-tiny, wan-tiny-2x"):
+        build_tiny_by_id("wan2.1-i2v-14b", tmp_path / "x")
+    index = build_tiny_by_id("wan-tiny-i2v", tmp_path / "i2v") / "model_index.json"
+    assert "WanImageToVideoPipeline" in index.read_text()
+
+
+def test_stored_reference_bytes_open_or_fail_by_name():
+    import io
+
+    from farm.render.reference import open_reference
+
+    buffer = io.BytesIO()
+    reference_image("x").save(buffer, "WEBP")
+    assert open_reference(buffer.getvalue()).size == (96, 96)
+    buffer = io.BytesIO()
+    reference_image("x").save(buffer, "GIF")
+    with pytest.raises(ValueError, match="input_reference: the stored bytes are not a PNG/JPEG/WEBP image"):
+        open_reference(buffer.getvalue())
