@@ -140,7 +140,6 @@ class Encoder:
                 write_conditioning(self.objects, self.retry, job_id, conditioning)
         return Prepared(_put(state), layout_of(state), state.step_index, _replica_id())
 
-
     def _reference(self, job_id: str, params: RenderParams):
         """The job's reference image (read from S3), or None for a job without one."""
         if params.reference_key is None:
