@@ -43,6 +43,10 @@ def test_a_clip_from_an_image_through_the_sdk(tmp_path, tiny_model_dir, tiny_i2v
         "models": [tiny_spec(home / "models" / "wan-tiny").model_dump(),
                    tiny_i2v_spec(home / "models" / TINY_I2V_MODEL_ID).model_dump()],
         "render": {"shard_steps": 2},
+        "serve": {"decoder_replicas": 1, "pools": [  # local.yaml's pools name wan-tiny-2x, not served here
+            {"model": "wan-tiny", "experts": ["transformer"], "replicas": 1, "num_cpus": 0.1, "num_gpus": 0},
+            {"model": TINY_I2V_MODEL_ID, "experts": ["transformer"], "replicas": 1, "num_cpus": 0.1, "num_gpus": 0},
+        ]},
     }
     with running_farm(tmp_path, settings=settings,
                       models={"wan-tiny": tiny_model_dir, TINY_I2V_MODEL_ID: tiny_i2v_dir}) as farm:
