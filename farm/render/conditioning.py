@@ -121,9 +121,5 @@ class ImageConditioning(Conditioning):
 
     family: ClassVar[str] = "wan-i2v"
 
-    condition: torch.Tensor = None  # type: ignore[assignment]  (always given; a default only for field order)
+    condition: torch.Tensor
     image_embeds: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.condition, torch.Tensor):
-            raise ValueError("ImageConditioning: condition must be a tensor (mask + image latents)")
