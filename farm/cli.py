@@ -25,14 +25,19 @@ class CliError(Exception):
 # Commands --------------------------------------------------------------------
 def cmd_model_init(args: argparse.Namespace) -> int:
     _quiet_libraries(args)
-    from farm.render.tiny import build_tiny_wan
+    from farm.render.tiny import build_tiny_wan, build_tiny_wan_i2v
 
-    if args.kind != "tiny":
-        raise CliError(f"model kind {args.kind!r} is not buildable here; allowed: tiny")
+    if args.kind not in ("tiny", "tiny-i2v"):
+        raise CliError(f"model kind {args.kind!r} is not buildable here; allowed: tiny, tiny-i2v")
+    if args.kind == "tiny-i2v" and args.experts != 1:
+        raise CliError(f"--experts: {args.experts} is not buildable for tiny-i2v (Wan 2.1 I2V has one expert); allowed: 1")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out: {out} exists and is not a folder")
-    path = build_tiny_wan(out, experts=args.experts, seed=args.seed)
+    if args.kind == "tiny-i2v":
+        path = build_tiny_wan_i2v(out, seed=args.seed)
+    else:
+        path = build_tiny_wan(out, experts=args.experts, seed=args.seed)
     print(path)
     return 0
 
@@ -89,6 +94,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.shard_steps is not None and not 1 <= args.shard_steps <= params.steps:
         raise CliError(f"--shard-steps: {args.shard_steps} is out of range; allowed: 1..{params.steps}")
     out = _checked_out_path(args.out) if args.out else None
+    image = _reference_image(spec, args.image)
 
     # Everything the user typed is valid: only now start services or write files.
     from farm.jobs.local import render_clip
@@ -97,7 +103,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     _ensure_model(settings, spec)
     store = open_store(settings)
     with _TqdmProgress(params.steps, enabled=not args.quiet) as progress:
-        result = render_clip(settings, spec, params, store, shard_steps=args.shard_steps, out=out, progress=progress)
+        result = render_clip(settings, spec, params, store, shard_steps=args.shard_steps, out=out, progress=progress,
+                             image=image)
     print(f"video_id: {result.video_id}")
     print(f"seed:     {params.seed}")
     print(f"s3:       {result.uris['video']}")
@@ -336,16 +343,33 @@ def _settings(args: argparse.Namespace):
 
 def _ensure_model(settings, spec) -> None:
     """Build an embedded tiny model on first use; real weights are never built here."""
-    from farm.render.tiny import TINY_MODEL_IDS, build_tiny_wan, is_built
+    from farm.render.tiny import build_tiny_by_id, is_built, is_tiny_id
 
     path = Path(spec.path)
     if is_built(path) or not path.is_absolute():
         return
-    experts = {v: k for k, v in TINY_MODEL_IDS.items()}.get(spec.id)
-    if experts is None or path.parent != settings.models_dir:
+    if not is_tiny_id(spec.id) or path.parent != settings.models_dir:
         raise CliError(f"model {spec.id!r}: no saved pipeline at {path}")
     print(f"building tiny model {spec.id} at {path} …", file=sys.stderr)
-    build_tiny_wan(path, experts=experts)
+    build_tiny_by_id(spec.id, path)
+
+
+def _reference_image(spec, value: str | None):
+    """The ``--image`` file as a Pillow image, checked against what the model takes."""
+    if value is None:
+        if spec.takes_image:
+            raise CliError(f"--image: model {spec.id!r} renders from an image; give one (PNG, JPEG or WebP)")
+        return None
+    if not spec.takes_image:
+        raise CliError(f"--image: model {spec.id!r} renders from text only and takes no image")
+    from farm.render.reference import open_reference
+
+    try:
+        return open_reference(Path(value).expanduser().read_bytes())
+    except OSError as exc:
+        raise CliError(f"--image: cannot read {value!r} ({exc.strerror})") from None
+    except ValueError as exc:
+        raise CliError(f"--image: {value!r}: {_one_line(exc)}") from None
 
 
 def _checked_out_path(value: str) -> Path:
@@ -414,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="build or list models").add_subparsers(dest="action", required=True)
     init = model.add_parser("init", help="build a tiny random-weight model with save_pretrained")
-    init.add_argument("kind", help="what to build: tiny")
+    init.add_argument("kind", help="what to build: tiny (Wan text-to-video) or tiny-i2v (Wan 2.1 image-to-video)")
     init.add_argument("--out", required=True, help="folder to save the pipeline into")
     init.add_argument("--experts", type=int, choices=(1, 2), default=1, help="2: the Wan 2.2 two-expert layout")
     init.add_argument("--seed", type=_whole_number, default=0, help="seed for the random weights")
@@ -436,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--shard-steps", type=_whole_number, help="steps per shard (default from settings)")
     render.add_argument("--scheduler", default="unipc", help="unipc (default) or flow-euler")
     render.add_argument("--out", help="also copy the MP4 here")
+    render.add_argument("--image", help="reference image (PNG, JPEG, WebP) for an image-to-video model")
     render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     render.set_defaults(func=cmd_render)
 

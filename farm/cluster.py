@@ -129,14 +129,14 @@ def _ray_bin() -> str:
 
 
 def _ensure_models(settings: FarmSettings) -> None:
-    from farm.render.tiny import TINY_MODEL_IDS, build_tiny_wan, is_built
+    from farm.render.tiny import build_tiny_by_id, is_built, is_tiny_id
 
     for spec in settings.models:
         path = Path(spec.path)
-        if is_built(path) or not path.is_absolute() or spec.id not in TINY_MODEL_IDS.values():
+        if is_built(path) or not path.is_absolute() or not is_tiny_id(spec.id):
             continue
         log.info("building tiny model %s at %s", spec.id, path)
-        build_tiny_wan(path, experts=spec.experts)
+        build_tiny_by_id(spec.id, path)
 
 
 def up(

@@ -22,7 +22,7 @@ from farm.policy.settings import PolicySettings
 from farm.render.faults import FaultInjection
 from farm.render.registry import ModelSpec, find_model
 from farm.render.tiers import ModelAlias, check_aliases
-from farm.render.tiny import TINY_MODEL_IDS, tiny_spec
+from farm.render.tiny import TINY_I2V_MODEL_ID, TINY_MODEL_IDS, tiny_i2v_spec, tiny_spec
 from farm.storage.s3 import S3Settings
 from farm.webhooks.settings import WebhookSettings
 
@@ -428,9 +428,11 @@ class FarmSettings(BaseModel):
 
 
 def embedded_models(state_dir: Path) -> list[ModelSpec]:
-    """The models a fresh install serves: tiny Wan models built under the state folder."""
+    """The models a fresh install serves: tiny Wan models built under the state folder (text-to-video
+    with one and two experts, and Wan 2.1 image-to-video)."""
     models = state_dir / "models"
-    return [tiny_spec(models / "wan-tiny", experts=1), tiny_spec(models / "wan-tiny-2x", experts=2)]
+    return [tiny_spec(models / "wan-tiny", experts=1), tiny_spec(models / "wan-tiny-2x", experts=2),
+            tiny_i2v_spec(models / TINY_I2V_MODEL_ID)]
 
 
 def embedded_aliases() -> list[ModelAlias]:

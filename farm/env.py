@@ -51,6 +51,12 @@ def postgres_test_url() -> str | None:
     return os.environ.get("FARM_TEST_POSTGRES_URL") or None
 
 
+def i2v_test_model() -> str | None:
+    """A saved Wan 2.1 image-to-video pipeline with trained weights (``FARM_TEST_I2V_MODEL``: a folder
+    or hub id) for the first-frame test; None skips it (random weights cannot show it)."""
+    return os.environ.get("FARM_TEST_I2V_MODEL") or None
+
+
 def use_ray_token(state: Path) -> None:
     """Make this process and its children authenticate to Ray with the farm's own token.
 

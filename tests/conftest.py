@@ -98,3 +98,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_i2v_dir(tmp_path_factory):
+    from farm.render.tiny import build_tiny_wan_i2v
+
+    return build_tiny_wan_i2v(tmp_path_factory.mktemp("models") / "wan-tiny-i2v")
+
+
+@pytest.fixture(scope="session")
+def tiny_i2v_spec(tiny_i2v_dir):
+    from farm.render.tiny import tiny_i2v_spec
+
+    return tiny_i2v_spec(tiny_i2v_dir)

@@ -63,6 +63,20 @@ def test_model_init_refuses_unknown_kind(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_model_init_builds_the_tiny_image_to_video_model(tmp_path, capsys):
+    import json
+
+    from farm.render.tiny import is_built
+
+    assert main(["model", "init", "tiny-i2v", "--out", str(tmp_path / "x"), "--experts", "2"]) == 2
+    assert "--experts: 2 is not buildable for tiny-i2v" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["model", "init", "tiny-i2v", "--out", str(tmp_path / "m")]) == 0
+    assert is_built(tmp_path / "m")
+    index = json.loads((tmp_path / "m" / "model_index.json").read_text())
+    assert index["_class_name"] == "WanImageToVideoPipeline" and index["image_encoder"][1] == "CLIPVisionModel"
+
+
 def _farm(*args: str, env: dict) -> subprocess.CompletedProcess:
     farm = Path(sys.executable).parent / "farm"
     return subprocess.run([str(farm), *args], env=env, capture_output=True, text=True, timeout=300)
@@ -105,3 +119,11 @@ def test_render_end_to_end_through_real_s3(tmp_path):
     finally:
         stopped = _farm("storage", "stop", env=env)
         assert stopped.returncode == 0, stopped.stderr
+
+
+def test_render_image_is_refused_for_a_text_model_and_unreadable_files(tmp_path, farm_home, capsys):
+    image = tmp_path / "ref.png"
+    image.write_bytes(b"not a png")
+    assert main(["render", "cat", "--image", str(image)]) == 2
+    assert "--image: model 'wan-tiny' renders from text only" in capsys.readouterr().err
+    assert not farm_home.exists()

@@ -88,7 +88,8 @@ def test_aliases_belong_to_the_models_they_name():
 def test_default_pools_give_each_expert_its_own_pool():
     settings = resolve_settings(FarmAppArgs())
     assert [(p.model, p.experts) for p in default_pools(settings)] == [
-        ("wan-tiny", ["transformer"]), ("wan-tiny-2x", ["transformer"]), ("wan-tiny-2x", ["transformer_2"])]
+        ("wan-tiny", ["transformer"]), ("wan-tiny-2x", ["transformer"]), ("wan-tiny-2x", ["transformer_2"]),
+        ("wan-tiny-i2v", ["transformer"])]
 
 
 @pytest.mark.parametrize(

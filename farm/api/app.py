@@ -62,7 +62,8 @@ from farm.api.schemas import (
     read_create_request,
 )
 from farm.api.model_routes import add_model_routes
-from farm.api.uploads import UploadLimits
+from farm.api.references import REFERENCE_SHA256_PARAM, drop_reference, reference_digest, store_reference
+from farm.api.uploads import CheckedImage, UploadLimits
 from farm.api.usage_routes import add_usage_routes, budget_refused
 from farm.api.video_requests import (
     ContentPolicyViolation, check_reference, check_render, find_target, moderate, param_of, place_request,
@@ -73,8 +74,9 @@ from farm.jobs.estimates import poll_after_ms
 from farm.jobs.expiry import Lifetimes, expired
 from farm.jobs.sharing import SharingStore
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, BudgetExceeded, IdempotencyConflict, QueueFull
+from farm.jobs.job import new_video_id
 from farm.policy.moderation import CreatePath, ModerationRequest
-from farm.render.registry import ModelSpec
+from farm.render.registry import REFERENCE_KEY_PARAM, ModelSpec
 from farm.render.tiers import ModelAlias, Target, check_aliases
 from farm.sched.budget import BudgetRule
 from farm.storage.s3 import ClipLayout, checkpoint_prefix, delete_clip
@@ -382,11 +384,13 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         who = await owner(request)
         body, upload = await read_create_request(request, deps.upload_limits.max_bytes)
         target = deps.target(body.model)
-        # Checked first (format, size, pixel count), so a bad upload is named as such; then refused.
-        await run_in_threadpool(check_reference, target.limits, upload, body.input_reference, deps.upload_limits)
+        # Checked first (format, size, pixel count), so a bad upload is named as such; then kept for a
+        # model that renders from an image, refused for one that renders from text only.
+        reference = await run_in_threadpool(check_reference, target.limits, upload, body.input_reference,
+                                            deps.upload_limits)
         params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
         return await shown(await _create_job(deps, request, who, target, body.prompt, body.size, body.seconds,
-                                             params, body.priority, path="create"), response)
+                                             params, body.priority, path="create", reference=reference), response)
 
     @app.post(
         "/v1/videos/{video_id}/remix", response_model=VideoObject, summary="Remix a video with a new prompt",
@@ -526,17 +530,25 @@ def _priority_name(priority: int) -> str:
 async def _create_job(
     deps: GatewayDeps, request: Request, who: str | None, target: Target, prompt: str,
     size: str | None, seconds: int | None, extra: dict[str, Any], priority: str,
-    *, path: CreatePath, source_video_id: str | None = None,
+    *, path: CreatePath, source_video_id: str | None = None, reference: CheckedImage | None = None,
 ) -> Job:
     """Validate against the model (or the tier an alias names: its defaults for a size or duration not
-    given, its mapping of OpenAI's) and the content policy, then queue (or replay an Idempotency-Key's earlier
-    job). A refusal creates nothing: no job, no idempotency record, no usage."""
+    given, its mapping of OpenAI's) and the content policy, then queue (or replay an Idempotency-Key's
+    earlier job). A refusal creates nothing: no job, no idempotency record, no usage.
+
+    A ``reference`` image is stored under the new job's id before the job is queued, and deleted
+    again when no new job owns it (see :mod:`farm.api.references`)."""
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise InvalidRequest(f"Idempotency-Key: {len(idempotency_key)} characters; allowed: 1..255",
                              param="Idempotency-Key")
     spec, placement = target.spec, place_request(target, size, seconds)
     size, seconds = placement.size, placement.seconds
+    if spec.takes_image and reference is None:  # a remix of an image-to-video clip has no image of its own
+        raise InvalidRequest(f"input_reference: model {spec.id!r} renders from an image and needs one",
+                             param="input_reference", code="missing_required_parameter")
+    if reference is not None:  # the image is part of what was asked: another image is another request
+        extra = extra | {REFERENCE_SHA256_PARAM: reference_digest(reference)}
     # What the client asked for, before defaults: a retry without a seed is the same request,
     # though this attempt would draw another random seed.
     asked = {"model": target.name, "prompt": prompt, "size": size, "seconds": seconds, "priority": priority, **extra}
@@ -551,6 +563,11 @@ async def _create_job(
     # Read before the create; the create refuses on it after replaying an Idempotency-Key's job.
     budget = None if deps.budgets is None else await run_in_threadpool(deps.store.budget_status, who, deps.budgets)
     bulk = priority == "bulk"
+    video_id = reference_key = job = None
+    if reference is not None:
+        video_id = new_video_id()
+        reference_key = await run_in_threadpool(lambda: store_reference(deps.object_store(), video_id, reference))
+        stored[REFERENCE_KEY_PARAM] = reference_key
     try:
         job = await run_in_threadpool(
             lambda: deps.store.create(
@@ -558,7 +575,7 @@ async def _create_job(
                 priority=PRIORITY_BULK if bulk else PRIORITY_INTERACTIVE, owner=who,
                 max_queued=deps.max_queued_bulk if bulk else deps.max_queued,  # the cap of this class
                 max_queued_per_owner=deps.max_queued_per_account,
-                idempotency_key=idempotency_key, budget=budget, expires_in_s=lifetime_s,
+                idempotency_key=idempotency_key, budget=budget, expires_in_s=lifetime_s, video_id=video_id,
             )
         )
     except BudgetExceeded as exc:
@@ -572,6 +589,9 @@ async def _create_job(
         raise Conflict(str(exc), param="Idempotency-Key", code="idempotency_key_reused") from None
     except ValueError as exc:  # the store's own checks; ours ran first, so this is rare
         raise InvalidRequest(str(exc), param=param_of(str(exc))) from None
+    finally:
+        if reference_key is not None and (job is None or job.id != video_id):  # refused, or a replay
+            await run_in_threadpool(lambda: drop_reference(deps.object_store(), reference_key))
     await _notify(deps, job.id)
     if deps.metrics:
         try:

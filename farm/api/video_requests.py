@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from farm.api.errors import InvalidRequest, from_pydantic
 from farm.api.schemas import CreateVideoRequest, ImageReference
-from farm.api.uploads import UploadLimits, check_image, decode_data_url
+from farm.api.uploads import CheckedImage, UploadLimits, check_image, decode_data_url
 from farm.render.registry import validate_request
 from farm.render.tiers import Placement, Target, place, resolve
 
@@ -98,17 +98,26 @@ def tier_params(target: Target, placement: Placement) -> dict[str, Any]:
 
 
 def check_reference(spec: ModelSpec, upload: bytes | None, reference: ImageReference | None,
-                    limits: UploadLimits) -> None:
-    """A reference image is checked (format, size, pixels), then refused: no served model takes one."""
+                    limits: UploadLimits) -> CheckedImage | None:
+    """A reference image is checked first (format, size, pixels), so a bad one is named as such; then it
+    is returned for a model that takes images (``spec.takes_image``) and refused for one that renders
+    from text only. A model that takes images needs one: its absence is refused too."""
     if upload is None and reference is not None:
         if reference.image_url is None:
             raise InvalidRequest("input_reference.file_id: this farm takes no file ids for images; send the image "
                                  "as a file part or a base64 data URL", param="input_reference.file_id")
         upload = decode_data_url(reference.image_url, limits, "input_reference.image_url")
-    if upload is not None:
-        check_image(upload, limits)
+    if upload is None:
+        if spec.takes_image:
+            raise InvalidRequest(f"input_reference: model {spec.id!r} renders from an image and needs one; send it "
+                                 "as a file part or a base64 data URL", param="input_reference",
+                                 code="missing_required_parameter")
+        return None
+    checked = check_image(upload, limits)
+    if not spec.takes_image:
         raise InvalidRequest(f"input_reference is not supported by model {spec.id!r}: it renders from text only",
                              param="input_reference", code="unsupported_parameter")
+    return checked
 
 
 def check_render(spec: ModelSpec, prompt: str, size: str, seconds: int, extra: dict[str, Any],
@@ -140,6 +149,9 @@ def check_create_body(data: Any, models: list[ModelSpec], *, max_prompt_chars: i
     except ValidationError as exc:
         raise from_pydantic(exc, allowed=tuple(CreateVideoRequest.model_fields)) from None
     target = find_target(models, aliases, body.model)
+    if target.spec.takes_image:  # a batch line has nowhere to keep its image before its job exists
+        raise InvalidRequest(f"model: {target.spec.id!r} renders from an image, which batch lines cannot carry; "
+                             "create its videos with POST /v1/videos", param="model", code="unsupported_parameter")
     check_reference(target.limits, None, body.input_reference, upload_limits)
     placement = place_request(target, body.size, body.seconds)
     extra = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}

@@ -101,6 +101,7 @@ class Admission:
         idempotency_key: str | None = None,
         expires_in_s: float = DEFAULT_EXPIRES_IN_S,
         budget: BudgetStatus | None = None,
+        video_id: str | None = None,
     ) -> Job:
         """Queue a new job, or return the earlier one with the same ``idempotency_key``.
 
@@ -109,10 +110,12 @@ class Admission:
         Raises QueueFull (creating nothing) when a cap is reached, IdempotencyConflict when the
         key was used for a different request, BudgetExceeded when ``budget`` (the owner's day,
         read by the caller) is spent (a replay is still returned), and ValueError naming any bad
-        argument.
+        argument. ``video_id`` is the new job's id when the caller drew it beforehand (to store the
+        job's input objects under it); a replayed job keeps its own id.
         """
         job = new_job(
-            model, prompt, size, seconds, params, priority, owner, idempotency_key, expires_in_s, self._clock()
+            model, prompt, size, seconds, params, priority, owner, idempotency_key, expires_in_s, self._clock(),
+            video_id=video_id,
         )
         check_cap("max_queued", max_queued)
         check_cap("max_queued_per_owner", max_queued_per_owner)

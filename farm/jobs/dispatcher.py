@@ -49,7 +49,7 @@ from farm.jobs.retry import ReplicaLost, RetryPolicy, is_render_error, is_transi
 from farm.jobs.store import Job, JobStore, Priority
 from farm.jobs.usage import device_kind
 from farm.render.plan import HIGH_NOISE_EXPERT, ShardPlan, StepLayout, plan_shards
-from farm.render.registry import ModelSpec, RenderParams, parse_size
+from farm.render.registry import REFERENCE_KEY_PARAM, ModelSpec, RenderParams, parse_size
 from farm.sched import SchedulerConfig
 from farm.sched.budget import BudgetRule
 from farm.storage.s3 import checkpoint_prefix
@@ -160,6 +160,7 @@ def params_of(job: Job, spec: ModelSpec) -> RenderParams:
         steps=int(extra.get("steps") or spec.default_steps),
         seed=int(extra.get("seed") or 0),
         scheduler=extra.get("scheduler", "unipc"),
+        reference_key=extra.get(REFERENCE_KEY_PARAM),
     )
 
 

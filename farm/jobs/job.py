@@ -89,6 +89,9 @@ def new_video_id() -> str:
     return f"video_{uuid.uuid4().hex}"
 
 
+_VIDEO_ID = re.compile(r"^video_[0-9a-f]{32}$")
+
+
 def as_priority(value: int) -> int:
     """The Priority member for a stored value; unknown values pass through as plain ints."""
     try:
@@ -153,8 +156,15 @@ def new_job(
     idempotency_key: str | None,
     expires_in_s: float,
     now: dt.datetime,
+    video_id: str | None = None,
 ) -> Job:
-    """Validate ``create``'s arguments into a new job; ValueError names the bad one."""
+    """Validate ``create``'s arguments into a new job; ValueError names the bad one.
+
+    ``video_id`` is the new job's id when the caller drew it (:func:`new_video_id`) to store objects
+    under it before the row exists; None draws one.
+    """
+    if video_id is not None and (not isinstance(video_id, str) or not _VIDEO_ID.match(video_id)):
+        raise ValueError(f"video_id: {video_id!r} is not an id from new_video_id()")
     if not isinstance(model, str) or not model:
         raise ValueError(f"model: {model!r} must be a non-empty string")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -179,7 +189,7 @@ def new_job(
         raise ValueError(f"expires_in_s: {expires_in_s!r} must be a positive number of seconds")
     steps = params.get("steps")
     return Job(
-        id=new_video_id(),
+        id=video_id or new_video_id(),
         owner=owner,
         model=model,
         prompt=prompt,

@@ -19,7 +19,8 @@ from pathlib import Path
 from farm.config import FarmSettings
 from farm.jobs.publish import clip_record, finish_frames, upload_finished
 from farm.render.denoise import plan_shards, roundtrip
-from farm.render.engine import DecoderStage, DenoiserStage, TextEncoderStage, configure_torch, initial_state
+from farm.render.engine import DenoiserStage, configure_torch, initial_state
+from farm.render.families import get_family
 from farm.render.registry import ModelSpec, RenderParams
 from farm.storage.s3 import ObjectStore
 
@@ -73,8 +74,11 @@ def render_clip(
     shard_steps: int | None = None,
     out: Path | None = None,
     progress: Progress | None = None,
+    image=None,
 ) -> RenderResult:
-    """Render, finish and upload one clip; returns its S3 URIs and a local copy's path."""
+    """Render, finish and upload one clip; returns its S3 URIs and a local copy's path.
+
+    ``image`` (a Pillow image) is the reference of an image-to-video model; None for text-to-video."""
     configure_torch()
     progress = progress or Progress()
     timer = _Timer(progress)
@@ -82,13 +86,15 @@ def render_clip(
     shard_steps = shard_steps or settings.render.shard_steps
     created = dt.datetime.now(dt.timezone.utc)
 
-    # 0. Load each stage's weights through from_pretrained (a replica does this once).
+    # 0. Load each stage's weights through from_pretrained (a replica does this once); the model's
+    #    family brings its encoder and decoder stages.
+    family = get_family(spec.family)
     encoder, denoiser, decoder = timer.run(
-        "load", lambda: (TextEncoderStage(spec), DenoiserStage(spec), DecoderStage(spec))
+        "load", lambda: (family.load_encoder(spec), DenoiserStage(spec), family.load_decoder(spec))
     )
 
-    # 1. Prompt → embeddings.
-    conditioning = timer.run("encode", lambda: encoder.encode(params.prompt))
+    # 1. Request → conditioning (the prompt's embeddings; for image-to-video also the image's).
+    conditioning = timer.run("encode", lambda: encoder.encode_job(params, image))
 
     # 2. Noise from the seed, schedule set; 3. the denoising shards, state serialized between them.
     def _denoise():

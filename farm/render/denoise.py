@@ -1,7 +1,10 @@
 """The step-sharded denoising core.
 
-diffusers' ``__call__`` cannot start mid-schedule, so the farm runs the Wan
-denoising loop itself over explicit step ranges::
+diffusers' ``__call__`` cannot start mid-schedule, so the farm runs the
+denoising loop itself over explicit step ranges; each step is the model family's
+(:mod:`farm.render.families`: the transformer call(s) with guidance, then
+``scheduler.step``), found from the state's conditioning, so this module is the same
+for every family::
 
     state = prepare_state(...)                # latents, scheduler, conditioning (on CPU)
     state = denoise(experts, state, 0, 3)     # on one replica; the result is on CPU
@@ -33,13 +36,19 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-import io
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
 
+from farm.render.conditioning import (  # noqa: F401  (Conditioning and its format are re-exported here)
+    CONDITIONING_FORMAT,
+    CONDITIONING_KIND,
+    Conditioning,
+    load_payload,
+    save_payload,
+)
 from farm.render.plan import (  # noqa: F401  (ShardPlan and the expert names are re-exported here)
     HIGH_NOISE_EXPERT,
     LOW_NOISE_EXPERT,
@@ -50,8 +59,6 @@ from farm.render.plan import (  # noqa: F401  (ShardPlan and the expert names ar
 from farm.render.plan import plan_shards as _plan_layout
 
 STATE_FORMAT = 1
-CONDITIONING_FORMAT = 1
-_CONDITIONING_KIND = "conditioning"  # marks Conditioning.to_bytes payloads; state payloads have no "kind"
 _SCHEDULER_MODULE = "diffusers"
 _CPU = torch.device("cpu")
 
@@ -82,61 +89,7 @@ def _placed(value, device: torch.device, *, copy_tensors: bool):
     return copy.deepcopy(value) if copy_tensors else value
 
 
-def _load_payload(data: bytes, what: str) -> dict:
-    """torch.load with ``weights_only=True`` onto CPU: checkpoint bytes can never execute code."""
-    try:
-        payload = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as exc:  # a truncated or foreign blob: name what was expected
-        raise ValueError(f"{what}: the bytes are not a torch.save archive ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(payload, dict):
-        raise ValueError(f"{what}: expected a dict payload, got {type(payload).__name__}")
-    return payload
-
-
-def _save_payload(payload: dict) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
-
-
 # The state ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Conditioning:
-    """Per-job constants every shard needs (the smallest form the loop accepts)."""
-
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None  # None: no classifier-free guidance
-
-    def to(self, device: str | torch.device) -> "Conditioning":
-        """The same embeddings on ``device`` (tensors already there are reused, not copied)."""
-        negative = self.negative_prompt_embeds
-        return Conditioning(self.prompt_embeds.to(device), None if negative is None else negative.to(device))
-
-    def to_bytes(self) -> bytes:
-        """torch.save of the embeddings; read back with :meth:`from_bytes`."""
-        return _save_payload(
-            {
-                "format": CONDITIONING_FORMAT,
-                "kind": _CONDITIONING_KIND,
-                "prompt_embeds": self.prompt_embeds,
-                "negative_prompt_embeds": self.negative_prompt_embeds,
-            }
-        )
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "Conditioning":
-        """Load bytes written by :meth:`to_bytes`, on CPU; ValueError for anything else."""
-        payload = _load_payload(data, "conditioning")
-        if payload.get("kind") != _CONDITIONING_KIND:
-            hint = " (these are DenoiseState bytes: use DenoiseState.from_bytes)" if "scheduler_class" in payload else ""
-            raise ValueError(f"conditioning: the bytes do not hold a Conditioning{hint}")
-        if payload.get("format") != CONDITIONING_FORMAT:
-            raise ValueError(
-                f"unsupported conditioning format {payload.get('format')!r}; expected {CONDITIONING_FORMAT}"
-            )
-        return cls(payload["prompt_embeds"], payload["negative_prompt_embeds"])
-
-
 @dataclass(frozen=True)
 class DenoiseState:
     """Everything needed to run the next steps of one job, in any process."""
@@ -156,6 +109,11 @@ class DenoiseState:
     @property
     def done(self) -> bool:
         return self.step_index >= self.num_steps
+
+    @property
+    def family(self) -> str:
+        """The model family whose step runs this state: its conditioning's family."""
+        return self.conditioning.family
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -198,12 +156,12 @@ class DenoiseState:
             "boundary_timestep": self.boundary_timestep,
         }
         if include_conditioning:
-            payload["prompt_embeds"] = self.conditioning.prompt_embeds
-            payload["negative_prompt_embeds"] = self.conditioning.negative_prompt_embeds
+            # T2V: exactly prompt_embeds, negative_prompt_embeds; other families add their tag and tensors.
+            payload.update(self.conditioning.payload_fields())
         else:
             payload["conditioning_included"] = False
         payload["generator_state"] = self.generator_state
-        return _save_payload(payload)
+        return save_payload(payload)
 
     @classmethod
     def from_bytes(cls, data: bytes, conditioning: Conditioning | None = None) -> "DenoiseState":
@@ -213,8 +171,8 @@ class DenoiseState:
         (ValueError without it). When given, it is the state's conditioning even if the
         bytes carry one too.
         """
-        payload = _load_payload(data, "denoise state")
-        if payload.get("kind") == _CONDITIONING_KIND:
+        payload = load_payload(data, "denoise state")
+        if payload.get("kind") == CONDITIONING_KIND:
             raise ValueError("denoise state: the bytes hold a Conditioning (use Conditioning.from_bytes)")
         if payload.get("format") != STATE_FORMAT:
             raise ValueError(f"unsupported denoise state format {payload.get('format')!r}; expected {STATE_FORMAT}")
@@ -225,7 +183,7 @@ class DenoiseState:
                     "(to_bytes(include_conditioning=False)); pass conditioning=Conditioning.from_bytes(...) "
                     "with the same job's conditioning"
                 )
-            conditioning = Conditioning(payload["prompt_embeds"], payload["negative_prompt_embeds"])
+            conditioning = Conditioning.from_payload_fields(payload, "denoise state")
         return cls(
             latents=payload["latents"],
             scheduler_class=payload["scheduler_class"],
@@ -361,7 +319,10 @@ def denoise(
     if not start < end <= state.num_steps:
         raise ValueError(f"step range [{start}, {end}) is not within [{start}, {state.num_steps}]")
 
-    # 0. Which expert runs each step, and the one device they share.
+    # 0. The family's step, which expert runs each step, and the one device they share.
+    from farm.render.families import StepContext, get_family  # the families import this module
+
+    family = get_family(state.family)
     layout = layout_of(state)
     for i in range(start, end):
         if layout.experts[i] not in experts:
@@ -381,40 +342,17 @@ def denoise(
         generator.set_state(state.generator_state)
         step_kwargs["generator"] = generator
     cond = state.conditioning.to(device)
-    latent_dtype = state.latents.dtype
     latents = state.latents.to(device)
     timesteps = scheduler.timesteps
 
     for i in range(start, end):
-        t = timesteps[i]
         name = layout.experts[i]
-        model = experts[name]
         guidance = state.guidance_scale if name == HIGH_NOISE_EXPERT else state.guidance_scale_2
-        model_input = latents.to(model.dtype)
-        timestep = t.expand(latents.shape[0])
-        cache = {"step_index": i, "sigma": sigmas[i], "num_inference_steps": state.num_steps}
+        ctx = StepContext(index=i, timestep=timesteps[i], sigma=sigmas[i], num_steps=state.num_steps, guidance=guidance)
 
-        # 2. Conditional prediction, then the unconditional one for classifier-free guidance.
-        with model.cache_context("cond", **cache):
-            noise_pred = model(
-                hidden_states=model_input,
-                timestep=timestep,
-                encoder_hidden_states=cond.prompt_embeds.to(model.dtype),
-                return_dict=False,
-            )[0]
-        if cond.negative_prompt_embeds is not None:
-            with model.cache_context("uncond", **cache):
-                noise_uncond = model(
-                    hidden_states=model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=cond.negative_prompt_embeds.to(model.dtype),
-                    return_dict=False,
-                )[0]
-            noise_pred = noise_uncond + guidance * (noise_pred - noise_uncond)
-
-        # 3. x_t → x_{t-1}. Flow-match Euler returns the model's dtype; cast back so the latents
-        #    keep one dtype across steps and shards (lossless: the next step upcasts anyway).
-        latents = scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0].to(latent_dtype)
+        # 2. The family's step: its transformer call(s) with classifier-free guidance, then
+        #    x_t → x_{t-1}; the latents keep their dtype.
+        latents = family.step(experts[name], scheduler, latents, cond, ctx, step_kwargs)
         if on_step is not None:
             on_step(i, state.num_steps)
 

@@ -1,7 +1,10 @@
 """Render stages, each loading only the weights it needs through ``from_pretrained``.
 
 A text-encoder replica holds the tokenizer and UMT5; a denoiser replica holds one
-or both experts; the finisher holds the VAE. The same code loads a tiny local model
+or both experts; the decoder holds the VAE. These are the Wan stages; a model family
+(:mod:`farm.render.families`) picks its encoder, transformer class, initial state and
+decoder, and may bring stages of its own (Wan image-to-video's encoder also holds the
+image encoder and the VAE). The same code loads a tiny local model
 and ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` — only ``ModelSpec.path`` differs.
 
 Each stage names its device and dtype (``stage.device``, ``stage.dtype``):
@@ -32,7 +35,6 @@ from farm.render.denoise import (
     DenoiseState,
     StepCallback,
     denoise,
-    prepare_state,
 )
 from farm.render.registry import ModelSpec, RenderParams
 
@@ -106,7 +108,9 @@ class ModelLayout:
         return cls(
             experts=experts,
             boundary_ratio=index.get("boundary_ratio"),
-            latent_channels=transformer["in_channels"],
+            # The denoised latents have the VAE's channels; an image-to-video transformer takes more
+            # (latents + condition), a text-to-video one exactly these.
+            latent_channels=vae.get("z_dim", transformer["out_channels"]),
             scale_spatial=vae.get("scale_factor_spatial", 8),
             scale_temporal=vae.get("scale_factor_temporal", 4),
         )
@@ -183,6 +187,12 @@ class TextEncoderStage:
         negative = self._embed(self.spec.negative_prompt) if uses_cfg else None
         return Conditioning(self._embed(prompt), negative)
 
+    def encode_job(self, params: RenderParams, image=None) -> Conditioning:
+        """The text-to-video family's encoder stage: :meth:`encode` of the prompt; ValueError for an image."""
+        if image is not None:
+            raise ValueError(f"input_reference: model {self.spec.id!r} renders from text only and takes no image")
+        return self.encode(params.prompt)
+
 
 class DenoiserStage:
     """Holds one or both experts resident on ``device`` in the spec's dtype and runs step ranges on them.
@@ -199,7 +209,7 @@ class DenoiserStage:
         *,
         attention: str | None = None,
     ) -> None:
-        from diffusers import WanTransformer3DModel
+        from farm.render.families import get_family
 
         self.spec = spec
         self.device = pick_device(device)
@@ -212,8 +222,7 @@ class DenoiserStage:
         self.attention = attention or pick_attention_backend(self.device)
         self.experts: dict[str, torch.nn.Module] = {}
         for name in wanted:
-            model = WanTransformer3DModel.from_pretrained(spec.path, subfolder=name, torch_dtype=self.dtype)
-            model = model.to(self.device).eval()
+            model = get_family(spec.family).load_transformer(spec, name, self.dtype).to(self.device).eval()
             if self.attention != "native":
                 model.set_attention_backend(self.attention)
             self.experts[name] = model
@@ -269,16 +278,14 @@ def initial_state(
     spec: ModelSpec, params: RenderParams, conditioning: Conditioning, *, device: str = "cpu"
 ) -> DenoiseState:
     """The job's state before step 0: schedule set, float32 noise drawn from the seed, on ``device``
-    (CPU by default, where states travel; any denoiser moves it to its own device)."""
-    layout = ModelLayout.read(spec.path)
-    return prepare_state(
-        make_scheduler(spec, params.scheduler),
-        conditioning,
-        latent_shape=layout.latent_shape(params, spec.num_frames(params.seconds)),
-        num_steps=params.steps,
-        seed=params.seed,
-        guidance_scale=spec.guidance_scale,
-        guidance_scale_2=spec.guidance_scale_2,
-        boundary_ratio=layout.boundary_ratio,
-        device=device,
-    )
+    (CPU by default, where states travel; any denoiser moves it to its own device).
+
+    The model's family prepares it; ValueError when ``conditioning`` is another family's.
+    """
+    from farm.render.families import get_family
+
+    if conditioning.family != spec.family:
+        raise ValueError(
+            f"model {spec.id!r} is family {spec.family!r}, but the conditioning is {conditioning.family!r}'s"
+        )
+    return get_family(spec.family).initial_state(spec, params, conditioning, device=device)

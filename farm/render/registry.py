@@ -14,6 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 _SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")  # ASCII digits (\d takes any script), no zeros
 
 
+# The families whose encoder takes a reference image (farm.render.families names them; this module
+# stays torch-free for the gateway).
+IMAGE_FAMILIES = frozenset({"wan-i2v"})
+WAN_I2V_TEXT_TOKENS = 512
+# The job param (set by the gateway) naming the object-store key of the job's reference image.
+REFERENCE_KEY_PARAM = "input_reference_key"
+
+
 def parse_size(size: str) -> tuple[int, int]:
     """``"WxH"`` → ``(width, height)``; raises ValueError naming the value."""
     match = _SIZE.match(size.strip()) if isinstance(size, str) else None
@@ -32,7 +40,12 @@ class ModelSpec(BaseModel):
         description="A local folder saved with save_pretrained, or a hub repo id such as "
         "'Wan-AI/Wan2.1-T2V-1.3B-Diffusers' (needs network access on the workers)."
     )
-    family: Literal["wan"] = Field(default="wan", description="Pipeline family; decides the denoising loop.")
+    family: Literal["wan", "wan-i2v"] = Field(
+        default="wan",
+        description="Model family (farm.render.families), which decides the encoder, the denoising step and the "
+        "decoder: 'wan' is Wan 2.1/2.2 text-to-video; 'wan-i2v' is Wan 2.1 image-to-video (a reference image "
+        "conditions the clip; needs max_sequence_length 512).",
+    )
     experts: Literal[1, 2] = Field(
         default=1, description="1, or 2 for Wan 2.2 A14B-style high-noise/low-noise experts (one pool each)."
     )
@@ -74,6 +87,11 @@ class ModelSpec(BaseModel):
                     f"seconds={seconds} at fps={self.fps} gives {seconds * self.fps + 1} frames; "
                     "seconds*fps must be a positive multiple of 4"
                 )
+        if self.family in IMAGE_FAMILIES and self.max_sequence_length != WAN_I2V_TEXT_TOKENS:
+            # Wan 2.1 I2V's cross-attention splits image tokens from text tokens by assuming 512 of the latter.
+            raise ValueError(
+                f"max_sequence_length={self.max_sequence_length}: family {self.family!r} needs {WAN_I2V_TEXT_TOKENS}"
+            )
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps={self.default_steps} exceeds max_steps={self.max_steps}")
         return self
@@ -81,12 +99,17 @@ class ModelSpec(BaseModel):
     def num_frames(self, seconds: int) -> int:
         return seconds * self.fps + 1
 
+    @property
+    def takes_image(self) -> bool:
+        """True when the model's family conditions on a reference image (``input_reference``)."""
+        return self.family in IMAGE_FAMILIES
+
     # What a family can take and make; derived, not configured, so `GET /v1/models` cannot claim
     # more than the render stack does. A family that conditions on images or makes audio says so here.
     @property
     def input_types(self) -> tuple[str, ...]:
-        """What a request may condition on: the Wan text-to-video family takes text only."""
-        return ("text",)
+        """What a request may condition on: text, plus an image for an image-to-video family."""
+        return ("text", "image") if self.takes_image else ("text",)
 
     @property
     def audio(self) -> bool:
@@ -117,6 +140,11 @@ class RenderParams(BaseModel):
     seed: int = Field(ge=0, lt=2**63)
     scheduler: Literal["unipc", "flow-euler"] = Field(
         default="unipc", description="'unipc' is the model's own multistep solver; 'flow-euler' is flow-matching Euler."
+    )
+    reference_key: str | None = Field(
+        default=None,
+        description="Object-store key of the job's reference image (image-to-video models), stored by the "
+        "gateway under the job's prefix; None for text-to-video.",
     )
 
 

@@ -2,8 +2,9 @@
 
 The build machines have no model hub, so tests and the demo use models this module
 makes. They are real diffusers/transformers classes at toy sizes, saved in the same
-layout as ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, and loaded by the same
-``from_pretrained`` path real weights take. Real weights are a config change.
+layout as ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` (:func:`build_tiny_wan`) or
+``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers`` (:func:`build_tiny_wan_i2v`), and loaded by the
+same ``from_pretrained`` path real weights take. Real weights are a config change.
 """
 
 from __future__ import annotations
@@ -59,6 +60,20 @@ TINY_VAE = dict(
     temperal_downsample=[False, True, True],
 )
 TWO_EXPERT_BOUNDARY_RATIO = 0.875  # Wan 2.2 A14B T2V
+# Wan 2.1 I2V: the transformer also takes the 20-channel condition (16 + 20 = 36 input channels)
+# and cross-attends to the image encoder's tokens (image_dim = the CLIP hidden size; the added
+# key/value projections map them to the attention's inner size, heads × head dim = 24).
+TINY_I2V_TRANSFORMER = TINY_TRANSFORMER | dict(in_channels=36, image_dim=32, added_kv_proj_dim=24)
+TINY_IMAGE_ENCODER = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=32,
+)
+TINY_I2V_MODEL_ID = "wan-tiny-i2v"
 
 
 def _build_tokenizer():
@@ -152,21 +167,57 @@ def build_tiny_wan(out_dir: Path, *, experts: int = 1, seed: int = 0) -> Path:
         scheduler=_build_scheduler(),
         **extra,
     )
+    _save_atomically(pipe, out_dir, {"family": "wan", "variant": "tiny", "experts": experts, "fps": TINY_FPS, "seed": seed})
+    log.info("built tiny wan (%d expert(s)) at %s", experts, out_dir)
+    return out_dir
+
+
+def build_tiny_wan_i2v(out_dir: Path, *, seed: int = 0) -> Path:
+    """Build a tiny Wan 2.1 image-to-video pipeline (``WanImageToVideoPipeline``) into ``out_dir``.
+
+    The text side (tokenizer, UMT5, VAE, scheduler) is the text-to-video model's; it adds a
+    CLIP vision encoder with its image processor (32×32 input, 17 tokens of width 32) and a
+    36-channel transformer with image cross-attention. Written next to its destination and
+    renamed into place, like :func:`build_tiny_wan`.
+    """
+    import torch
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = _build_tokenizer()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_build_text_encoder(len(tokenizer)),
+        vae=AutoencoderKLWan(**TINY_VAE).eval(),
+        transformer=WanTransformer3DModel(**TINY_I2V_TRANSFORMER).eval(),
+        scheduler=_build_scheduler(),
+        image_encoder=CLIPVisionModel(CLIPVisionConfig(**TINY_IMAGE_ENCODER)).eval(),
+        # CLIP's own preprocessing (resize the short side, center-crop, normalize) at the tiny size.
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": TINY_IMAGE_ENCODER["image_size"]},
+            crop_size={"height": TINY_IMAGE_ENCODER["image_size"], "width": TINY_IMAGE_ENCODER["image_size"]},
+        ),
+    )
+    _save_atomically(pipe, out_dir, {"family": "wan-i2v", "variant": "tiny", "experts": 1, "fps": TINY_FPS, "seed": seed})
+    log.info("built tiny wan i2v at %s", out_dir)
+    return out_dir
+
+
+def _save_atomically(pipe, out_dir: Path, meta: dict) -> None:
+    """save_pretrained into a staging folder beside ``out_dir``, then rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         pipe.save_pretrained(staging)
-        (staging / "videofarm.json").write_text(
-            json.dumps({"family": "wan", "variant": "tiny", "experts": experts, "fps": TINY_FPS, "seed": seed}, indent=2)
-        )
+        (staging / "videofarm.json").write_text(json.dumps(meta, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    log.info("built tiny wan (%d expert(s)) at %s", experts, out_dir)
-    return out_dir
 
 
 def is_built(path: Path) -> bool:
@@ -175,6 +226,22 @@ def is_built(path: Path) -> bool:
 
 
 TINY_MODEL_IDS = {1: "wan-tiny", 2: "wan-tiny-2x"}
+
+
+def is_tiny_id(model_id: str) -> bool:
+    """True for the ids of the tiny models this module builds (text-to-video and image-to-video)."""
+    return model_id in TINY_MODEL_IDS.values() or model_id == TINY_I2V_MODEL_ID
+
+
+def build_tiny_by_id(model_id: str, out_dir: Path) -> Path:
+    """Build the tiny model called ``model_id`` (see :func:`is_tiny_id`) into ``out_dir``; ValueError otherwise."""
+    if model_id == TINY_I2V_MODEL_ID:
+        return build_tiny_wan_i2v(out_dir)
+    experts = {v: k for k, v in TINY_MODEL_IDS.items()}.get(model_id)
+    if experts is None:
+        raise ValueError(f"model {model_id!r} is not a tiny model; tiny ones: "
+                         f"{', '.join([*TINY_MODEL_IDS.values(), TINY_I2V_MODEL_ID])}")
+    return build_tiny_wan(out_dir, experts=experts)
 
 
 def tiny_spec(path: Path | str, experts: int = 1) -> ModelSpec:
@@ -191,4 +258,23 @@ def tiny_spec(path: Path | str, experts: int = 1) -> ModelSpec:
         guidance_scale=5.0,
         guidance_scale_2=3.0 if experts == 2 else None,
         max_sequence_length=64,
+    )
+
+
+def tiny_i2v_spec(path: Path | str) -> ModelSpec:
+    """The registry entry for the tiny image-to-video model: sizes up to 128², 8 fps, few steps.
+
+    ``max_sequence_length`` is 512: Wan 2.1 I2V's attention takes the text to be 512 tokens.
+    """
+    return ModelSpec(
+        id=TINY_I2V_MODEL_ID,
+        family="wan-i2v",
+        path=str(path),
+        fps=TINY_FPS,
+        sizes=["64x64", "128x128", "128x96", "96x128"],
+        seconds=[1, 2],
+        default_steps=8,
+        max_steps=50,
+        guidance_scale=5.0,
+        max_sequence_length=512,
     )

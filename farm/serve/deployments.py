@@ -99,17 +99,28 @@ def _storage(settings: dict, stage: str):
 # `checkpointed` while its next shard runs). torch runs one thread per replica here.
 @serve.deployment(max_ongoing_requests=1)
 class Encoder:
-    """Prompt → conditioning → the job's initial state, for every served model; or a job's
-    state read back from its last checkpoint."""
+    """Request → conditioning → the job's initial state, for every served model (the prompt, and the
+    reference image read from S3 for a model that takes one); or a job's state read back from its
+    last checkpoint."""
 
     def __init__(self, settings: dict) -> None:
         bind_replica_grpc_to_node_address()
-        from farm.render.engine import TextEncoderStage, configure_torch
+        from farm.render.engine import configure_torch
+        from farm.render.families import get_family
 
         configure_torch()
         self.settings, self.objects, self.retry = _storage(settings, "encoder")
         self.specs = {m.id: m for m in self.settings.models}
-        self.stages = {mid: TextEncoderStage(spec) for mid, spec in self.specs.items()}
+        # Each model's family brings its encoder stage (text only, or text + image encoder + VAE).
+        self.stages = {mid: get_family(spec.family).load_encoder(spec) for mid, spec in self.specs.items()}
+        # Reference images are in S3 whether or not checkpoints are on.
+        self.references = None
+        if any(spec.takes_image for spec in self.specs.values()):
+            from farm.jobs.retry import RetryPolicy
+            from farm.storage.connect import open_store
+
+            self.references = (open_store(self.settings, start=False),
+                               RetryPolicy.from_settings(self.settings.render, _count_storage_errors("encoder")))
 
     async def start(self, job_id: str, model_id: str, params: RenderParams, resume_from: str | None) -> Prepared:
         return await asyncio.to_thread(self._start, job_id, model_id, params, resume_from)
@@ -123,11 +134,23 @@ class Encoder:
         if resume_from and self.objects is not None:
             state = read_checkpoint(self.objects, self.retry, job_id, resume_from)
         if state is None:
-            conditioning = self.stages[model_id].encode(params.prompt)
+            conditioning = self.stages[model_id].encode_job(params, self._reference(job_id, params))
             state = initial_state(self.specs[model_id], params, conditioning)
             if self.objects is not None:  # once per job: shard checkpoints leave it out
                 write_conditioning(self.objects, self.retry, job_id, conditioning)
         return Prepared(_put(state), layout_of(state), state.step_index, _replica_id())
+
+    def _reference(self, job_id: str, params: RenderParams):
+        """The job's reference image (read from S3), or None for a job without one."""
+        if params.reference_key is None:
+            return None
+        from farm.render.reference import open_reference
+
+        if self.references is None:
+            raise ValueError(f"job {job_id}: has a reference image, but none of this encoder's models takes one")
+        objects, retry = self.references
+        return open_reference(retry.storage_call(f"job {job_id}: read reference", objects.get_bytes,
+                                                 params.reference_key))
 
 
 @serve.deployment(max_ongoing_requests=2)
@@ -193,11 +216,12 @@ class Decoder:
         bind_replica_grpc_to_node_address()
         from farm.config import FarmSettings
         from farm.metrics import FarmMetrics
-        from farm.render.engine import DecoderStage, configure_torch
+        from farm.render.engine import configure_torch
+        from farm.render.families import get_family
 
         configure_torch()
         self.settings = FarmSettings.model_validate(settings)
-        self.decoders = {spec.id: DecoderStage(spec) for spec in self.settings.models}
+        self.decoders = {spec.id: get_family(spec.family).load_decoder(spec) for spec in self.settings.models}
         self.metrics = FarmMetrics()
 
     async def decode(self, model_id: str, box: ObjectBox) -> Decoded:

@@ -489,6 +489,13 @@ class ClipLayout:
         "spritesheet": ("spritesheet.jpg", "image/jpeg"),
     }
     RECORD: ClassVar[str] = "record.json"
+    # The request's reference image (image-to-video), by Pillow format name: stored by the gateway
+    # before the job is queued, read by the encoder; deleted with the clip.
+    REFERENCES: ClassVar[Mapping[str, tuple[str, str]]] = {
+        "PNG": ("input_reference.png", "image/png"),
+        "JPEG": ("input_reference.jpg", "image/jpeg"),
+        "WEBP": ("input_reference.webp", "image/webp"),
+    }
 
     def __post_init__(self) -> None:
         if not _VIDEO_ID_RE.match(self.video_id):
@@ -506,6 +513,14 @@ class ClipLayout:
 
     def key(self, variant: str) -> str:
         return self.prefix + self._variant(variant)[0]
+
+    def reference(self, image_format: str) -> tuple[str, str]:
+        """The key and content type of the job's reference image in ``image_format`` (PNG, JPEG, WEBP)."""
+        try:
+            name, content_type = self.REFERENCES[image_format]
+        except KeyError:
+            raise ValueError(f"unknown reference image format {image_format!r}; allowed: {sorted(self.REFERENCES)}") from None
+        return self.prefix + name, content_type
 
     def content_type(self, variant: str) -> str:
         return self._variant(variant)[1]

@@ -191,3 +191,19 @@ def test_the_gateway_caps_each_class_apart(store: JobStore) -> None:
     assert store.queue_depths() == {PRIORITY_INTERACTIVE: 1, PRIORITY_BULK: 2}
     with pytest.raises(ValueError, match="max_queued_bulk"):
         GatewayDeps(store=store, objects=lambda: None, models=[spec], max_queued_bulk=0)
+
+
+# -- ids drawn by the caller ------------------------------------------------------------------
+
+
+def test_a_caller_drawn_id_is_the_new_jobs_and_a_replay_keeps_its_own(store: JobStore) -> None:
+    from farm.jobs.job import new_video_id
+
+    drawn = new_video_id()
+    job = make(store, "from an image", video_id=drawn, idempotency_key="img-1")
+    assert job.id == drawn and store.get(drawn).prompt == "from an image"
+    replay = make(store, "from an image", video_id=new_video_id(), idempotency_key="img-1")
+    assert replay.id == drawn  # the earlier job, whatever id this attempt drew
+    with pytest.raises(ValueError, match="video_id: 'videos/../x' is not an id from new_video_id"):
+        make(store, "bad id", video_id="videos/../x")
+    assert [j.id for j in store.list(limit=10)[0]] == [drawn]

@@ -1,0 +1,25 @@
+"""The model families the render layer serves, by the name ``ModelSpec.family`` gives.
+
+- ``wan`` — Wan 2.1 / 2.2 text-to-video (one expert, or two split at ``boundary_ratio``);
+- ``wan-i2v`` — Wan 2.1 image-to-video (CLIP image encoder, 36-channel transformer).
+
+See :mod:`farm.render.families.base` for what a family provides.
+"""
+
+from __future__ import annotations
+
+from farm.render.families.base import Family, FrameDecoder, JobEncoder, StepContext
+from farm.render.families.wan import WanTextToVideo
+from farm.render.families.wan_i2v import WanImageToVideo
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (WanTextToVideo(), WanImageToVideo())}
+
+__all__ = ["FAMILIES", "Family", "FrameDecoder", "JobEncoder", "StepContext", "get_family"]
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name``; ValueError lists the known ones."""
+    family = FAMILIES.get(name)
+    if family is None:
+        raise ValueError(f"family: {name!r} is not known; allowed: {', '.join(sorted(FAMILIES))}")
+    return family

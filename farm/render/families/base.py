@@ -1,0 +1,115 @@
+"""What a model family provides, so the step-sharded core, the pools and the finisher stay family-agnostic.
+
+A family is the part of a diffusers pipeline that differs between model layouts:
+
+1. **conditioning** — an encoder stage that turns a request (the prompt; for image-to-video also
+   the reference image) into the job's :class:`~farm.render.conditioning.Conditioning`, once per job;
+2. **the initial state** — schedule set and noise drawn from the seed (a :class:`DenoiseState`);
+3. **one denoising step** — the transformer call(s) with classifier-free guidance for that layout,
+   then ``scheduler.step``;
+4. **decode** — a decoder stage from final latents to uint8 frames.
+
+Everything else — cutting steps into shards (:func:`~farm.render.denoise.plan_shards`), running a
+step range on whatever expert a replica holds (:func:`~farm.render.denoise.denoise`), moving states
+between devices and processes, checkpoints, the pools and the finisher — knows nothing of the family.
+The state names its family through its conditioning's class, so a denoiser finds the step to run
+from the state it is handed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+    from farm.render.conditioning import Conditioning
+    from farm.render.denoise import DenoiseState
+    from farm.render.registry import ModelSpec, RenderParams
+
+
+class JobEncoder(Protocol):
+    """An encoder stage: one request → the job's conditioning, on CPU."""
+
+    device: str
+
+    def encode_job(self, params: "RenderParams", image: "Image.Image | None" = None) -> "Conditioning":
+        """The conditioning for ``params`` (and the reference ``image`` where the family takes one);
+        ValueError when an image is missing for a family that needs one, or given to one that takes none."""
+        ...
+
+
+class FrameDecoder(Protocol):
+    """A decoder stage: final latents → uint8 RGB frames ``(F, H, W, 3)`` on CPU."""
+
+    device: str
+
+    def decode(self, latents: torch.Tensor) -> "np.ndarray": ...
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where the loop is, for one step: what a family's step needs besides the model and tensors."""
+
+    index: int  # the step's index in the schedule
+    timestep: torch.Tensor  # the scheduler's t for this step, on the model's device
+    sigma: float
+    num_steps: int
+    guidance: float  # the guidance scale of the expert that runs this step
+
+    def cache(self) -> dict:
+        """The keyword arguments of diffusers' ``cache_context`` (for FirstBlockCache, MagCache, …)."""
+        return {"step_index": self.index, "sigma": self.sigma, "num_inference_steps": self.num_steps}
+
+
+class Family(ABC):
+    """One model layout's encode, initial state, step and decode."""
+
+    name: ClassVar[str]
+    takes_image: ClassVar[bool] = False
+
+    @abstractmethod
+    def load_encoder(self, spec: "ModelSpec", device: str | None = None) -> JobEncoder:
+        """The encoder stage for ``spec``, its weights loaded with ``from_pretrained`` on ``device``."""
+
+    @abstractmethod
+    def load_transformer(self, spec: "ModelSpec", subfolder: str, dtype: torch.dtype) -> torch.nn.Module:
+        """One expert (``transformer`` or ``transformer_2``) in ``dtype``, on CPU, in eval mode."""
+
+    @abstractmethod
+    def load_decoder(self, spec: "ModelSpec", device: str | None = None) -> FrameDecoder:
+        """The decoder stage for ``spec`` on ``device``."""
+
+    @abstractmethod
+    def initial_state(
+        self, spec: "ModelSpec", params: "RenderParams", conditioning: "Conditioning", *, device: str = "cpu"
+    ) -> "DenoiseState":
+        """The job's state before step 0 on ``device``: schedule set, noise drawn from ``params.seed``."""
+
+    @abstractmethod
+    def predict(
+        self, model: torch.nn.Module, latents: torch.Tensor, cond: "Conditioning", ctx: StepContext
+    ) -> torch.Tensor:
+        """The guided model output for one step: the transformer call(s) and classifier-free guidance."""
+
+    def step(
+        self,
+        model: torch.nn.Module,
+        scheduler,
+        latents: torch.Tensor,
+        cond: "Conditioning",
+        ctx: StepContext,
+        step_kwargs: dict,
+    ) -> torch.Tensor:
+        """One denoising step, x_t → x_{t-1}: :meth:`predict`, then ``scheduler.step``.
+
+        The result keeps ``latents``' dtype: flow-match Euler returns the model's dtype, and casting
+        back keeps one latent dtype across steps and shards (lossless: the next step upcasts anyway).
+        """
+        noise_pred = self.predict(model, latents, cond, ctx)
+        return scheduler.step(noise_pred, ctx.timestep, latents, return_dict=False, **step_kwargs)[0].to(latents.dtype)
