@@ -76,15 +76,15 @@ def build_app(args: FarmAppArgs | dict) -> "Application":
 
     replicas: dict[str, list[tuple[str, object]]] = {
         ENCODE_POOL: members(Encoder, "Encoder", ss.encoder_replicas,
-                             {"num_cpus": 0.25, "num_gpus": ss.encoder_num_gpus}, plain),
+                             {"num_cpus": ss.encoder_num_cpus, "num_gpus": ss.encoder_num_gpus}, plain),
         DECODE_POOL: members(Decoder, "Decoder", ss.decoder_replicas,
-                             {"num_cpus": 0.25, "num_gpus": ss.decoder_num_gpus}, plain),
+                             {"num_cpus": ss.decoder_num_cpus, "num_gpus": ss.decoder_num_gpus}, plain),
     }
     for pool in ss.pools or default_pools(settings):
         options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
         replicas[denoise_pool(pool.model, "+".join(pool.experts))] = members(
             Denoiser, pool_name(pool), pool.replicas, options, plain, pool.model, pool.experts)
-    finisher = Finisher.options(num_replicas=ss.finisher_replicas, ray_actor_options={"num_cpus": 0.25}).bind(plain)
+    finisher = Finisher.options(num_replicas=ss.finisher_replicas, ray_actor_options={"num_cpus": ss.finisher_num_cpus}).bind(plain)
     # Serve waits this long for the dispatcher's graceful stop: its jobs drain to a shard boundary first.
     dispatcher = DispatcherDeployment.options(
         ray_actor_options={"num_cpus": 0.1}, graceful_shutdown_timeout_s=settings.render.drain_s + 30.0,

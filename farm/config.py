@@ -171,10 +171,13 @@ class ServeSettings(BaseModel):
     gateway_replicas: int = Field(default=1, ge=1, description="Gateway (HTTP ingress) replicas.")
     encoder_replicas: int = Field(default=1, ge=1, description="Text-encoder replicas.")
     encoder_num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per text-encoder replica.")
+    encoder_num_cpus: float = Field(default=0.25, gt=0.0, description="CPUs Ray reserves per text-encoder replica.")
     decoder_replicas: int = Field(default=1, ge=1, description="Replicas of the decode pool (the VAE of every model).")
     decoder_num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per decode replica.")
+    decoder_num_cpus: float = Field(default=0.25, gt=0.0, description="CPUs Ray reserves per decode replica.")
     finisher_replicas: int = Field(
         default=1, ge=1, description="Finisher replicas (CPU: watermark, H.264, thumbnail, C2PA, upload).")
+    finisher_num_cpus: float = Field(default=0.25, gt=0.0, description="CPUs Ray reserves per finisher replica.")
     pools: list[PoolSettings] = Field(
         default_factory=list, description="Denoiser pools; empty: one pool per expert of every model, 1 replica each."
     )
