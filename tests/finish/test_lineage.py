@@ -265,3 +265,27 @@ def test_a_missing_parent_file_fails_and_leaves_nothing(chain: Chain, tmp_path: 
     with pytest.raises(FileNotFoundError, match="parent"):
         _finish(chain.state_dir, out, "remix", 2, _parent(tmp_path / "gone.mp4", "remix", "video_gone"))
     assert [p.name for p in (out / "remix").iterdir() if not p.name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------- farm verify
+
+
+def test_farm_verify_prints_the_chain_and_says_where_it_breaks(chain: Chain, tmp_path: Path, monkeypatch, capsys) -> None:
+    from farm.cli import main
+
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "home"))
+    anchors = tmp_path / "ca.pem"
+    anchors.write_text(chain.ca_pem)
+
+    assert main(["verify", str(chain.extension), "--trust-anchors", str(anchors)]) == 0
+    out = capsys.readouterr().out
+    assert "c2pa:  Trusted" in out and "chain: Trusted, 3 links" in out
+    assert "  parentOf video_remix.mp4: Trusted  [c2pa.opened, c2pa.edited]" in out
+    assert "    parentOf video_original.mp4: Trusted  [c2pa.created]" in out
+    assert "broken:" not in out
+
+    tampered = _alter_once(chain.extension, tmp_path / "tampered.mp4", _digest(PROMPTS["remix"]))
+    assert main(["verify", str(tampered), "--trust-anchors", str(anchors)]) == 1
+    out = capsys.readouterr().out
+    assert "chain: Invalid, 3 links" in out
+    assert "broken: ingredient 'video_remix.mp4' at depth 1" in out
