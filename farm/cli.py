@@ -517,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_policy_commands(sub, cmd_optout)
 
-    check = sub.add_parser("verify", help="check that an MP4 decodes and its C2PA manifest (and ingredient chain) is trusted")
+    check = sub.add_parser(
+        "verify", help="check that an MP4 decodes and its C2PA manifest, with its ingredient chain, is trusted")
     check.add_argument("file", help="the MP4 to check")
     check.add_argument("--trust-anchors", help="PEM file of trusted root CAs (default: the dev CA)")
     check.set_defaults(func=cmd_verify)

@@ -9,6 +9,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from farm.finish import (
@@ -189,8 +190,8 @@ def test_an_altered_ancestor_manifest_breaks_the_chain_at_that_link(
     """One hex digit of an ancestor's prompt hash (inside its generation assertion, as the
     extension file carries it) changed."""
     tampered = _alter_once(chain.extension, tmp_path / "tampered.mp4", _digest(PROMPTS[whose]))
-    np_frames_equal = (read_frames(tampered) == read_frames(chain.extension)).all()
-    assert np_frames_equal  # the media is untouched; only the manifest store changed
+    # The media is untouched; only the manifest store changed.
+    np.testing.assert_array_equal(read_frames(tampered), read_frames(chain.extension))
 
     assert verify(tampered, chain.ca_pem).state == "Invalid"
     report = verify_chain(tampered, chain.ca_pem)
@@ -270,7 +271,9 @@ def test_a_missing_parent_file_fails_and_leaves_nothing(chain: Chain, tmp_path: 
 # ---------------------------------------------------------------- farm verify
 
 
-def test_farm_verify_prints_the_chain_and_says_where_it_breaks(chain: Chain, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_farm_verify_prints_the_chain_and_says_where_it_breaks(
+    chain: Chain, tmp_path: Path, monkeypatch, capsys
+) -> None:
     from farm.cli import main
 
     monkeypatch.setenv("FARM_HOME", str(tmp_path / "home"))

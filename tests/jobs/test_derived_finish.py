@@ -58,7 +58,9 @@ def test_params_of_carries_derived_from(tmp_path: Path) -> None:
         params_of(_job("video_bad", {"derived_from": derived | {"action": "crop"}}), spec)
 
 
-def test_the_finisher_reads_the_source_from_s3_into_the_ingredient(tmp_path: Path, store, monkeypatch) -> None:  # noqa: F811
+def test_the_finisher_reads_the_source_from_s3_into_the_ingredient(
+    tmp_path: Path, store, monkeypatch  # noqa: F811
+) -> None:
     """The Finisher deployment's own finish (its replica state set directly, the frames handed over
     without Ray's object store): the signed clip in S3 chains Trusted to the source it read."""
     from farm.serve import deployments
