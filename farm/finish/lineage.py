@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import c2pa
 
-from farm.finish.provenance import ACTIONS_LABEL, _reader_settings
+from farm.finish.provenance import ACTIONS_LABEL, reader_settings
 
 LinkState = Literal["Trusted", "Valid", "Invalid", "Unsigned"]
 
@@ -93,7 +93,7 @@ def verify_chain(path: Path, trust_anchors_pem: str | None = None) -> ChainRepor
     ``Trusted``; without it ``Valid`` is the best a link can be.
     """
     path = Path(path)
-    with c2pa.Context.from_dict(_reader_settings(trust_anchors_pem)) as context:
+    with c2pa.Context.from_dict(reader_settings(trust_anchors_pem)) as context:
         try:
             with open(path, "rb") as stream, c2pa.Reader("video/mp4", stream, None, context) as reader:
                 store = json.loads(reader.json())

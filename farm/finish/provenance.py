@@ -422,7 +422,7 @@ def sign_mp4(
     try:
         with (
             _load_signer(signer) as c2pa_signer,
-            c2pa.Context.from_dict(_reader_settings(trust_anchors_pem)) as context,
+            c2pa.Context.from_dict(reader_settings(trust_anchors_pem)) as context,
             c2pa.Builder(manifest, context=context) as builder,
             open(src, "rb") as source,
             open(tmp, "w+b") as dest,
@@ -446,7 +446,8 @@ def sign_mp4(
 # ---------------------------------------------------------------- verification
 
 
-def _reader_settings(trust_anchors_pem: str | None) -> dict[str, Any]:
+def reader_settings(trust_anchors_pem: str | None) -> dict[str, Any]:
+    """c2pa Context settings for validating: trust checked against the given PEM roots, nothing fetched."""
     # No network here or in most deployments: never fetch OCSP or remote manifests.
     settings: dict[str, Any] = {
         "verify": {
@@ -469,7 +470,7 @@ def verify(path: Path, trust_anchors_pem: str | None = None) -> VerifyResult:
     gives ``Invalid``; a file without a manifest gives ``Unsigned``.
     """
     path = Path(path)
-    with c2pa.Context.from_dict(_reader_settings(trust_anchors_pem)) as context:
+    with c2pa.Context.from_dict(reader_settings(trust_anchors_pem)) as context:
         try:
             with open(path, "rb") as stream, c2pa.Reader("video/mp4", stream, None, context) as reader:
                 store = json.loads(reader.json())
