@@ -30,7 +30,8 @@ from farm.finish.provenance import ACTIONS_LABEL, reader_settings
 LinkState = Literal["Trusted", "Valid", "Invalid", "Unsigned"]
 
 _TRUSTED, _UNTRUSTED = "signingCredential.trusted", "signingCredential.untrusted"
-# A loop of manifests cannot be signed honestly, but a crafted file could claim one.
+# A loop of manifests cannot be signed honestly, but a crafted file could claim one; and a walk
+# this deep is not a provenance chain anyone made.
 _MAX_DEPTH = 64
 
 
@@ -123,11 +124,14 @@ def _walk(store: dict[str, Any], anchored: bool) -> list[ChainLink]:
     top = manifests[active]
     links.append(_link(0, top.get("title") or "(untitled)", None, active, failures, trusted, anchored, top))
 
-    # Depth first, so the printed tree reads top to bottom.
-    stack: list[tuple[int, str, dict[str, Any]]] = [(1, active, ing) for ing in reversed(_ingredients(top))]
-    seen = {active}
+    # Depth first, so the printed tree reads top to bottom; each entry knows its ancestors, so a
+    # manifest reached twice by different paths is fine and only one below itself is a loop.
+    stack: list[tuple[int, tuple[str, ...], dict[str, Any]]] = [
+        (1, (active,), ing) for ing in reversed(_ingredients(top))
+    ]
     while stack:
-        depth, owner, ingredient = stack.pop()
+        depth, ancestors, ingredient = stack.pop()
+        owner = ancestors[-1]
         title = ingredient.get("title") or "(untitled)"
         relationship = ingredient.get("relationship") or "componentOf"
         label = ingredient.get("active_manifest")
@@ -150,13 +154,15 @@ def _walk(store: dict[str, Any], anchored: bool) -> list[ChainLink]:
         manifest = manifests.get(label)
         if manifest is None:
             failures.append(f"manifest.missing: ingredient names manifest {label}, which the store lacks")
-        if label in seen or depth > _MAX_DEPTH:
+        if label in ancestors:
             failures.append(f"ingredient.loop: manifest {label} appears again below itself")
+            manifest = None
+        elif depth > _MAX_DEPTH:
+            failures.append(f"ingredient.tooDeep: the chain goes on past {_MAX_DEPTH} links; not walked further")
             manifest = None
         links.append(_link(depth, title, relationship, label, failures, trusted, anchored, manifest or {}))
         if manifest is not None:
-            seen.add(label)
-            stack.extend((depth + 1, label, ing) for ing in reversed(_ingredients(manifest)))
+            stack.extend((depth + 1, (*ancestors, label), ing) for ing in reversed(_ingredients(manifest)))
     return links
 
 
