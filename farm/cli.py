@@ -310,6 +310,7 @@ def _api_error(exc) -> str:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check a clip as a viewer would: it decodes, and its C2PA manifest validates."""
     from farm.finish.media import probe_mp4
+    from farm.finish.lineage import verify_chain
     from farm.finish.provenance import ensure_dev_credentials, verify
 
     path = Path(args.file)
@@ -328,7 +329,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"c2pa:  {result.state}")
     for failure in result.failures:
         print(f"       {failure}")
-    return 0 if result.state == "Trusted" else 1
+    # The ingredient chain of a remix, edit or extension, link by link down to the original.
+    chain = verify_chain(path, anchors)
+    if len(chain.links) > 1:
+        print(f"chain: {chain.state}, {len(chain.links)} links")
+        for line in chain.lines():
+            print(f"       {line}")
+        for link in chain.broken:
+            print(f"broken: {link.where}")
+    return 0 if result.state == "Trusted" and chain.state == "Trusted" else 1
 
 
 # Helpers ---------------------------------------------------------------------
@@ -508,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_policy_commands(sub, cmd_optout)
 
-    check = sub.add_parser("verify", help="check that an MP4 decodes and its C2PA manifest is trusted")
+    check = sub.add_parser(
+        "verify", help="check that an MP4 decodes and its C2PA manifest, with its ingredient chain, is trusted")
     check.add_argument("file", help="the MP4 to check")
     check.add_argument("--trust-anchors", help="PEM file of trusted root CAs (default: the dev CA)")
     check.set_defaults(func=cmd_verify)

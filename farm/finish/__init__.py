@@ -1,4 +1,4 @@
-"""Finishing chain: visible watermark, H.264 MP4, thumbnail/spritesheet, C2PA signing."""
+"""Finishing chain: visible watermark, H.264 MP4, thumbnail/spritesheet, C2PA signing and its ingredient chain."""
 
 from farm.finish.chain import ClipMeta, FinishedClip, finish_clip, resolve_signer
 from farm.finish.media import (
@@ -14,13 +14,18 @@ from farm.finish.media import (
     write_spritesheet,
     write_thumbnail,
 )
+from farm.finish.lineage import ChainLink, ChainReport, verify_chain
 from farm.finish.provenance import (
+    COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA,
+    PARENT_LABEL,
     TRAINED_ALGORITHMIC_MEDIA,
     DevCredentials,
+    ParentSource,
     ProvenanceInfo,
     SignerConfig,
     VerifyResult,
     build_manifest,
+    derived_actions,
     ensure_dev_credentials,
     sign_mp4,
     verify,
@@ -28,13 +33,18 @@ from farm.finish.provenance import (
 from farm.finish.watermark import WatermarkConfig, apply_watermark, render_overlay, watermark_box
 
 __all__ = [
+    "COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA",
+    "PARENT_LABEL",
     "SPRITESHEET_MIME",
     "THUMBNAIL_MIME",
     "TRAINED_ALGORITHMIC_MEDIA",
     "VIDEO_MIME",
+    "ChainLink",
+    "ChainReport",
     "ClipMeta",
     "DevCredentials",
     "FinishedClip",
+    "ParentSource",
     "ProvenanceInfo",
     "SignerConfig",
     "VerifyResult",
@@ -42,6 +52,7 @@ __all__ = [
     "WatermarkConfig",
     "apply_watermark",
     "build_manifest",
+    "derived_actions",
     "encode_mp4",
     "ensure_dev_credentials",
     "finish_clip",
@@ -53,6 +64,7 @@ __all__ = [
     "sign_mp4",
     "top_level_boxes",
     "verify",
+    "verify_chain",
     "watermark_box",
     "write_spritesheet",
     "write_thumbnail",

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm.finish.media import encode_mp4, frame_rate, write_spritesheet, write_thumbnail
-from farm.finish.provenance import ProvenanceInfo, SignerConfig, ensure_dev_credentials, sign_mp4
+from farm.finish.provenance import ParentSource, ProvenanceInfo, SignerConfig, ensure_dev_credentials, sign_mp4
 from farm.finish.watermark import WatermarkConfig, apply_watermark
 
 logger = logging.getLogger(__name__)
@@ -99,17 +99,25 @@ def finish_clip(
     watermark: WatermarkConfig,
     signer: SignerConfig,
     state_dir: Path,
+    parent: ParentSource | None = None,
 ) -> FinishedClip:
     """Watermark, encode, thumbnail, spritesheet and sign one clip into ``out_dir``.
 
     Writes ``video.mp4``, ``thumbnail.webp`` and ``spritesheet.jpg``. Work happens in a
     hidden temporary folder inside ``out_dir`` (same filesystem, so renames are atomic);
     ``video.mp4`` is moved into place last, so its presence means the clip is complete.
+    With ``parent`` (a remix, edit or extension), the source clip is the manifest's
+    ``parentOf`` ingredient.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Resolve credentials first: a signing misconfiguration should fail before any work.
     signing = resolve_signer(signer, state_dir)
+    # With dev credentials the farm knows its own root, so a parent's recorded validation says
+    # whether it is Trusted; an operator's root is the verifier's to give (`farm verify`).
+    anchors = None
+    if parent is not None and not signer.has_credentials:
+        anchors = ensure_dev_credentials(Path(state_dir) / "c2pa").ca_cert.read_text()
 
     # 1. Visible watermark, burned into the pixels every other output is made from.
     marked = apply_watermark(frames, watermark)
@@ -128,7 +136,7 @@ def finish_clip(
         info = meta.provenance(
             width=width, height=height, frames=count, fps=frame_rate(fps)
         )
-        signed = sign_mp4(unsigned, work / VIDEO_NAME, info, signing)
+        signed = sign_mp4(unsigned, work / VIDEO_NAME, info, signing, parent=parent, trust_anchors_pem=anchors)
 
         # 5. Publish: images first, the video last as the "complete" marker.
         final = FinishedClip(

@@ -33,8 +33,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA = (
+    "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
+)
 ACTIONS_LABEL = "c2pa.actions.v2"
 GENERATION_LABEL = "com.videofarm.generation"
+
+# The ingredient label the derived clip's c2pa.opened action names; c2pa-rs turns it into a
+# hashed-URI reference to the ingredient assertion when it signs.
+PARENT_LABEL = "parent"
+DerivationAction = Literal["remix", "edit", "extend"]
 
 Algorithm = Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"]
 ValidationState = Literal["Trusted", "Valid", "Invalid", "Unsigned"]
@@ -110,6 +118,20 @@ class ProvenanceInfo(BaseModel):
         default_factory=dict,
         description="Further generation parameters (guidance scale, resolution, job id, ...).",
     )
+
+
+@dataclass(frozen=True)
+class ParentSource:
+    """The clip a remix, edit or extension was made from, as its manifest records it.
+
+    ``path`` is a local copy of the source MP4 exactly as stored (its own C2PA manifest, if it
+    has one, becomes the ingredient's manifest); ``video_id`` is None for an uploaded source.
+    """
+
+    path: Path
+    action: DerivationAction
+    video_id: str | None
+    title: str
 
 
 @dataclass(frozen=True)
@@ -276,8 +298,45 @@ def _unpack(value: bytes, creds: DevCredentials) -> None:
 # ---------------------------------------------------------------- signing
 
 
-def build_manifest(info: ProvenanceInfo) -> dict[str, Any]:
-    """The manifest definition for an AI-generated clip (no ingredients)."""
+# Why each derivation records what it does (C2PA 2.x actions): a clip with a parentOf ingredient
+# opens it first (c2pa.opened, referencing that ingredient; c2pa.created would claim it was made
+# from nothing). Then one c2pa.edited by the model: for a remix and an edit every output frame is
+# the model's (the source's frames condition it, none is copied), so its digital source type is
+# trainedAlgorithmicMedia; an extension keeps the source's frames and appends the model's, so it
+# is compositeWithTrainedAlgorithmicMedia.
+_DERIVED_EDITS: dict[str, tuple[str, str]] = {
+    "remix": (TRAINED_ALGORITHMIC_MEDIA,
+              "remix: every frame re-rendered by the model from the source's frames and a new prompt"),
+    "edit": (TRAINED_ALGORITHMIC_MEDIA,
+             "edit: every frame re-rendered by the model from the source's frames and an edit prompt"),
+    "extend": (COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA,
+               "extend: the source's frames followed by new frames the model rendered continuing them"),
+}
+
+
+def derived_actions(action: DerivationAction, model_id: str) -> list[dict[str, Any]]:
+    """The actions of a clip derived from a parent by ``action`` (remix, edit, extend)."""
+    if action not in _DERIVED_EDITS:
+        raise ValueError(f"derived_from.action: {action!r} is not known; allowed: remix, edit, extend")
+    source_type, description = _DERIVED_EDITS[action]
+    return [
+        # c2pa-rs resolves ingredientIds (the ingredient's label) to a hashed URI at signing.
+        {"action": "c2pa.opened", "parameters": {"ingredientIds": [PARENT_LABEL]}},
+        {
+            "action": "c2pa.edited",
+            "digitalSourceType": source_type,
+            "softwareAgent": {"name": model_id},
+            "description": description,
+            "parameters": {"model_id": model_id},
+        },
+    ]
+
+
+def build_manifest(info: ProvenanceInfo, parent: ParentSource | None = None) -> dict[str, Any]:
+    """The manifest definition for an AI-generated clip; with ``parent``, for one derived from it.
+
+    The parent ingredient itself is added by :func:`sign_mp4` (it needs the source's bytes).
+    """
     generation: dict[str, Any] = {"model_id": info.model_id, "generator": farm.GENERATOR_NAME}
     if info.seed is not None:
         generation["seed"] = info.seed
@@ -287,26 +346,29 @@ def build_manifest(info: ProvenanceInfo) -> dict[str, Any]:
         generation["prompt_sha256"] = info.prompt_sha256
     generation.update(info.parameters)
 
+    if parent is None:
+        actions = [
+            {
+                "action": "c2pa.created",
+                "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
+                # The model is the agent that made the pixels; videofarm is
+                # the claim generator that ran it.
+                "softwareAgent": {"name": info.model_id},
+                "parameters": {"model_id": info.model_id},
+            }
+        ]
+    else:
+        actions = derived_actions(parent.action, info.model_id)
+        generation["derived_from_action"] = parent.action
+        if parent.video_id is not None:
+            generation["derived_from_video_id"] = parent.video_id
+
     return {
         "title": info.title,
         "format": "video/mp4",
         "claim_generator_info": [{"name": farm.GENERATOR_NAME, "version": farm.__version__}],
         "assertions": [
-            {
-                "label": ACTIONS_LABEL,
-                "data": {
-                    "actions": [
-                        {
-                            "action": "c2pa.created",
-                            "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
-                            # The model is the agent that made the pixels; videofarm is
-                            # the claim generator that ran it.
-                            "softwareAgent": {"name": info.model_id},
-                            "parameters": {"model_id": info.model_id},
-                        }
-                    ]
-                },
-            },
+            {"label": ACTIONS_LABEL, "data": {"actions": actions}},
             {"label": GENERATION_LABEL, "data": generation},
         ],
     }
@@ -328,27 +390,47 @@ def _load_signer(signer: SignerConfig | DevCredentials) -> c2pa.Signer:
     return c2pa.Signer.from_info(info)
 
 
-def sign_mp4(src: Path, dst: Path, info: ProvenanceInfo, signer: SignerConfig | DevCredentials) -> Path:
+def sign_mp4(
+    src: Path,
+    dst: Path,
+    info: ProvenanceInfo,
+    signer: SignerConfig | DevCredentials,
+    parent: ParentSource | None = None,
+    trust_anchors_pem: str | None = None,
+) -> Path:
     """Embed a signed C2PA manifest for ``info`` into the finished MP4 ``src``, writing ``dst``.
 
     ``src`` must be completely written: the manifest hashes its media bytes. ``dst`` is
     written to a temporary file beside it and renamed into place, so readers never see
     a half-signed clip. Returns ``dst``.
+
+    With ``parent``, the source MP4 becomes the manifest's ``parentOf`` ingredient: c2pa-rs
+    validates it (its signature and hard binding, and trust against ``trust_anchors_pem`` when
+    given) and keeps its manifest store, so the new manifest records the source's validation
+    results as of signing and the chain can be walked down to the original. A source without
+    a manifest becomes an ingredient without one.
     """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"cannot sign {src}: no such file")
     if src.resolve() == dst.resolve():
         raise ValueError(f"sign_mp4 needs distinct src and dst, got {src} for both")
+    if parent is not None and not Path(parent.path).is_file():
+        raise FileNotFoundError(f"cannot sign {src}: its parent {parent.path} does not exist")
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
-    manifest = build_manifest(info)
+    manifest = build_manifest(info, parent)
     try:
         with (
             _load_signer(signer) as c2pa_signer,
-            c2pa.Builder(manifest) as builder,
+            c2pa.Context.from_dict(reader_settings(trust_anchors_pem)) as context,
+            c2pa.Builder(manifest, context=context) as builder,
             open(src, "rb") as source,
             open(tmp, "w+b") as dest,
         ):
+            if parent is not None:
+                ingredient = {"title": parent.title, "relationship": "parentOf", "label": PARENT_LABEL}
+                with open(parent.path, "rb") as parent_stream:
+                    builder.add_ingredient(ingredient, "video/mp4", parent_stream)
             builder.sign(c2pa_signer, "video/mp4", source, dest)
             dest.flush()
             os.fsync(dest.fileno())
@@ -356,14 +438,16 @@ def sign_mp4(src: Path, dst: Path, info: ProvenanceInfo, signer: SignerConfig | 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    logger.debug("signed %s -> %s (%s)", src, dst, info.model_id)
+    logger.debug("signed %s -> %s (%s%s)", src, dst, info.model_id,
+                 f", {parent.action} of {parent.title}" if parent is not None else "")
     return dst
 
 
 # ---------------------------------------------------------------- verification
 
 
-def _reader_settings(trust_anchors_pem: str | None) -> dict[str, Any]:
+def reader_settings(trust_anchors_pem: str | None) -> dict[str, Any]:
+    """c2pa Context settings for validating: trust checked against the given PEM roots, nothing fetched."""
     # No network here or in most deployments: never fetch OCSP or remote manifests.
     settings: dict[str, Any] = {
         "verify": {
@@ -386,7 +470,7 @@ def verify(path: Path, trust_anchors_pem: str | None = None) -> VerifyResult:
     gives ``Invalid``; a file without a manifest gives ``Unsigned``.
     """
     path = Path(path)
-    with c2pa.Context.from_dict(_reader_settings(trust_anchors_pem)) as context:
+    with c2pa.Context.from_dict(reader_settings(trust_anchors_pem)) as context:
         try:
             with open(path, "rb") as stream, c2pa.Reader("video/mp4", stream, None, context) as reader:
                 store = json.loads(reader.json())

@@ -161,6 +161,7 @@ def params_of(job: Job, spec: ModelSpec) -> RenderParams:
         seed=int(extra.get("seed") or 0),
         scheduler=extra.get("scheduler", "unipc"),
         reference_key=extra.get(REFERENCE_KEY_PARAM),
+        derived_from=extra.get("derived_from"),
     )
 
 
@@ -794,6 +795,8 @@ def _error_code(exc: BaseException) -> str:
         return "replica_lost"
     if is_transient_storage_error(exc):
         return "storage_unavailable"
+    if "SourceUnavailable" in names:
+        return "source_unavailable"  # a derived job's source clip is gone: never signed without it
     return "render_error"
 
 

@@ -113,7 +113,7 @@ def render_clip(
 
     # 5. Watermark, MP4, thumbnail, spritesheet, C2PA.
     work = settings.state_dir / "renders" / video_id
-    clip = timer.run("finish", lambda: finish_frames(settings, spec, params, frames, video_id, work))
+    clip = timer.run("finish", lambda: finish_frames(settings, spec, params, frames, video_id, work, store))
 
     # 6. Upload: media first, the JSON record last (it marks the clip complete).
     record = clip_record(

@@ -14,16 +14,66 @@ import numpy as np
 from farm import __version__
 from farm.config import FarmSettings
 from farm.finish.chain import ClipMeta, FinishedClip, finish_clip
-from farm.render.registry import ModelSpec, RenderParams
-from farm.storage.s3 import ClipLayout, ObjectStore, upload_clip
+from farm.finish.provenance import ParentSource
+from farm.jobs.retry import RetryPolicy
+from farm.render.registry import DerivedFrom, ModelSpec, RenderParams
+from farm.storage.s3 import ClipLayout, ObjectNotFound, ObjectStore, upload_clip
 
 VARIANTS = ("video", "thumbnail", "spritesheet")
 
 
+class SourceUnavailable(RuntimeError):
+    """A derived job's source clip cannot be read at finish time; its job fails as ``source_unavailable``.
+
+    The farm does not sign a remix, edit or extension without its parent ingredient: a manifest
+    that silently lost its source would claim less than the clip is.
+    """
+
+
+def fetch_parent(
+    objects: ObjectStore | None, derived: DerivedFrom, video_id: str, work_dir: Path, retry: RetryPolicy | None = None
+) -> ParentSource:
+    """Download a derived job's source MP4 (byte for byte, its manifest included) into ``work_dir``.
+
+    Storage outages are retried by ``retry`` (when given) and then raised as they are (the job's
+    code is ``storage_unavailable``); a missing object raises :class:`SourceUnavailable`.
+    """
+    if objects is None:
+        raise SourceUnavailable(f"job {video_id}: derived from {derived.key!r}, but no object store to read it from")
+    target = Path(work_dir) / "parent.mp4"
+    try:
+        if retry is None:
+            objects.download_file(derived.key, target)
+        else:
+            retry.storage_call(f"job {video_id}: read source clip", objects.download_file, derived.key, target)
+    except ObjectNotFound as exc:
+        raise SourceUnavailable(
+            f"job {video_id}: source clip {objects.uri(derived.key)} ({derived.action} of "
+            f"{derived.video_id or 'an uploaded clip'}) is gone; a derived clip is not signed without its parent"
+        ) from exc
+    title = f"{derived.video_id}.mp4" if derived.video_id else derived.key.rsplit("/", 1)[-1]
+    return ParentSource(path=target, action=derived.action, video_id=derived.video_id, title=title)
+
+
 def finish_frames(
-    settings: FarmSettings, spec: ModelSpec, params: RenderParams, frames: np.ndarray, video_id: str, work_dir: Path
+    settings: FarmSettings,
+    spec: ModelSpec,
+    params: RenderParams,
+    frames: np.ndarray,
+    video_id: str,
+    work_dir: Path,
+    objects: ObjectStore | None = None,
+    retry: RetryPolicy | None = None,
 ) -> FinishedClip:
-    """Watermark, MP4, thumbnail, spritesheet and C2PA signature into ``work_dir``."""
+    """Watermark, MP4, thumbnail, spritesheet and C2PA signature into ``work_dir``.
+
+    A job with ``params.derived_from`` needs ``objects``: its source clip is read from there
+    and becomes the manifest's parentOf ingredient (see :func:`fetch_parent`).
+    """
+    parent = None
+    if params.derived_from is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        parent = fetch_parent(objects, params.derived_from, video_id, Path(work_dir), retry)
     meta = ClipMeta(
         title=f"{spec.id}: {params.prompt[:80]}",
         model_id=spec.id,
@@ -33,7 +83,12 @@ def finish_frames(
         guidance_scale=spec.guidance_scale,
         job_id=video_id,
     )
-    return finish_clip(frames, spec.fps, work_dir, meta, settings.watermark, settings.signer, settings.state_dir)
+    try:
+        return finish_clip(frames, spec.fps, work_dir, meta, settings.watermark, settings.signer, settings.state_dir,
+                           parent=parent)
+    finally:
+        if parent is not None:
+            parent.path.unlink(missing_ok=True)  # only its manifest travels on; the media stays in S3
 
 
 def clip_record(video_id: str, spec: ModelSpec, params: RenderParams, num_frames: int, clip: FinishedClip, **extra) -> dict:

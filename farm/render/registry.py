@@ -127,6 +127,18 @@ def find_model(models: list[ModelSpec], model_id: str | None) -> ModelSpec:
     raise ValueError(f"model: {model_id!r} is not served here; available: {', '.join(m.id for m in models)}")
 
 
+class DerivedFrom(BaseModel):
+    """The source of a remix, edit or extension, as the job's params carry it (``derived_from``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    video_id: str | None = Field(
+        description="Id of the farm video the job derives from; None for an uploaded source clip."
+    )
+    key: str = Field(min_length=1, description="Object-store key of the source MP4 in the farm's bucket.")
+    action: Literal["remix", "edit", "extend"] = Field(description="How the new clip derives from the source.")
+
+
 class RenderParams(BaseModel):
     """A validated request for one clip, independent of transport (CLI, HTTP)."""
 
@@ -145,6 +157,11 @@ class RenderParams(BaseModel):
         default=None,
         description="Object-store key of the job's reference image (image-to-video models), stored by the "
         "gateway under the job's prefix; None for text-to-video.",
+    )
+    derived_from: DerivedFrom | None = Field(
+        default=None,
+        description="The source clip of a remix, edit or extension; the finisher reads it from the object "
+        "store and records it as the manifest's parentOf ingredient. None for a clip made from scratch.",
     )
 
 

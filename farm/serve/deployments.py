@@ -261,12 +261,15 @@ class Finisher:
     def finish(self, job_id: str, model_id: str, params: RenderParams, frames: ObjectBox) -> Finished:
         """The clip's object keys, and this replica's time for it (finishing and upload; CPU)."""
         from farm.jobs.publish import clip_keys, clip_record, finish_frames
+        from farm.jobs.retry import RetryPolicy
 
         spec = self.settings.model(model_id)
         frames = _get(frames)
         started = time.perf_counter()
+        # A derived job's source clip is read from S3 (retried through outages) for its manifest.
+        retry = RetryPolicy.from_settings(self.settings.render, _count_storage_errors("finisher"))
         with tempfile.TemporaryDirectory(prefix="finish-") as tmp:
-            clip = finish_frames(self.settings, spec, params, frames, job_id, Path(tmp))
+            clip = finish_frames(self.settings, spec, params, frames, job_id, Path(tmp), self.store, retry)
             finished = time.perf_counter()
             self._upload(job_id, clip, clip_record(job_id, spec, params, int(frames.shape[0]), clip))
         tags = {"model": model_id}
