@@ -114,6 +114,11 @@ class ModelSpec(BaseModel):
         """True when the model's family conditions on a reference image (``input_reference``)."""
         return self.family in IMAGE_FAMILIES
 
+    @property
+    def takes_video(self) -> bool:
+        """True when the model also renders video-to-video (remix, edit, extend from a source clip)."""
+        return self.family in VIDEO_FAMILIES
+
     # What a family can take and make; derived, not configured, so `GET /v1/models` cannot claim
     # more than the render stack does. A family that conditions on images or makes audio says so here.
     @property

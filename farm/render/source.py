@@ -11,7 +11,8 @@ The rules:
   ``seconds × fps + 1``, a 4k+1 count for Wan) by picking frames evenly over the whole source,
   first and last included (frame ``round(i × (n − 1) / (count − 1))`` of ``n``). A longer source is
   thinned, a shorter one repeats frames; the source's own frame rate is not consulted.
-- **Last frames** (extensions): :func:`last_frame` is the source's final decoded frame, fitted.
+- **Last frames** (extensions): :func:`last_frame` is the source's final decoded frame, fitted; the
+  finisher stitches source and new part with :func:`stitch_extension`.
 """
 
 from __future__ import annotations
@@ -116,3 +117,12 @@ def last_frame(data: bytes, width: int, height: int, what: str = "video") -> Ima
 def as_array(frames: list[Image.Image]) -> np.ndarray:
     """Frames as the finisher's ``(F, H, W, 3)`` uint8 array."""
     return np.stack([np.asarray(f.convert("RGB"), dtype=np.uint8) for f in frames])
+
+
+def stitch_extension(data: bytes, frames: np.ndarray, count: int) -> np.ndarray:
+    """An extension as one clip: the source resampled to ``count`` frames of the new frames' size, then
+    ``frames`` without their first, which stands where the source's last frame is (the new part was
+    rendered from it). ``count`` frames of source and ``F`` new frames give ``count + F − 1``."""
+    height, width = int(frames.shape[1]), int(frames.shape[2])
+    source = as_array(source_clip(data, width, height, count))
+    return np.concatenate([source, frames[1:]], axis=0)

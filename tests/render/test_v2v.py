@@ -16,7 +16,7 @@ from farm.render.engine import DecoderStage, DenoiserStage, initial_state, make_
 from farm.render.families import get_family
 from farm.render.families.wan_v2v import trimmed_start
 from farm.render.registry import check_strength, validate_request
-from farm.render.source import probe_source, resample_indices, source_clip
+from farm.render.source import probe_source, resample_indices, source_clip, stitch_extension
 from tests.figures import report
 
 STEPS = 8
@@ -205,3 +205,15 @@ def test_derivation_is_measurable(tiny_spec, stages, source, tmp_path):
     assert figures["extension first frame"] > figures["unrelated extension first frame"]
     first = (slice(None), slice(None), slice(0, 1))
     assert float((ext_lat[first] - last_lat[first]).pow(2).mean()) < float((oth_lat[first] - last_lat[first]).pow(2).mean())
+
+
+def test_an_extension_is_stitched_into_one_clip(tmp_path):
+    """Source (resampled to 2 s at 8 fps = 17 frames) + 9 new frames − the new first = 25 = (2 + 1) × 8 + 1."""
+    data = mp4_bytes(clip_frames("a", frames=17), tmp_path, "src")
+    new = clip_frames("b")
+    out = stitch_extension(data, new, 17)
+    assert out.shape == (25, 64, 64, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[17:], new[1:])
+    decoded = np.stack([np.asarray(f) for f in source_clip(data, 64, 64, 17)])
+    assert np.array_equal(out[:17], decoded)
+    assert psnr(out[16], clip_frames("a", frames=17)[16]) > 30  # the source part is the source (H.264, crf 18)
