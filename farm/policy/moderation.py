@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from farm.policy.index import NameMatch, RegistryCache
     from farm.policy.settings import PolicySettings
 
-CreatePath = Literal["create", "remix", "batch"]
+CreatePath = Literal["create", "remix", "edit", "extend", "batch"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ModerationRequest:
     account_id: str | None  # None: a gateway without accounts (embedding, tests)
     model: str
     path: CreatePath
-    source_video_id: str | None = None  # remix: the video it starts from
+    source_video_id: str | None = None  # remix, edit, extend: the video it starts from (None for an upload)
 
     @cached_property
     def folded(self) -> FoldedText:
