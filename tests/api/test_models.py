@@ -21,7 +21,7 @@ from farm.jobs.store import JobStore
 from farm.render.registry import ModelSpec
 from farm.render.tiers import ModelAlias
 from farm.render.tiny import tiny_spec
-from tests.api.conftest import LiveServer
+from tests.api.conftest import LiveServer, mark_completed
 
 REFUSING = [a.model_copy(update={"mapping": "refuse"}) for a in embedded_aliases()]
 
@@ -142,6 +142,7 @@ def test_multipart_and_remix_and_idempotency_under_an_alias(make_auth_app, auth_
         assert post(form, "k1").json()["id"] == video["id"]
         other = post(form | {"size": "720x1280"}, "k1")
         assert other.status_code == 409, other.text  # same rendering, another request: not the same
+        mark_completed(jobs, video["id"])  # only a completed video is remixed
         remix = http.post(f"/v1/videos/{video['id']}/remix", json={"prompt": "a wolf"}, headers=auth_headers)
         assert remix.status_code == 200, remix.text
         remixed = remix.json()
