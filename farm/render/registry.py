@@ -123,8 +123,9 @@ class ModelSpec(BaseModel):
     # more than the render stack does. A family that conditions on images or makes audio says so here.
     @property
     def input_types(self) -> tuple[str, ...]:
-        """What a request may condition on: text, plus an image for an image-to-video family."""
-        return ("text", "image") if self.takes_image else ("text",)
+        """What a request may condition on: text, plus an image for an image-to-video family, plus a
+        video (remix, edit, extend) for a family that also renders video-to-video."""
+        return ("text",) + (("image",) if self.takes_image else ()) + (("video",) if self.takes_video else ())
 
     @property
     def audio(self) -> bool:
