@@ -241,3 +241,10 @@ def test_the_openai_sdk_remixes_edits_and_extends(make_app, objects, jobs, mp4):
         with pytest.raises(openai.BadRequestError) as caught:
             client.videos.edit(prompt="snow", video=("a.mp4", io.BytesIO(b"nope" * 30), "video/mp4"))
         assert caught.value.body["param"] == "video"
+
+
+def test_the_literal_routes_advertise_their_own_methods(http):
+    for path in ("/v1/videos/edits", "/v1/videos/extensions"):
+        response = http.put(path, json={})
+        assert response.status_code == 405 and response.headers["allow"] == "POST", response.headers
+    assert http.put("/v1/videos/video_1", json={}).headers["allow"] == "DELETE, GET"
