@@ -605,7 +605,9 @@ class Dispatcher:
         prepared, held = await self._call_stage(
             job, "encode", ENCODE_POOL, 0, 1, None,
             lambda replica: self.clients.start(replica, job.id, spec.id, params, resume_from))
-        if prepared.step_index > 0:
+        # A video-to-video job starts past step 0 (its schedule is strength-trimmed): only a job that had
+        # a checkpoint to resume from counts as resumed.
+        if resume_from is not None and prepared.step_index > 0:
             log.info("job %s resumes at step %d/%d from %s", job.id, prepared.step_index,
                      prepared.layout.num_steps, resume_from)
             self.resumed.append({"job_id": job.id, "step": prepared.step_index})
