@@ -184,13 +184,15 @@ def add_derive_routes(app: FastAPI, deps: GatewayDeps, *, owner: Callable[[Reque
         steps = int(source.params.get("steps") or target.spec.default_steps)
         params: dict[str, Any] = {k: source.params.get(k) for k in ("seed", "steps", "scheduler")}
         params["strength"] = strength_of(strength, action, steps)
+        # The source's whole clip: an extension's MP4 holds its source too.
+        total = int(source.seconds) + int(source.params.get("stitch_seconds") or 0)
         if action == "extend":
-            params["stitch_seconds"] = int(source.seconds) + int(source.params.get("stitch_seconds") or 0)
+            params["stitch_seconds"] = total
         else:
             params["remixed_from_video_id"] = source.id
         derived = {"video_id": source.id, "key": ClipLayout(source.id).key("video"), "action": action}
         job = await create_job(deps, request, who, target, prompt, source.size,
-                               seconds if action == "extend" else source.seconds, params,
+                               seconds if action == "extend" else total, params,
                                priority_name(source.priority), path=action, source_video_id=source.id,
                                derived=derived)
         return await shown(job, response)

@@ -1,6 +1,6 @@
 """The moderation hook: one interface every video create passes through before anything is stored.
 
-``POST /v1/videos``, ``POST /v1/videos/{id}/remix`` and every line of a batch (so every run of a
+``POST /v1/videos``, ``POST /v1/videos/{id}/remix``, ``…/edits``, ``…/extensions`` and every line of a batch (so every run of a
 schedule, which is a batch) build a ``ModerationRequest`` and ask the farm's ``Moderator``. The
 default chain (``default_chain``) is the rights-holder opt-out rule, then the public-figure rule;
 an operator adds a classifier of their own by import path (``policy.moderators``) or by handing the

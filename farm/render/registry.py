@@ -26,7 +26,6 @@ VIDEO_FAMILIES = frozenset({"wan"})
 # The job param naming what a remix, edit or extension derives from:
 # {"video_id": source id or None for an upload, "key": the source MP4's object key, "action": ...}.
 DERIVED_FROM_PARAM = "derived_from"
-DERIVE_ACTIONS = ("remix", "edit", "extend")
 # How far a derived clip may move from its source when the request names no `strength`: the share of the
 # schedule that runs from the noised source (see check_strength).
 DEFAULT_STRENGTH = {"remix": 0.6, "edit": 0.6, "extend": 0.7}

@@ -248,3 +248,38 @@ def test_the_literal_routes_advertise_their_own_methods(http):
         response = http.put(path, json={})
         assert response.status_code == 405 and response.headers["allow"] == "POST", response.headers
     assert http.put("/v1/videos/video_1", json={}).headers["allow"] == "DELETE, GET"
+
+
+class WordModerator:
+    """An operator's classifier in miniature (the Moderator protocol): refuses prompts naming a word,
+    and records which create path asked; the built-in rules are tested in test_moderation.py."""
+
+    def __init__(self, word: str) -> None:
+        self.word, self.asked = word, []
+
+    def check(self, request):
+        from farm.policy.moderation import Decision
+
+        self.asked.append((request.path, request.source_video_id))
+        if self.word in request.prompt.lower():
+            return Decision.refuse("classifier", "word", f"prompt: names {self.word!r}")
+        return Decision.allow()
+
+
+def test_every_route_passes_the_moderation_hook_with_its_path(make_app, objects, jobs, mp4):
+    moderator = WordModerator("godzilla")
+    with TestClient(make_app(objects=objects, moderator=moderator)) as client:
+        source = _completed(client, jobs)
+        sid = source["id"]
+        calls = [
+            lambda p: client.post(f"/v1/videos/{sid}/remix", json={"prompt": p}),
+            lambda p: client.post("/v1/videos/edits", json={"prompt": p, "video": {"id": sid}}),
+            lambda p: client.post("/v1/videos/extensions", data={"prompt": p, "seconds": "1"},
+                                  files={"video": ("a.mp4", mp4, "video/mp4")}),
+        ]
+        for call in calls:
+            err = error_of(call("now with GODZILLA"), 400)
+            assert (err["param"], err["code"]) == ("prompt", "content_policy_violation")
+        assert _count(jobs) == 1 and [k for k in objects.list_keys()] == []  # no upload kept either
+        assert moderator.asked == [("create", None), ("remix", sid), ("edit", sid), ("extend", None)]
+        assert all(call("now at dusk").status_code == 200 for call in calls)
