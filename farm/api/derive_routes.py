@@ -60,7 +60,8 @@ class EditVideoRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, description="How to change the source video.")
-    strength: float | None = Field(default=None, description="Farm extension: in (0, 1]; default 0.6 (edit).")
+    strength: float | None = Field(default=None, description="Farm extension: in (0, 1]; default 0.6 for an edit, "
+                                   "0.7 for an extension.")
     seed: int | None = Field(default=None, ge=0, lt=2**63, description="Farm extension: for an uploaded source; "
                              "by id the source's seed is kept.")
     model: str | None = Field(default=None, description="Farm extension, uploads only: the model or tier to render "
@@ -165,6 +166,23 @@ def strength_of(asked: float | None, action: str, steps: int) -> float:
 CreateJob = Callable[..., Awaitable["Job"]]
 
 
+def _body_schemas(extend: bool) -> dict[str, Any]:
+    """The OpenAPI request body of an edit or extension: JSON with ``video`` = ``{"id"}``, or multipart
+    with ``video`` as an MP4 file part (or the field ``video[id]``)."""
+    base = EditVideoRequest.model_json_schema()
+    base.pop("$defs", None)
+    required = ["prompt", "video"] + (["seconds"] if extend else [])
+    by_id = {"type": "object", "properties": {"id": {"type": "string", "minLength": 1}}, "required": ["id"],
+             "additionalProperties": False, "description": "A completed video you can read."}
+    as_json = base | {"properties": base["properties"] | {"video": by_id}, "required": required}
+    form_props = dict(base["properties"]) | {
+        "video": {"type": "string", "format": "binary", "description": "An MP4 file (video/mp4)."},
+        "video[id]": {"type": "string", "minLength": 1, "description": "Instead of a file: a video id."}}
+    as_form = {"type": "object", "properties": form_props, "required": ["prompt"] + (["seconds"] if extend else [])}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": as_json},
+                                                          "multipart/form-data": {"schema": as_form}}}}
+
+
 def add_derive_routes(app: FastAPI, deps: GatewayDeps, *, owner: Callable[[Request], Awaitable[str | None]],
                       get_readable: Callable[[str, str | None], Awaitable[Job]],
                       shown: Callable[..., Awaitable[dict[str, Any]]], create_job: CreateJob,
@@ -231,7 +249,8 @@ def add_derive_routes(app: FastAPI, deps: GatewayDeps, *, owner: Callable[[Reque
                                 action="remix")
 
     @app.post("/v1/videos/edits", response_model=VideoObject, operation_id="editVideo",
-              summary="Edit a completed video or an uploaded MP4 with a prompt", responses=_RESPONSES)
+              summary="Edit a completed video or an uploaded MP4 with a prompt", responses=_RESPONSES,
+              openapi_extra=_body_schemas(extend=False))
     async def edit_video(request: Request, response: Response) -> dict[str, Any]:
         who = await owner(request)
         body, video_id, upload = await read_derive_request(request, deps.upload_limits.max_bytes)
@@ -244,7 +263,7 @@ def add_derive_routes(app: FastAPI, deps: GatewayDeps, *, owner: Callable[[Reque
 
     @app.post("/v1/videos/extensions", response_model=VideoObject, operation_id="extendVideo",
               summary="Extend a completed video or an uploaded MP4 by `seconds`, stitched into one clip",
-              responses=_RESPONSES)
+              responses=_RESPONSES, openapi_extra=_body_schemas(extend=True))
     async def extend_video(request: Request, response: Response) -> dict[str, Any]:
         who = await owner(request)
         body, video_id, upload = await read_derive_request(request, deps.upload_limits.max_bytes)
