@@ -56,13 +56,14 @@ from farm.api.schemas import (
     Variant,
     VideoDeleted,
     VideoList,
-    RemixVideoRequest,
     VideoObject,
     create_body_schemas,
     read_create_request,
 )
+from farm.api.derive_routes import add_derive_routes
 from farm.api.model_routes import add_model_routes
 from farm.api.references import REFERENCE_SHA256_PARAM, drop_reference, reference_digest, store_reference
+from farm.api.sources import SOURCE_SHA256_PARAM, CheckedSource, drop_source, store_source
 from farm.api.uploads import CheckedImage, UploadLimits
 from farm.api.usage_routes import add_usage_routes, budget_refused
 from farm.api.video_requests import (
@@ -76,7 +77,7 @@ from farm.jobs.sharing import SharingStore
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, BudgetExceeded, IdempotencyConflict, QueueFull
 from farm.jobs.job import new_video_id
 from farm.policy.moderation import CreatePath, ModerationRequest
-from farm.render.registry import REFERENCE_KEY_PARAM, ModelSpec
+from farm.render.registry import DERIVED_FROM_PARAM, REFERENCE_KEY_PARAM, ModelSpec
 from farm.render.tiers import ModelAlias, Target, check_aliases
 from farm.sched.budget import BudgetRule
 from farm.storage.s3 import ClipLayout, checkpoint_prefix, delete_clip
@@ -392,27 +393,9 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         return await shown(await _create_job(deps, request, who, target, body.prompt, body.size, body.seconds,
                                              params, body.priority, path="create", reference=reference), response)
 
-    @app.post(
-        "/v1/videos/{video_id}/remix", response_model=VideoObject, summary="Remix a video with a new prompt",
-        operation_id="remixVideo",
-        responses={200: {"links": _VIDEO_LINKS}, 409: {"model": ErrorResponse},
-                   429: {"model": ErrorResponse, "description": "Queue full or rate limited; retry later."}},
-    )
-    async def remix_video(video_id: str, body: RemixVideoRequest, request: Request,
-                          response: Response) -> dict[str, Any]:
-        """A new job with the source's model, size, duration, steps, scheduler and seed, and a new prompt:
-        the same noise under a new prompt keeps the composition close to the source's. A video
-        shared with the caller may be remixed too; the remix is the caller's own private draft."""
-        who = await owner(request)
-        source = await get_readable(video_id, who)
-        # Under the alias the source was asked for (the remix echoes it too), if this farm still has it.
-        requested = source.params.get("requested_model")
-        target = deps.target(requested if any(a.id == requested for a in deps.aliases) else source.model)
-        params = {k: source.params.get(k) for k in ("seed", "steps", "scheduler")} | {
-            "remixed_from_video_id": source.id}
-        return await shown(await _create_job(deps, request, who, target, body.prompt, source.size, source.seconds,
-                                             params, _priority_name(source.priority), path="remix",
-                                             source_video_id=source.id), response)
+    # Remix, edit, extend: video-to-video from a source clip, through the same create path.
+    add_derive_routes(app, deps, owner=owner, get_readable=get_readable, shown=shown, create_job=_create_job,
+                      priority_name=_priority_name)
 
     @app.get("/v1/videos", response_model=VideoList, summary="List videos", operation_id="listVideos",
              responses={404: {"model": ErrorResponse, "description": "No video with the `after` id."}})
@@ -531,13 +514,16 @@ async def _create_job(
     deps: GatewayDeps, request: Request, who: str | None, target: Target, prompt: str,
     size: str | None, seconds: int | None, extra: dict[str, Any], priority: str,
     *, path: CreatePath, source_video_id: str | None = None, reference: CheckedImage | None = None,
+    derived: dict[str, Any] | None = None, upload: CheckedSource | None = None,
 ) -> Job:
     """Validate against the model (or the tier an alias names: its defaults for a size or duration not
     given, its mapping of OpenAI's) and the content policy, then queue (or replay an Idempotency-Key's
     earlier job). A refusal creates nothing: no job, no idempotency record, no usage.
 
     A ``reference`` image is stored under the new job's id before the job is queued, and deleted
-    again when no new job owns it (see :mod:`farm.api.references`)."""
+    again when no new job owns it (see :mod:`farm.api.references`); so is an uploaded source clip
+    (``upload``, :mod:`farm.api.sources`), whose key then completes ``derived`` (the job's
+    ``derived_from``: what a remix, edit or extension renders from)."""
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise InvalidRequest(f"Idempotency-Key: {len(idempotency_key)} characters; allowed: 1..255",
@@ -549,6 +535,10 @@ async def _create_job(
                              param="input_reference", code="missing_required_parameter")
     if reference is not None:  # the image is part of what was asked: another image is another request
         extra = extra | {REFERENCE_SHA256_PARAM: reference_digest(reference)}
+    if derived is not None:  # so is the source: its id, or an upload's digest
+        extra = extra | {DERIVED_FROM_PARAM: dict(derived)}
+    if upload is not None:
+        extra = extra | {SOURCE_SHA256_PARAM: upload.sha256}
     # What the client asked for, before defaults: a retry without a seed is the same request,
     # though this attempt would draw another random seed.
     asked = {"model": target.name, "prompt": prompt, "size": size, "seconds": seconds, "priority": priority, **extra}
@@ -563,11 +553,15 @@ async def _create_job(
     # Read before the create; the create refuses on it after replaying an Idempotency-Key's job.
     budget = None if deps.budgets is None else await run_in_threadpool(deps.store.budget_status, who, deps.budgets)
     bulk = priority == "bulk"
-    video_id = reference_key = job = None
+    video_id = reference_key = source_key = job = None
     if reference is not None:
         video_id = new_video_id()
         reference_key = await run_in_threadpool(lambda: store_reference(deps.object_store(), video_id, reference))
         stored[REFERENCE_KEY_PARAM] = reference_key
+    if upload is not None:
+        video_id = video_id or new_video_id()
+        source_key = await run_in_threadpool(lambda: store_source(deps.object_store(), video_id, upload))
+        stored[DERIVED_FROM_PARAM] = stored[DERIVED_FROM_PARAM] | {"key": source_key}
     try:
         job = await run_in_threadpool(
             lambda: deps.store.create(
@@ -592,6 +586,8 @@ async def _create_job(
     finally:
         if reference_key is not None and (job is None or job.id != video_id):  # refused, or a replay
             await run_in_threadpool(lambda: drop_reference(deps.object_store(), reference_key))
+        if source_key is not None and (job is None or job.id != video_id):
+            await run_in_threadpool(lambda: drop_source(deps.object_store(), source_key))
     await _notify(deps, job.id)
     if deps.metrics:
         try:

@@ -256,11 +256,16 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at this path; Starlette's own Allow names only the first route's."""
+    """Every method some route serves at this path; Starlette's own Allow names only the first route's.
+
+    A literal path is a resource of its own: ``/v1/videos/edits`` also matches ``/v1/videos/{video_id}``,
+    but the methods of the templated route are not this resource's, so routes without path parameters
+    that match shadow the templated ones."""
+    matching = [route for route in request.app.router.routes if route.matches(request.scope)[0] != Match.NONE]
+    literal = [route for route in matching if not getattr(route, "param_convertors", None)]
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        if route.matches(request.scope)[0] != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
+    for route in literal or matching:
+        methods |= set(getattr(route, "methods", None) or ())
     return sorted(methods)
 
 

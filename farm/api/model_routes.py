@@ -36,7 +36,8 @@ class ModelObject(BaseModel):
     default_steps: int = Field(description="Farm extension: denoising steps when the request names none.")
     max_steps: int = Field(description="Farm extension: the largest `steps` a request may ask for.")
     audio: bool = Field(description="Farm extension: whether its clips carry an audio track.")
-    input_types: list[str] = Field(description="Farm extension: what a request may condition on ('text').")
+    input_types: list[str] = Field(description="Farm extension: what a request may condition on: 'text', "
+                                   "'image' (input_reference), 'video' (remix, edit, extend).")
     alias_of: str | None = Field(default=None, description="Farm extension: for an alias, the served model "
                                  "that renders it; null for a served model.")
     mapping: Literal["map", "refuse"] | None = Field(

@@ -117,6 +117,9 @@ class RemixVideoRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, description="The new prompt; model, size, seconds, steps and seed are the source's.")
+    strength: float | None = Field(
+        default=None, description="Farm extension: how far the remix may move from the source's frames, in (0, 1] "
+        "(the share of the schedule run from the noised source); default 0.6.")
 
     @field_validator("prompt")
     @classmethod

@@ -69,7 +69,8 @@ def video_object(job: Job, estimate: Estimate | None = None, usage: list[dict] |
         "created_at": unix(job.created_at),
         "completed_at": unix(job.completed_at),
         "expires_at": unix(job.expires_at),
-        "seconds": str(job.seconds),
+        # An extension's clip is its source then the new part: OpenAI's `seconds` is the stitched total.
+        "seconds": str(job.seconds + int(job.params.get("stitch_seconds") or 0)),
         "size": job.size,
         "error": error,
         "prompt": job.prompt,

@@ -49,7 +49,7 @@ from farm.jobs.retry import ReplicaLost, RetryPolicy, is_render_error, is_transi
 from farm.jobs.store import Job, JobStore, Priority
 from farm.jobs.usage import device_kind
 from farm.render.plan import HIGH_NOISE_EXPERT, ShardPlan, StepLayout, plan_shards
-from farm.render.registry import REFERENCE_KEY_PARAM, ModelSpec, RenderParams, parse_size
+from farm.render.registry import DERIVED_FROM_PARAM, REFERENCE_KEY_PARAM, ModelSpec, RenderParams, parse_size
 from farm.sched import SchedulerConfig
 from farm.sched.budget import BudgetRule
 from farm.storage.s3 import checkpoint_prefix
@@ -152,6 +152,9 @@ def params_of(job: Job, spec: ModelSpec) -> RenderParams:
     """The job row's request, as the render stages take it."""
     width, height = parse_size(job.size)
     extra = job.params or {}
+    # A remix, edit or extension renders video-to-video from its source (see farm.render.families.wan_v2v).
+    derived = extra.get(DERIVED_FROM_PARAM) or {}
+    extend = derived.get("action") == "extend"
     return RenderParams(
         prompt=job.prompt,
         width=width,
@@ -162,6 +165,10 @@ def params_of(job: Job, spec: ModelSpec) -> RenderParams:
         scheduler=extra.get("scheduler", "unipc"),
         reference_key=extra.get(REFERENCE_KEY_PARAM),
         derived_from=extra.get("derived_from"),
+        source_key=derived.get("key"),
+        strength=extra.get("strength") if derived else None,
+        source_frames="last" if extend else "clip",
+        stitch_seconds=extra.get("stitch_seconds") if extend else None,
     )
 
 
@@ -599,7 +606,9 @@ class Dispatcher:
         prepared, held = await self._call_stage(
             job, "encode", ENCODE_POOL, 0, 1, None,
             lambda replica: self.clients.start(replica, job.id, spec.id, params, resume_from))
-        if prepared.step_index > 0:
+        # A video-to-video job starts past step 0 (its schedule is strength-trimmed): only a job that had
+        # a checkpoint to resume from counts as resumed.
+        if resume_from is not None and prepared.step_index > 0:
             log.info("job %s resumes at step %d/%d from %s", job.id, prepared.step_index,
                      prepared.layout.num_steps, resume_from)
             self.resumed.append({"job_id": job.id, "step": prepared.step_index})

@@ -1,6 +1,6 @@
 """The moderation hook: one interface every video create passes through before anything is stored.
 
-``POST /v1/videos``, ``POST /v1/videos/{id}/remix`` and every line of a batch (so every run of a
+``POST /v1/videos``, ``POST /v1/videos/{id}/remix``, ``…/edits``, ``…/extensions`` and every line of a batch (so every run of a
 schedule, which is a batch) build a ``ModerationRequest`` and ask the farm's ``Moderator``. The
 default chain (``default_chain``) is the rights-holder opt-out rule, then the public-figure rule;
 an operator adds a classifier of their own by import path (``policy.moderators``) or by handing the
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from farm.policy.index import NameMatch, RegistryCache
     from farm.policy.settings import PolicySettings
 
-CreatePath = Literal["create", "remix", "batch"]
+CreatePath = Literal["create", "remix", "edit", "extend", "batch"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ModerationRequest:
     account_id: str | None  # None: a gateway without accounts (embedding, tests)
     model: str
     path: CreatePath
-    source_video_id: str | None = None  # remix: the video it starts from
+    source_video_id: str | None = None  # remix, edit, extend: the video it starts from (None for an upload)
 
     @cached_property
     def folded(self) -> FoldedText:

@@ -8,6 +8,7 @@ dataclass whose fields are tensors (or None), so moving and serializing it is ge
 - :class:`ImageConditioning` — Wan 2.1 image-to-video: those, plus the 20-channel condition
   (4 mask channels + 16 channels of VAE latents of the reference image followed by zero frames)
   that is concatenated to the latents at every step, and the image encoder's embeddings.
+- :class:`VideoConditioning` — Wan video-to-video: the text embeddings and the source clip's latents.
 
 Which family a conditioning belongs to is its class's ``family``; the serialized form names it
 (``"family"``) for every class but the text-to-video one, whose bytes stay exactly what they were
@@ -123,3 +124,20 @@ class ImageConditioning(Conditioning):
 
     condition: torch.Tensor
     image_embeds: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class VideoConditioning(Conditioning):
+    """Wan video-to-video (remix, edit, extend): the text embeddings and the source's clean latents.
+
+    ``source_latents`` is ``(1, z_dim, latent_frames, h, w)``: the normalized VAE latents (the
+    distribution's mode) of the source resampled to the clip's frames — what
+    ``WanVideoToVideoPipeline.prepare_latents`` encodes before it noises them. The initial state is
+    those latents noised to the strength's first timestep; the steps are text-to-video's, so no shard
+    reads this field: it is kept so a conditioning read back from a checkpoint still says what the
+    job derived from (one latent-sized tensor more per job).
+    """
+
+    family: ClassVar[str] = "wan-v2v"
+
+    source_latents: torch.Tensor | None = None

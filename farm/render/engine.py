@@ -280,12 +280,14 @@ def initial_state(
     """The job's state before step 0: schedule set, float32 noise drawn from the seed, on ``device``
     (CPU by default, where states travel; any denoiser moves it to its own device).
 
-    The model's family prepares it; ValueError when ``conditioning`` is another family's.
+    The conditioning's family prepares it (the model's own, or one that runs on the model's weights,
+    such as video-to-video on a text-to-video model); ValueError when it is another family's.
     """
     from farm.render.families import get_family
 
-    if conditioning.family != spec.family:
+    family = get_family(conditioning.family)
+    if conditioning.family != spec.family and spec.family not in family.runs_on:
         raise ValueError(
             f"model {spec.id!r} is family {spec.family!r}, but the conditioning is {conditioning.family!r}'s"
         )
-    return get_family(spec.family).initial_state(spec, params, conditioning, device=device)
+    return family.initial_state(spec, params, conditioning, device=device)

@@ -20,6 +20,15 @@ IMAGE_FAMILIES = frozenset({"wan-i2v"})
 WAN_I2V_TEXT_TOKENS = 512
 # The job param (set by the gateway) naming the object-store key of the job's reference image.
 REFERENCE_KEY_PARAM = "input_reference_key"
+# The families whose served model also renders video-to-video (remix, edit, extend): Wan V2V loads the
+# same saved text-to-video model (farm.render.families.wan_v2v).
+VIDEO_FAMILIES = frozenset({"wan"})
+# The job param naming what a remix, edit or extension derives from:
+# {"video_id": source id or None for an upload, "key": the source MP4's object key, "action": ...}.
+DERIVED_FROM_PARAM = "derived_from"
+# How far a derived clip may move from its source when the request names no `strength`: the share of the
+# schedule that runs from the noised source (see check_strength).
+DEFAULT_STRENGTH = {"remix": 0.6, "edit": 0.6, "extend": 0.7}
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -104,17 +113,40 @@ class ModelSpec(BaseModel):
         """True when the model's family conditions on a reference image (``input_reference``)."""
         return self.family in IMAGE_FAMILIES
 
+    @property
+    def takes_video(self) -> bool:
+        """True when the model also renders video-to-video (remix, edit, extend from a source clip)."""
+        return self.family in VIDEO_FAMILIES
+
     # What a family can take and make; derived, not configured, so `GET /v1/models` cannot claim
     # more than the render stack does. A family that conditions on images or makes audio says so here.
     @property
     def input_types(self) -> tuple[str, ...]:
-        """What a request may condition on: text, plus an image for an image-to-video family."""
-        return ("text", "image") if self.takes_image else ("text",)
+        """What a request may condition on: text, plus an image for an image-to-video family, plus a
+        video (remix, edit, extend) for a family that also renders video-to-video."""
+        return ("text",) + (("image",) if self.takes_image else ()) + (("video",) if self.takes_video else ())
 
     @property
     def audio(self) -> bool:
         """Whether clips carry an audio track: no family served today makes one."""
         return False
+
+
+def check_strength(strength: float, steps: int) -> float:
+    """A video-to-video ``strength``: in (0, 1], and enough for at least one step.
+
+    The rule (``WanVideoToVideoPipeline``'s): of ``steps`` scheduled steps, the last
+    ``int(steps × strength)`` run, starting from the source's latents noised to the first of them; so
+    1.0 keeps nothing of the source but its noise level's share, and a strength whose
+    ``int(steps × strength)`` is 0 would run no step at all (the pipeline then silently returns
+    nothing): it is refused. ValueError naming ``strength`` and what is allowed.
+    """
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength: {strength!r} is out of range; allowed: a number in (0, 1]")
+    if int(steps * strength) < 1:
+        raise ValueError(f"strength: {strength} of {steps} steps runs no step (int(steps*strength) = 0); allowed: "
+                         f"at least {1 / steps:.4g} for {steps} steps")
+    return float(strength)
 
 
 def find_model(models: list[ModelSpec], model_id: str | None) -> ModelSpec:
@@ -162,6 +194,27 @@ class RenderParams(BaseModel):
         default=None,
         description="The source clip of a remix, edit or extension; the finisher reads it from the object "
         "store and records it as the manifest's parentOf ingredient. None for a clip made from scratch.",
+    )
+    source_key: str | None = Field(
+        default=None,
+        description="Object-store key of the source MP4 of a remix, edit or extension (video-to-video); None "
+        "for a clip rendered from text or an image.",
+    )
+    strength: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="Video-to-video strength (farm.render.registry.check_strength): the share of the schedule "
+        "run from the noised source; set exactly when source_key is.",
+    )
+    source_frames: Literal["clip", "last"] = Field(
+        default="clip",
+        description="What of the source conditions the render: 'clip' is the whole source resampled to the "
+        "clip's frame count (remix, edit); 'last' is its final frame held for the whole clip (extend).",
+    )
+    stitch_seconds: int | None = Field(
+        default=None, ge=1,
+        description="Extensions: the finisher prepends this many seconds of the source (resampled to "
+        "seconds × fps + 1 frames) to the new frames, dropping the new part's first frame, which "
+        "stands where the source's last is; None renders the clip alone.",
     )
 
 

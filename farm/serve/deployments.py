@@ -113,9 +113,12 @@ class Encoder:
         self.specs = {m.id: m for m in self.settings.models}
         # Each model's family brings its encoder stage (text only, or text + image encoder + VAE).
         self.stages = {mid: get_family(spec.family).load_encoder(spec) for mid, spec in self.specs.items()}
-        # Reference images are in S3 whether or not checkpoints are on.
+        # Video-to-video encoders (remix, edit, extend: the source's VAE encode), loaded on a model's
+        # first such job: a farm that never derives holds no second VAE here.
+        self.video_stages: dict[str, Any] = {}
+        # Reference images and source clips are in S3 whether or not checkpoints are on.
         self.references = None
-        if any(spec.takes_image for spec in self.specs.values()):
+        if any(spec.takes_image or spec.takes_video for spec in self.specs.values()):
             from farm.jobs.retry import RetryPolicy
             from farm.storage.connect import open_store
 
@@ -134,11 +137,36 @@ class Encoder:
         if resume_from and self.objects is not None:
             state = read_checkpoint(self.objects, self.retry, job_id, resume_from)
         if state is None:
-            conditioning = self.stages[model_id].encode_job(params, self._reference(job_id, params))
+            if params.source_key is not None:
+                conditioning = self._video_stage(model_id).encode_job(params, self._source(job_id, params))
+            else:
+                conditioning = self.stages[model_id].encode_job(params, self._reference(job_id, params))
             state = initial_state(self.specs[model_id], params, conditioning)
             if self.objects is not None:  # once per job: shard checkpoints leave it out
                 write_conditioning(self.objects, self.retry, job_id, conditioning)
         return Prepared(_put(state), layout_of(state), state.step_index, _replica_id())
+
+    def _video_stage(self, model_id: str):
+        """The model's video-to-video encoder stage; ValueError for a model that cannot derive from video."""
+        from farm.render.families import get_family
+
+        spec = self.specs[model_id]
+        if not spec.takes_video:
+            raise ValueError(f"video: model {model_id!r} (family {spec.family!r}) does not render from a video")
+        if model_id not in self.video_stages:
+            self.video_stages[model_id] = get_family("wan-v2v").load_encoder(spec)
+        return self.video_stages[model_id]
+
+    def _source(self, job_id: str, params: RenderParams) -> bytes:
+        """The source MP4 of a remix, edit or extension, read from S3 (a missing one fails the job by name)."""
+        from farm.storage.s3 import ObjectNotFound
+
+        objects, retry = self.references
+        try:
+            return retry.storage_call(f"job {job_id}: read source video", objects.get_bytes, params.source_key)
+        except ObjectNotFound:
+            raise ValueError(f"video: the source clip {params.source_key} is no longer in the object store "
+                             "(its video was deleted or expired before this job started)") from None
 
     def _reference(self, job_id: str, params: RenderParams):
         """The job's reference image (read from S3), or None for a job without one."""
@@ -266,6 +294,8 @@ class Finisher:
         spec = self.settings.model(model_id)
         frames = _get(frames)
         started = time.perf_counter()
+        if params.stitch_seconds:  # an extension: the source first, then the new part
+            frames = self._stitched(job_id, spec, params, frames)
         # A derived job's source clip is read from S3 (retried through outages) for its manifest.
         retry = RetryPolicy.from_settings(self.settings.render, _count_storage_errors("finisher"))
         with tempfile.TemporaryDirectory(prefix="finish-") as tmp:
@@ -279,6 +309,17 @@ class Finisher:
                               ("spritesheet", clip.spritesheet_bytes)):
             self.metrics.upload_bytes.inc(size, tags={"variant": variant})
         return Finished(clip_keys(job_id), time.perf_counter() - started, "cpu")
+
+    def _stitched(self, job_id: str, spec: ModelSpec, params: RenderParams, frames):
+        """The source resampled to ``stitch_seconds × fps + 1`` frames of the clip's size, then the new
+        frames without their first (it stands where the source's last frame is): one clip of
+        ``(stitch_seconds + seconds) × fps + 1`` frames."""
+        from farm.jobs.retry import RetryPolicy
+        from farm.render.source import stitch_extension
+
+        policy = RetryPolicy.from_settings(self.settings.render, _count_storage_errors("finisher"))
+        data = policy.storage_call(f"job {job_id}: read source video", self.store.get_bytes, params.source_key)
+        return stitch_extension(data, frames, spec.num_frames(params.stitch_seconds))
 
     def _upload(self, job_id: str, clip, record: dict) -> None:
         """Upload the clip, retrying while S3 is unreachable (for at most render.storage_retry_s).

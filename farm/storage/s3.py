@@ -522,6 +522,12 @@ class ClipLayout:
             raise ValueError(f"unknown reference image format {image_format!r}; allowed: {sorted(self.REFERENCES)}") from None
         return self.prefix + name, content_type
 
+    @property
+    def source_key(self) -> str:
+        """The uploaded source MP4 of an edit or extension: stored by the gateway before the job is
+        queued, read by the encoder (and an extension's finisher); deleted with the clip."""
+        return self.prefix + "source.mp4"
+
     def content_type(self, variant: str) -> str:
         return self._variant(variant)[1]
 

@@ -166,3 +166,13 @@ def auth_headers(accounts: AccountStore) -> dict[str, str]:
     _, code = accounts.create_invite(note="fuzz")
     _, _, key = accounts.redeem(code, "fuzz")
     return {"Authorization": f"Bearer {key}"}
+
+
+def mark_completed(jobs: JobStore, video_id: str) -> None:
+    """Claim ``video_id`` and mark it completed in the store alone (no clip uploaded): enough for a
+    route that only needs the source to be completed, such as a remix (it reads no bytes)."""
+    claimed = jobs.claim_next(FINISHER, lease_s=60)
+    if claimed is None or claimed.id != video_id:
+        raise RuntimeError(f"expected to claim {video_id}, claimed {claimed and claimed.id}")
+    if not jobs.complete(video_id, FINISHER, {"video": ClipLayout(video_id).key("video")}):
+        raise RuntimeError(f"complete({video_id}) was refused")

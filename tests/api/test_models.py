@@ -21,7 +21,7 @@ from farm.jobs.store import JobStore
 from farm.render.registry import ModelSpec
 from farm.render.tiers import ModelAlias
 from farm.render.tiny import tiny_spec
-from tests.api.conftest import LiveServer
+from tests.api.conftest import LiveServer, mark_completed
 
 REFUSING = [a.model_copy(update={"mapping": "refuse"}) for a in embedded_aliases()]
 
@@ -58,8 +58,8 @@ def test_the_sdk_lists_and_retrieves_models_and_aliases(base_url, accounts) -> N
     served = client.models.retrieve("wan-tiny")
     assert (served.alias_of, served.mapping, served.sizes, served.seconds) == (
         None, None, ["64x64", "128x128", "256x256", "128x96", "96x128"], ["1", "2", "3", "4"])
-    # Truthful: no served model makes audio or takes anything but text yet.
-    assert all(m.audio is False and m.input_types == ["text"] for m in listed)
+    # Truthful: no served model makes audio yet; the Wan text-to-video models also take a source video.
+    assert all(m.audio is False and m.input_types == ["text", "video"] for m in listed)
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("sora-3")
     assert missing.value.body["code"] == "model_not_found" and "sora-2-pro" in missing.value.body["message"]
@@ -142,6 +142,7 @@ def test_multipart_and_remix_and_idempotency_under_an_alias(make_auth_app, auth_
         assert post(form, "k1").json()["id"] == video["id"]
         other = post(form | {"size": "720x1280"}, "k1")
         assert other.status_code == 409, other.text  # same rendering, another request: not the same
+        mark_completed(jobs, video["id"])  # only a completed video is remixed
         remix = http.post(f"/v1/videos/{video['id']}/remix", json={"prompt": "a wolf"}, headers=auth_headers)
         assert remix.status_code == 200, remix.text
         remixed = remix.json()

@@ -23,7 +23,7 @@ from farm.policy.moderation import (
 from farm.policy.registry import PolicyStore
 from farm.policy.settings import PolicySettings
 from farm.storage import ObjectStore
-from tests.api.conftest import ADMIN_KEY, new_tenant
+from tests.api.conftest import ADMIN_KEY, mark_completed, new_tenant
 from tests.jobs.test_batch_runner import play_dispatcher, read_jsonl, request
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -127,6 +127,7 @@ def test_a_public_figure_is_refused_without_naming_the_person(client, jobs, metr
 def test_a_remix_prompt_is_moderated_too(client, jobs, metrics) -> None:
     alice = new_tenant(client, "alice")
     source = client.post("/v1/videos", json=BODY | {"prompt": "a lizard on a rock"}, headers=alice).json()
+    mark_completed(jobs, source["id"])  # only a completed video is remixed
     register(client, kind="work", name="ゴジラ", holder="TOHO", aliases=["Godzilla"])
     assert_refused(client.post(f"/v1/videos/{source['id']}/remix", json={"prompt": "make it GODZILLA"},
                                headers=alice), names="ゴジラ")

@@ -1,7 +1,9 @@
 """The model families the render layer serves, by the name ``ModelSpec.family`` gives.
 
 - ``wan`` — Wan 2.1 / 2.2 text-to-video (one expert, or two split at ``boundary_ratio``);
-- ``wan-i2v`` — Wan 2.1 image-to-video (CLIP image encoder, 36-channel transformer).
+- ``wan-i2v`` — Wan 2.1 image-to-video (CLIP image encoder, 36-channel transformer);
+- ``wan-v2v`` — Wan video-to-video (remix, edit, extend) on a served ``wan`` model: latent init from the
+  source clip at a strength.
 
 See :mod:`farm.render.families.base` for what a family provides.
 """
@@ -11,8 +13,9 @@ from __future__ import annotations
 from farm.render.families.base import Family, FrameDecoder, JobEncoder, StepContext
 from farm.render.families.wan import WanTextToVideo
 from farm.render.families.wan_i2v import WanImageToVideo
+from farm.render.families.wan_v2v import WanVideoToVideo
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (WanTextToVideo(), WanImageToVideo())}
+FAMILIES: dict[str, Family] = {family.name: family for family in (WanTextToVideo(), WanImageToVideo(), WanVideoToVideo())}
 
 __all__ = ["FAMILIES", "Family", "FrameDecoder", "JobEncoder", "StepContext", "get_family"]
 

@@ -72,6 +72,9 @@ class Family(ABC):
 
     name: ClassVar[str]
     takes_image: ClassVar[bool] = False
+    # Served models' families (``ModelSpec.family``) whose weights this family also runs on, besides its
+    # own name: Wan video-to-video runs on a ``wan`` text-to-video model.
+    runs_on: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     def load_encoder(self, spec: "ModelSpec", device: str | None = None) -> JobEncoder:
