@@ -52,8 +52,10 @@ TINY_TRANSFORMER = dict(
     qk_norm="rms_norm_across_heads",
     rope_max_seq_len=32,
 )
+# base_dim 8, not 3: the VAE is set to reconstruct images (farm.render.tiny_vae), which needs four
+# channels through the decoder's upsamplers, and they halve base_dim.
 TINY_VAE = dict(
-    base_dim=3,
+    base_dim=8,
     z_dim=16,
     dim_mult=[1, 1, 1, 1],
     num_res_blocks=1,
@@ -141,7 +143,9 @@ def build_tiny_wan(out_dir: Path, *, experts: int = 1, seed: int = 0) -> Path:
     The folder is written next to its destination and renamed into place, so a
     crash never leaves a half-written model that later loads.
     """
-    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from farm.render.tiny_vae import reconstructing_vae
 
     if experts not in (1, 2):
         raise ValueError(f"experts must be 1 or 2, got {experts}")
@@ -151,7 +155,7 @@ def build_tiny_wan(out_dir: Path, *, experts: int = 1, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = _build_tokenizer()
     text_encoder = _build_text_encoder(len(tokenizer))
-    vae = AutoencoderKLWan(**TINY_VAE).eval()
+    vae = reconstructing_vae(TINY_VAE)
     transformer = WanTransformer3DModel(**TINY_TRANSFORMER).eval()
     extra = {}
     if experts == 2:
@@ -181,8 +185,10 @@ def build_tiny_wan_i2v(out_dir: Path, *, seed: int = 0) -> Path:
     renamed into place, like :func:`build_tiny_wan`.
     """
     import torch
-    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from farm.render.tiny_vae import reconstructing_vae
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -190,7 +196,7 @@ def build_tiny_wan_i2v(out_dir: Path, *, seed: int = 0) -> Path:
     pipe = WanImageToVideoPipeline(
         tokenizer=tokenizer,
         text_encoder=_build_text_encoder(len(tokenizer)),
-        vae=AutoencoderKLWan(**TINY_VAE).eval(),
+        vae=reconstructing_vae(TINY_VAE),
         transformer=WanTransformer3DModel(**TINY_I2V_TRANSFORMER).eval(),
         scheduler=_build_scheduler(),
         image_encoder=CLIPVisionModel(CLIPVisionConfig(**TINY_IMAGE_ENCODER)).eval(),
