@@ -123,9 +123,12 @@ def pass_through_init(vae) -> None:
                     conv.weight[c, c, :2, :2] = 0.25
             else:
                 pass_on(conv, _SIGNAL + 1)
-            if hasattr(module, "time_conv"):  # the 3-D modes: each output frame repeats the latest input
-                doubled = module.time_conv.out_channels == 2 * module.time_conv.in_channels
-                pass_on(module.time_conv, _SIGNAL + 1, out_offsets=(0, module.dim) if doubled else (0,))
+            if module.mode == "upsample3d":  # each latent frame becomes two, both repeating it
+                pass_on(module.time_conv, _SIGNAL + 1, out_offsets=(0, module.dim))
+            elif module.mode == "downsample3d":  # halve time by averaging three frames (a moving
+                zero(module.time_conv)           # picture comes back nearer every frame than one tap's)
+                for c in range(_SIGNAL + 1):
+                    module.time_conv.weight[c, c, :, 0, 0] = 1.0 / 3
 
     for half in (vae.encoder, vae.decoder):
         pass_on(half.conv_in, _SIGNAL)
@@ -152,7 +155,7 @@ def set_latent_statistics(vae, pictures: torch.Tensor) -> None:
 
 def reconstructing_vae(vae_config: dict):
     """A new ``AutoencoderKLWan`` of ``vae_config`` (eval mode) that reconstructs images: weights from
-    :func:`pass_through_init`, latent statistics from 64 generated pictures at 64².
+    :func:`pass_through_init`, latent statistics from 32 generated pictures at 32².
 
     The residual branches' inner weights stay as the caller's random stream drew them (they are
     multiplied by zero), so a builder's later random draws are the same as with a random VAE."""
@@ -161,7 +164,7 @@ def reconstructing_vae(vae_config: dict):
     vae = AutoencoderKLWan(**vae_config)
     pass_through_init(vae)
     vae.eval()
-    set_latent_statistics(vae, synthetic_images(64, 64, seed=0))
+    set_latent_statistics(vae, synthetic_images(32, 32, seed=0))
     return vae
 
 
