@@ -1,4 +1,5 @@
-"""Tiny random-weight Wan-family models, built offline and saved with ``save_pretrained``.
+"""Tiny Wan-family models, built offline and saved with ``save_pretrained``: random weights, but
+for the VAE, which is set to reconstruct images (:mod:`farm.render.tiny_vae`).
 
 The build machines have no model hub, so tests and the demo use models this module
 makes. They are real diffusers/transformers classes at toy sizes, saved in the same
