@@ -31,7 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Pictures (for latent statistics and measurements) ---------------------------------------------------------------------------------------
+# Generated pictures: the fit's, the latent statistics' and the tests' -------------------------
 _KINDS = ("gradient", "blobs", "checker", "square")
 
 
@@ -55,7 +55,7 @@ def synthetic_frame(kind: str, g: torch.Generator, size: int, shift: tuple[float
             img = img * (1 - weight) + _uniform(g, 3, 1, 1) * weight
         return img
     if kind == "checker":
-        # 2-6 cells across: at least ~5 pixels a cell at 32², coarser than the 8× latent grid is fine.
+        # 2-6 cells across: hard edges, rarely on the 8-pixel latent grid (the hardest kind here).
         cells = 2 + int(torch.randint(0, 5, (1,), generator=g))
         on = ((xx * cells).floor() + (yy * cells).floor()).remainder(2)
         return _uniform(g, 3, 1, 1) * on + _uniform(g, 3, 1, 1) * (1 - on)
@@ -73,7 +73,7 @@ def synthetic_images(count: int, size: int, seed: int) -> torch.Tensor:
 
 
 def synthetic_clips(count: int, frames: int, size: int, seed: int) -> torch.Tensor:
-    """``count`` clips whose picture drifts up to ~2 pixels a frame at 32², shape (count, 3, frames, size, size)."""
+    """``count`` clips whose picture drifts up to 6% of its width a frame, shape (count, 3, frames, size, size)."""
     motion = torch.Generator().manual_seed(seed)
     clips = []
     for i in range(count):
@@ -96,25 +96,31 @@ def pass_through_init(vae) -> None:
 
     The encoder averages each 8×8 block of RGB into latent channels 0-2; the decoder repeats it
     back (nearest-neighbour, as its upsamplers do). Needs ``base_dim`` ≥ 8: the decoder's
-    upsamplers halve the channels, and RGB plus the constant channel take four. Every residual branch and
-    attention output starts at zero (an identity block); convolutions pass RGB on their last time
-    tap and centre (or 2×2-average) spatial taps; a constant channel keeps the two output heads'
-    RMS norms from rescaling RGB, and a small gain keeps their SiLU in its linear range.
+    upsamplers halve the channels, and RGB plus the constant channel take four (ValueError else).
+    Every residual branch and attention output starts at zero (an identity block); convolutions
+    pass RGB on their latest time tap and centre (or 2×2-average) spatial taps, and the encoder's
+    time halvings average three frames; a constant channel keeps the two output heads' RMS norms
+    from rescaling RGB, and a small gain keeps their SiLU in its linear range.
     """
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResample, WanResidualBlock
+
+    narrowest = vae.config.base_dim * min(vae.config.dim_mult) // 2
+    if narrowest < _SIGNAL + 1:
+        raise ValueError(f"base_dim: {vae.config.base_dim} leaves {narrowest} channel(s) in the decoder's "
+                         f"upsamplers; passing RGB through needs {_SIGNAL + 1} (base_dim >= 8)")
 
     def zero(conv) -> None:
         conv.weight.zero_()
         if conv.bias is not None:
             conv.bias.zero_()
 
-    def pass_on(conv, channels: int, gain: float = 1.0, out_offsets=(0,), time_tap: int = -1) -> None:
+    def pass_on(conv, channels: int, gain: float = 1.0, out_offsets=(0,)) -> None:
         """Channel c in → channel offset + c out, on the centre spatial tap and the latest time tap."""
         zero(conv)
         w = conv.weight
         centre = [k // 2 for k in w.shape[2:]]
-        if w.dim() == 5:
-            centre[0] = w.shape[2] + time_tap if time_tap < 0 else time_tap
+        if w.dim() == 5:  # causal in time: the last tap is the current frame
+            centre[0] = w.shape[2] - 1
         for offset in out_offsets:
             for c in range(channels):
                 w[(offset + c, c, *centre)] = gain
@@ -136,8 +142,10 @@ def pass_through_init(vae) -> None:
                 pass_on(conv, _SIGNAL + 1)
             if module.mode == "upsample3d":  # each latent frame becomes two, both repeating it
                 pass_on(module.time_conv, _SIGNAL + 1, out_offsets=(0, module.dim))
-            elif module.mode == "downsample3d":  # halve time by averaging three frames (a moving
-                zero(module.time_conv)           # picture comes back nearer every frame than one tap's)
+            elif module.mode == "downsample3d":
+                # Halve time by averaging three frames: measured, a moving picture then comes back
+                # nearer in its worst frame than when one frame of the three is kept.
+                zero(module.time_conv)
                 for c in range(_SIGNAL + 1):
                     module.time_conv.weight[c, c, :, 0, 0] = 1.0 / 3
 
