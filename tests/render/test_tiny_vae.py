@@ -38,7 +38,8 @@ def vae():
 def test_held_out_pictures_come_back(vae, size):
     pictures = synthetic_images(16, size, HELD_OUT)
     scores = reconstruction_psnr(vae, pictures)
-    by_kind = {kind: statistics.median(scores[i::4]) for i, kind in enumerate(["gradient", "blobs", "checker", "square"])}
+    kinds = ["gradient", "blobs", "checker", "square"]  # synthetic_images cycles through them in this order
+    by_kind = {kind: statistics.median(scores[i::4]) for i, kind in enumerate(kinds)}
     report(f"tiny VAE {size}²: reconstruction PSNR median {statistics.median(scores):.1f} dB, worst "
            f"{min(scores):.1f} dB; by kind " + ", ".join(f"{k} {v:.1f}" for k, v in by_kind.items()))
     assert statistics.median(scores) >= 25.0, scores
@@ -131,7 +132,8 @@ def test_i2v_condition_carries_the_image_and_first_frame_figures(tiny_i2v_spec):
     unrelated one). The decoded first frames of clips from the tiny model's random transformer are
     printed beside it: they do not follow the image (measured; see test_i2v's first-frame test)."""
     family = get_family(tiny_i2v_spec.family)
-    encoder, decoder = family.load_encoder(tiny_i2v_spec, device="cpu"), family.load_decoder(tiny_i2v_spec, device="cpu")
+    encoder = family.load_encoder(tiny_i2v_spec, device="cpu")
+    decoder = family.load_decoder(tiny_i2v_spec, device="cpu")
     params = validate_request(tiny_i2v_spec, prompt=PROMPT, size="64x64", seconds=1, steps=8, seed=SEED)
     target = {k: np.asarray(fit_reference(reference_image(k, 160), params.width, params.height)) for k in "xy"}
     back = {}
