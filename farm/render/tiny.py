@@ -53,12 +53,14 @@ TINY_TRANSFORMER = dict(
     qk_norm="rms_norm_across_heads",
     rope_max_seq_len=32,
 )
-# base_dim 8, not 3: the VAE is set to reconstruct images (farm.render.tiny_vae), which needs four
-# channels through the decoder's upsamplers, and they halve base_dim.
+# base_dim 4 with dim_mult [1, 2, 2, 2], not base_dim 3 with [1, 1, 1, 1]: the VAE is set to
+# reconstruct images (farm.render.tiny_vae), which needs four channels everywhere on the way, and the
+# decoder's upsamplers halve theirs. The narrowest such choice; measured, its decode at 256² × 33
+# frames takes 6.4 s on one thread (3.6 s before; base_dim 8 with [1, 1, 1, 1]: 11 s).
 TINY_VAE = dict(
-    base_dim=8,
+    base_dim=4,
     z_dim=16,
-    dim_mult=[1, 1, 1, 1],
+    dim_mult=[1, 2, 2, 2],
     num_res_blocks=1,
     temperal_downsample=[False, True, True],
 )

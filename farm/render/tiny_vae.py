@@ -95,8 +95,8 @@ def pass_through_init(vae) -> None:
     """Set a fresh ``AutoencoderKLWan`` (in place) to a near-linear autoencoder of RGB.
 
     The encoder averages each 8×8 block of RGB into latent channels 0-2; the decoder repeats it
-    back (nearest-neighbour, as its upsamplers do). Needs ``base_dim`` ≥ 8: the decoder's
-    upsamplers halve the channels, and RGB plus the constant channel take four (ValueError else).
+    back (nearest-neighbour, as its upsamplers do). Needs four channels on every layer of the way
+    (RGB and the constant channel; the decoder's upsamplers halve theirs): ValueError else.
     Every residual branch and attention output starts at zero (an identity block); convolutions
     pass RGB on their latest time tap and centre (or 2×2-average) spatial taps, and the encoder's
     time halvings average three frames; a constant channel keeps the two output heads' RMS norms
@@ -104,10 +104,13 @@ def pass_through_init(vae) -> None:
     """
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResample, WanResidualBlock
 
-    narrowest = vae.config.base_dim * min(vae.config.dim_mult) // 2
+    # The narrowest layer on the path: the full-resolution ones, and the decoder's upsamplers (they halve).
+    narrowest = min([vae.config.base_dim * min(vae.config.dim_mult)]
+                    + [m.resample[1].out_channels for m in vae.decoder.modules()
+                       if isinstance(m, WanResample) and m.mode.startswith("up")])
     if narrowest < _SIGNAL + 1:
-        raise ValueError(f"base_dim: {vae.config.base_dim} leaves {narrowest} channel(s) in the decoder's "
-                         f"upsamplers; passing RGB through needs {_SIGNAL + 1} (base_dim >= 8)")
+        raise ValueError(f"base_dim: {vae.config.base_dim} with dim_mult {list(vae.config.dim_mult)} leaves "
+                         f"{narrowest} channel(s) on the way; passing RGB through needs {_SIGNAL + 1}")
 
     def zero(conv) -> None:
         conv.weight.zero_()

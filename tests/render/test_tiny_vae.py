@@ -91,8 +91,9 @@ def test_the_fit_is_deterministic_cached_and_leaves_the_callers_stream_alone():
     assert tiny_vae.fit_key(TINY_VAE) != tiny_vae.fit_key(TINY_VAE, tiny_vae.VaeFit(steps=61))
     with pytest.raises(ValueError, match="kind: 'stripes' is not known"):
         tiny_vae.synthetic_frame("stripes", torch.Generator(), 8)
-    with pytest.raises(ValueError, match=r"base_dim: 3 leaves 1 channel\(s\) .* needs 4 \(base_dim >= 8\)"):
-        pass_through_init(AutoencoderKLWan(**TINY_VAE | {"base_dim": 3}))
+    with pytest.raises(ValueError, match=r"base_dim: 3 with dim_mult \[1, 1, 1, 1\] leaves 1 channel\(s\) on the way; "
+                                         r"passing RGB through needs 4"):
+        pass_through_init(AutoencoderKLWan(**TINY_VAE | {"base_dim": 3, "dim_mult": [1, 1, 1, 1]}))
 
 
 def test_the_fine_tune_improves_on_the_construction(vae):
@@ -105,7 +106,7 @@ def test_the_fine_tune_improves_on_the_construction(vae):
     before = statistics.mean(reconstruction_psnr(constructed.eval(), pictures))
     after = statistics.mean(reconstruction_psnr(vae, pictures))
     report(f"tiny VAE 128²: mean reconstruction PSNR {before:.1f} dB constructed, {after:.1f} dB fitted")
-    assert after > before, (before, after)  # measured: 31.8 → 32.4 dB (median on gradients 37.5 → 39.3)
+    assert after > before, (before, after)  # measured: 31.8 → 32.5 dB (median on gradients 37.5 → 39.5)
 
 
 def test_every_tiny_model_saves_the_same_reconstructing_vae(tiny_model_dir, tiny_model_2x_dir, tiny_i2v_dir):
