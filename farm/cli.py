@@ -446,11 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     model = sub.add_parser("model", help="build or list models").add_subparsers(dest="action", required=True)
-    init = model.add_parser("init", help="build a tiny random-weight model with save_pretrained")
+    init = model.add_parser(
+        "init", help="build a tiny model with save_pretrained (random weights; the VAE set to reconstruct images)")
     init.add_argument("kind", help="what to build: tiny (Wan text-to-video) or tiny-i2v (Wan 2.1 image-to-video)")
     init.add_argument("--out", required=True, help="folder to save the pipeline into")
     init.add_argument("--experts", type=int, choices=(1, 2), default=1, help="2: the Wan 2.2 two-expert layout")
-    init.add_argument("--seed", type=_whole_number, default=0, help="seed for the random weights")
+    init.add_argument("--seed", type=_whole_number, default=0,
+                      help="seed for the random weights (the VAE fit has its own fixed seed)")
     init.set_defaults(func=cmd_model_init)
     listing = model.add_parser("list", help="the model registry")
     listing.set_defaults(func=cmd_model_list)
