@@ -56,6 +56,19 @@ _SecondsField = Annotated[
 ]
 
 
+_Characters = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]] | None, Field(max_length=4)]
+_CHARACTERS_DOC = ("Farm extension: ids of cameos (characters) the video uses, besides those the prompt names as "
+                   "@name; multipart sends them comma-separated. Each needs its owner's consent (else 403 "
+                   "cameo_consent_required); the clip renders from the first one's reference frame.")
+
+
+def _comma_list(value: Any) -> Any:
+    """A form field's "char_a,char_b" as a list; JSON lists pass as they are."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
 class ImageReference(BaseModel):
     """The JSON form of ``input_reference``: an uploaded file id or an image URL."""
 
@@ -95,6 +108,12 @@ class CreateVideoRequest(BaseModel):
         default="interactive", description="Farm extension: 'bulk' jobs yield to 'interactive' ones.",
     )
     scheduler: Scheduler = Field(default="unipc", description="Farm extension: the denoising solver.")
+    characters: _Characters = Field(default=None, description=_CHARACTERS_DOC)
+
+    @field_validator("characters", mode="before")
+    @classmethod
+    def _character_ids(cls, value: Any) -> Any:
+        return _comma_list(value)
 
     @field_validator("seconds", "seed", "steps", mode="before")
     @classmethod
@@ -117,6 +136,7 @@ class RemixVideoRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, description="The new prompt; model, size, seconds, steps and seed are the source's.")
+    characters: _Characters = Field(default=None, description=_CHARACTERS_DOC)
 
     @field_validator("prompt")
     @classmethod

@@ -12,10 +12,13 @@ class PolicySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rules: list[Literal["opt_out", "public_figure"]] = Field(
-        default=["opt_out", "public_figure"], description=(
+    rules: list[Literal["opt_out", "public_figure", "cameo_consent"]] = Field(
+        default=["opt_out", "public_figure", "cameo_consent"], description=(
             "Built-in rules every create (POST /v1/videos, remix, batch lines) passes, in order: opt_out refuses "
-            "prompts naming a registered work or character, public_figure those naming a protected person."))
+            "prompts naming a registered work or character, public_figure those naming a protected person (unless "
+            "a consenting cameo of that person is used), cameo_consent those using a cameo (@name or "
+            "characters) without its owner's consent (403). Without cameo_consent, POST /v1/videos and remix "
+            "still refuse such a use when the job is stored, with the same 403; batch lines do not."))
     moderators: list[str] = Field(default=[], description=(
         "Import paths (package.module:attribute) of the operator's own moderators, asked after the rules, in "
         "order: each a class or factory called with no arguments that returns an object with "
