@@ -251,6 +251,12 @@ async def read_create_request(request: Request, max_file_bytes: int) -> tuple[Cr
         data: Any = {}
         async with request.form(max_files=4, max_fields=64) as form:
             for key, value in form.multi_items():
+                if key.startswith("characters[") and isinstance(value, str):  # the SDK sends a list as characters[]
+                    listed = data.setdefault("characters", [])
+                    if not isinstance(listed, list):
+                        raise InvalidRequest("characters: given more than once", param="characters")
+                    listed.append(value)
+                    continue
                 if key in data:
                     raise InvalidRequest(f"{key}: given more than once", param=key)
                 if isinstance(value, UploadFile) or key.startswith("input_reference["):
