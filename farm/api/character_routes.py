@@ -101,7 +101,8 @@ def add_character_routes(app: FastAPI, deps: GatewayDeps, owner_of: Callable[[Re
         return who
 
     @app.post("/v1/videos/characters", summary="Create a character (cameo) from a video", tags=["characters"],
-              operation_id="createCharacter", responses={**_RESPONSES, 413: {"model": ErrorResponse}},
+              operation_id="createCharacter",
+              responses={**_RESPONSES, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}},
               openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                   "type": "object", "required": ["name", "video"], "properties": {
                       "name": {"type": "string", "description": "The @name prompts use it by."},

@@ -256,12 +256,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at this path; Starlette's own Allow names only the first route's."""
-    methods: set[str] = set()
+    """Every method the routes of this path serve; Starlette's own Allow names only the first route's.
+    Where a literal path and a templated one both match (``/v1/videos/characters`` and
+    ``/v1/videos/{video_id}``), the literal one's resource is meant: the fewest parameters win."""
+    by_params: dict[int, set[str]] = {}
     for route in request.app.router.routes:
         if route.matches(request.scope)[0] != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods)
+            params = getattr(route, "path", "").count("{")
+            by_params.setdefault(params, set()).update(getattr(route, "methods", None) or ())
+    return sorted(by_params[min(by_params)]) if by_params else []
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

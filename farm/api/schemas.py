@@ -63,9 +63,9 @@ _CHARACTERS_DOC = ("Farm extension: ids of cameos (characters) the video uses, b
 
 
 def _comma_list(value: Any) -> Any:
-    """A form field's "char_a,char_b" as a list; JSON lists pass as they are."""
+    """A form field's "char_a,char_b" as a list (an empty part stays, to be refused); JSON lists pass."""
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
+        return [part.strip() for part in value.split(",")]
     return value
 
 

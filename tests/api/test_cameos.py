@@ -192,3 +192,34 @@ def test_a_public_figure_is_allowed_with_their_consenting_cameo(app, registry, j
 ])
 def test_mentions(prompt, names):
     assert mentions(prompt) == names
+
+
+def test_batch_lines_pass_the_cameo_rule(jobs, registry, models):
+    from farm.api.uploads import UploadLimits
+    from farm.api.video_requests import ContentPolicyViolation, check_create_body
+    from farm.policy.cameos import CharacterStore, new_character_id
+
+    cameos = CharacterStore(jobs.db)
+    for name, consent in (("open", "everyone"), ("closed", "approved")):
+        cid = new_character_id()
+        cameos.create(character_id=cid, owner="acct_a", name=name, consent=consent, video_key=f"characters/{cid}/v",
+                      frame_keys=[f"characters/{cid}/frame_0.png"], width=8, height=8)
+    moderator = default_chain(registry, cameos)
+
+    def line(prompt):
+        return check_create_body({"prompt": prompt}, models, max_prompt_chars=100, upload_limits=UploadLimits(),
+                                 moderator=moderator, owner="acct_b")
+
+    assert line("a fox").prompt == "a fox"
+    for prompt, status, code in (("@closed runs", 403, "cameo_consent_required"),
+                                 ("@open runs", 400, "unsupported_parameter"),
+                                 ("@ghost runs", 400, "character_not_found")):
+        with pytest.raises(ContentPolicyViolation) as refused:
+            line(prompt)
+        assert (refused.value.status_code, refused.value.code) == (status, code), prompt
+
+
+def test_cameo_used_is_a_webhook_event_type():
+    from farm.webhooks.store import check_event_types
+
+    assert check_event_types(["video.cameo_used"]) == ("video.cameo_used",)
