@@ -62,6 +62,7 @@ from farm.api.schemas import (
     read_create_request,
 )
 from farm.api.cameo_media import CameoLimits
+from farm.api.character_routes import add_character_routes, refused
 from farm.api.model_routes import add_model_routes
 from farm.api.references import REFERENCE_SHA256_PARAM, drop_reference, reference_digest, store_reference
 from farm.api.uploads import CheckedImage, UploadLimits
@@ -397,7 +398,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         # Checked first (format, size, pixel count), so a bad upload is named as such; then kept for a
         # model that renders from an image, refused for one that renders from text only.
         # A request that uses a cameo and sends no image renders from the cameo's frame instead.
-        cameo_only = upload is None and body.input_reference is None and bool(body.characters or mentions(body.prompt))
+        cameo_only = (upload is None and body.input_reference is None
+                      and bool(body.characters or mentions(body.prompt)))
         reference = None if cameo_only else await run_in_threadpool(
             check_reference, target.limits, upload, body.input_reference, deps.upload_limits)
         params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
@@ -579,7 +581,8 @@ async def _create_job(
         extra = extra | {"characters": [c.id for c in cameos]}
     spec, placement = target.spec, place_request(target, size, seconds)
     size, seconds = placement.size, placement.seconds
-    if spec.takes_image and reference is None and not cameos:  # a remix of an image-to-video clip has no image of its own
+    # A remix of an image-to-video clip has no image of its own (unless it uses a cameo).
+    if spec.takes_image and reference is None and not cameos:
         raise InvalidRequest(f"input_reference: model {spec.id!r} renders from an image and needs one",
                              param="input_reference", code="missing_required_parameter")
     if reference is not None:  # the image is part of what was asked: another image is another request
@@ -621,8 +624,6 @@ async def _create_job(
             )
         )
     except CameoRefused as exc:  # consent taken back (or the cameo deleted) since it was checked
-        from farm.api.character_routes import refused
-
         raise refused(exc) from None
     except BudgetExceeded as exc:
         raise budget_refused(exc.budget, deps.store.now()) from None
@@ -654,8 +655,6 @@ async def _cameos(deps: GatewayDeps, prompt: str, ids: Sequence[str]) -> list[Ch
     try:
         return await run_in_threadpool(deps.characters.resolve, prompt, ids)
     except CameoRefused as exc:
-        from farm.api.character_routes import refused
-
         raise refused(exc) from None
 
 
@@ -807,8 +806,6 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         description="OpenAI-compatible text-to-video API of a videofarm render farm.", responses=ERROR_RESPONSES,
     )
     install_error_handlers(app)
-    from farm.api.character_routes import add_character_routes
-
     # Before the video routes: GET /v1/videos/{video_id} would otherwise take /v1/videos/characters.
     add_character_routes(app, deps, _owner_of(deps))
     _add_routes(app, deps)

@@ -4,8 +4,8 @@ PyAV (already the farm's MP4 library, and torch-free) opens the upload from memo
 before any decoding work that grows with the input: the byte size (the body limit already capped
 it), then a video stream, its pixel count and its duration from the container header; decoding
 then stops after ``max_decoded_frames`` frames, so a file that lies about its duration costs a
-bounded amount of work. A first pass counts the frames, a second keeps ``frames`` of them, evenly spaced over the clip (the middle of
-each of ``frames`` equal spans), each scaled to at most ``frame_max_side`` pixels on its longer
+bounded amount of work. A first pass counts the frames, a second keeps ``frames`` of them, evenly
+spaced over the clip (the middle of each of ``frames`` equal spans), each scaled to at most ``frame_max_side`` pixels on its longer
 side and encoded as PNG — what the image-to-video encoder reads (``farm.render.reference``).
 Callers run it in the thread pool: decoding blocks.
 """
@@ -69,8 +69,8 @@ def read_cameo_video(data: bytes, limits: CameoLimits, param: str = "video") -> 
                                  f"{limits.max_pixels}", param=param, code="video_too_large")
         seconds = _duration(container, stream)
         if seconds is not None and seconds > limits.max_seconds:
-            raise InvalidRequest(f"{param}: the video is {seconds:.1f} s long; allowed: at most {limits.max_seconds:g} s",
-                                 param=param, code="video_too_long")
+            raise InvalidRequest(f"{param}: the video is {seconds:.1f} s long; allowed: at most "
+                                 f"{limits.max_seconds:g} s", param=param, code="video_too_long")
         count = _decode(container, stream, limits, param, keep=())[0]
         fmt = container.format.name.split(",")
     if count == 0:

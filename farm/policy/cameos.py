@@ -319,8 +319,9 @@ class CharacterStore:
         if not names and not ids:
             return []
         with self.db.engine.connect() as conn:
+            keys = [name_key(n) for n in names]
             by_name = {r["name_key"]: _character(r) for r in conn.execute(
-                sa.select(CHARACTERS).where(_CH.name_key.in_([name_key(n) for n in names]))).mappings()} if names else {}
+                sa.select(CHARACTERS).where(_CH.name_key.in_(keys))).mappings()} if keys else {}
             by_id = {r["id"]: _character(r) for r in conn.execute(
                 sa.select(CHARACTERS).where(_CH.id.in_(ids))).mappings()} if ids else {}
         found: dict[str, Character] = {}

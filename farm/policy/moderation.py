@@ -159,11 +159,11 @@ class CameoConsentRule:
 
         try:
             used: list[Character] = self.characters.resolve(request.prompt, request.characters)
+            self.characters.check_use(used, request.account_id)
             if used and request.path == "batch":
                 raise CameoRefused("prompt: batch lines cannot use cameos (their jobs render from text only); "
                                    "create cameo videos with POST /v1/videos", param="prompt",
                                    code="unsupported_parameter")
-            self.characters.check_use(used, request.account_id)
         except CameoRefused as exc:
             return Decision.refuse(self.name, exc.code, exc.message, status=exc.status, code=exc.code,
                                    param=exc.param)

@@ -74,7 +74,8 @@ def test_consent_flow_with_the_sdk(app, jobs, objects, tmp_path):
         assert len(frames) == 4 and f"characters/{made.id}/source" in objects.list_keys(f"characters/{made.id}/")
 
         # B's use is refused, by @name (Japanese around it) and by id, and nothing is created.
-        for kwargs in ({"prompt": "東京で@ada_kが歩く"}, {"prompt": "a walk", "extra_body": {"characters": [made.id]}}):
+        by_id = {"prompt": "a walk", "extra_body": {"characters": [made.id]}}
+        for kwargs in ({"prompt": "東京で@ada_kが歩く"}, by_id):
             with pytest.raises(openai.PermissionDeniedError) as refused:
                 b.videos.create(model="wan-tiny", **kwargs)
             assert refused.value.status_code == 403 and refused.value.code == "cameo_consent_required"

@@ -16,8 +16,8 @@ def cameos(store, clock) -> CharacterStore:
 
 def _make(cameos: CharacterStore, owner="acct_a", name="ada", consent="approved"):
     cid = new_character_id()
-    return cameos.create(character_id=cid, owner=owner, name=name, consent=consent, video_key=f"characters/{cid}/source",
-                         frame_keys=[f"characters/{cid}/frame_{i}.png" for i in range(3)], width=96, height=64)
+    return cameos.create(character_id=cid, owner=owner, name=name, consent=consent,
+                         video_key=f"characters/{cid}/source", frame_keys=[f"characters/{cid}/frame_{i}.png" for i in range(3)], width=96, height=64)
 
 
 def _job(store, cameos, owner, characters, prompt="p"):
