@@ -18,7 +18,7 @@ from farm.finish.provenance import SignerConfig
 from farm.finish.watermark import WatermarkConfig
 from farm.jobs.budget_settings import BudgetSettings
 from farm.jobs.expiry_settings import ExpirySettings
-from farm.policy.settings import PolicySettings
+from farm.policy.settings import CameoSettings, PolicySettings
 from farm.render.faults import FaultInjection
 from farm.render.registry import ModelSpec, find_model
 from farm.render.tiers import ModelAlias, check_aliases
@@ -353,6 +353,8 @@ class FarmSettings(BaseModel):
     batches: BatchSettings = Field(default_factory=BatchSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings, description=(
         "Content policy: the moderation rules every create passes and how fresh the protected-name registry is."))
+    cameos: CameoSettings = Field(default_factory=CameoSettings, description=(
+        "Cameos (POST /v1/videos/characters): limits on their source videos and the reference frames kept."))
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     database_url: str = Field(
         default="", description="SQLAlchemy URL of the job store; empty: a SQLite file in the state folder."

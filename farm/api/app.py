@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -60,6 +60,8 @@ from farm.api.schemas import (
     create_body_schemas,
     read_create_request,
 )
+from farm.api.cameo_media import CameoLimits
+from farm.api.character_routes import add_character_routes, refused
 from farm.api.derive_routes import add_derive_routes
 from farm.api.model_routes import add_model_routes
 from farm.api.references import REFERENCE_SHA256_PARAM, drop_reference, reference_digest, store_reference
@@ -76,6 +78,8 @@ from farm.jobs.expiry import Lifetimes, expired
 from farm.jobs.sharing import SharingStore
 from farm.jobs.store import PRIORITY_BULK, PRIORITY_INTERACTIVE, BudgetExceeded, IdempotencyConflict, QueueFull
 from farm.jobs.job import new_video_id
+from farm.policy.cameos import CameoRefused, Character, CharacterStore
+from farm.policy.mentions import mentions
 from farm.policy.moderation import CreatePath, ModerationRequest
 from farm.render.registry import DERIVED_FROM_PARAM, REFERENCE_KEY_PARAM, ModelSpec
 from farm.render.tiers import ModelAlias, Target, check_aliases
@@ -166,6 +170,10 @@ class GatewayDeps:
     # The protected-name registry behind the operator and rights-holder routes (needs ``auth``);
     # its cache is invalidated on every change made through this gateway. None: no such routes.
     policy_registry: RegistryCache | None = None
+    # Cameos (farm.policy.cameos) and their source videos' limits; None: built over the job store's
+    # database. Their consent is checked again when each job is stored, moderator or not.
+    characters: CharacterStore | None = None
+    cameo_limits: CameoLimits = field(default_factory=CameoLimits)
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _http: tuple[Any, httpx.AsyncClient] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -190,6 +198,8 @@ class GatewayDeps:
             self.sharing = SharingStore(self.store.db, clock=self.store.now)
         if self.lifetimes is None:
             self.lifetimes = Lifetimes(self.store.db, clock=self.store.now)
+        if self.characters is None:
+            self.characters = CharacterStore(self.store.db, clock=self.store.now)
 
     def object_store(self) -> ObjectStore:
         """The object store, built by the factory on first use (blocking: call it off the event loop)."""
@@ -217,14 +227,15 @@ class GatewayDeps:
 class _BodyLimit:
     """413 for bodies over ``limit``: by Content-Length up front, else by counting the stream."""
 
-    def __init__(self, app: ASGIApp, limit: int, paths: dict[str, int] | None = None) -> None:
-        self.app, self.default, self.paths = app, limit, paths or {}
+    def __init__(self, app: ASGIApp, limit: int, paths: dict[str, int] | None = None,
+                 params: dict[str, str] | None = None) -> None:
+        self.app, self.default, self.paths, self.params = app, limit, paths or {}, params or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.paths.get(scope["path"], self.default)  # a route with its own limit (file uploads)
-        param = "file" if scope["path"] in self.paths else None
+        param = self.params.get(scope["path"], "file") if scope["path"] in self.paths else None
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             exc = PayloadTooLarge(f"request body of {int(length)} bytes exceeds the limit of {limit} bytes",
@@ -387,11 +398,15 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         target = deps.target(body.model)
         # Checked first (format, size, pixel count), so a bad upload is named as such; then kept for a
         # model that renders from an image, refused for one that renders from text only.
-        reference = await run_in_threadpool(check_reference, target.limits, upload, body.input_reference,
-                                            deps.upload_limits)
+        # A request that uses a cameo and sends no image renders from the cameo's frame instead.
+        cameo_only = (upload is None and body.input_reference is None
+                      and bool(body.characters or mentions(body.prompt)))
+        reference = None if cameo_only else await run_in_threadpool(
+            check_reference, target.limits, upload, body.input_reference, deps.upload_limits)
         params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
         return await shown(await _create_job(deps, request, who, target, body.prompt, body.size, body.seconds,
-                                             params, body.priority, path="create", reference=reference), response)
+                                             params, body.priority, path="create", reference=reference,
+                                             characters=body.characters or ()), response)
 
     # Remix, edit, extend: video-to-video from a source clip, through the same create path.
     add_derive_routes(app, deps, owner=owner, get_readable=get_readable, shown=shown, create_job=_create_job,
@@ -448,8 +463,14 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
                 operation_id="deleteVideo",
                 responses={409: {"model": ErrorResponse, "description": "The video is still rendering."}})
     async def delete_video(video_id: str, request: Request) -> dict[str, Any]:
+        """The owner deletes a video; so may the owner of a cameo it used (farm.jobs.sharing)."""
         who = await owner(request)
-        job = await get_job(video_id, who)
+        job = await run_in_threadpool(deps.store.get, video_id, owner=who)
+        if job is None and who is not None and await run_in_threadpool(deps.sharing.cameo_owner_may_delete,
+                                                                       video_id, who):
+            job, who = await run_in_threadpool(deps.store.get, video_id), None  # deleted whoever made it
+        if job is None:
+            raise NotFound(f"video {video_id!r} not found", param="video_id")
         if job.status == "in_progress":
             raise Conflict(f"video {video_id!r} is in_progress; cancel it (POST /v1/videos/{video_id}/cancel) "
                            "or wait until it finishes", param="video_id", code="video_in_progress")
@@ -515,6 +536,7 @@ async def _create_job(
     size: str | None, seconds: int | None, extra: dict[str, Any], priority: str,
     *, path: CreatePath, source_video_id: str | None = None, reference: CheckedImage | None = None,
     derived: dict[str, Any] | None = None, upload: CheckedSource | None = None,
+    characters: Sequence[str] = (),
 ) -> Job:
     """Validate against the model (or the tier an alias names: its defaults for a size or duration not
     given, its mapping of OpenAI's) and the content policy, then queue (or replay an Idempotency-Key's
@@ -523,14 +545,32 @@ async def _create_job(
     A ``reference`` image is stored under the new job's id before the job is queued, and deleted
     again when no new job owns it (see :mod:`farm.api.references`); so is an uploaded source clip
     (``upload``, :mod:`farm.api.sources`), whose key then completes ``derived`` (the job's
-    ``derived_from``: what a remix, edit or extension renders from)."""
+    ``derived_from``: what a remix, edit or extension renders from).
+
+    Cameos (``@name`` in the prompt, ids in ``characters``) render through image-to-video from the
+    first one's reference frame: a text-only ``target`` is replaced by the first image-to-video model
+    this farm serves (``model`` still echoes what was asked); each use is recorded with the job."""
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise InvalidRequest(f"Idempotency-Key: {len(idempotency_key)} characters; allowed: 1..255",
                              param="Idempotency-Key")
+    asked_model = target.name
+    cameos = await _cameos(deps, prompt, characters)
+    if cameos:
+        if derived is not None:  # video-to-video renders from its source clip, not from an image
+            raise InvalidRequest(f"prompt: a {path} renders from its source video and cannot use a cameo; use the "
+                                 "cameo in POST /v1/videos", param="prompt", code="unsupported_parameter")
+        if reference is not None:
+            raise InvalidRequest("input_reference: a video that uses a cameo renders from the cameo's frame; send "
+                                 "an image or a cameo, not both", param="input_reference",
+                                 code="unsupported_parameter")
+        if not target.spec.takes_image:
+            target = _image_target(deps, target)
+        extra = extra | {"characters": [c.id for c in cameos]}
     spec, placement = target.spec, place_request(target, size, seconds)
     size, seconds = placement.size, placement.seconds
-    if spec.takes_image and reference is None:  # a remix of an image-to-video clip has no image of its own
+    # A remix of an image-to-video clip has no image of its own (unless it uses a cameo).
+    if spec.takes_image and reference is None and not cameos:
         raise InvalidRequest(f"input_reference: model {spec.id!r} renders from an image and needs one",
                              param="input_reference", code="missing_required_parameter")
     if reference is not None:  # the image is part of what was asked: another image is another request
@@ -548,7 +588,12 @@ async def _create_job(
     params, stored = check_render(target.limits, prompt, size, seconds, extra, deps.max_prompt_chars)
     stored |= tier_params(target, placement)
     stored["request_fingerprint"] = fingerprint
-    await _moderate(deps, ModerationRequest(params.prompt, who, spec.id, path, source_video_id))
+    if cameos:
+        stored[REFERENCE_KEY_PARAM] = cameos[0].reference_key
+        if target.name != asked_model:  # routed to an image model: the video object echoes the request
+            stored["requested_model"] = asked_model
+    await _moderate(deps, ModerationRequest(params.prompt, who, spec.id, path, source_video_id,
+                                            characters=tuple(characters)))
     lifetime_s = await run_in_threadpool(deps.lifetimes.lifetime_of, who)
     # Read before the create; the create refuses on it after replaying an Idempotency-Key's job.
     budget = None if deps.budgets is None else await run_in_threadpool(deps.store.budget_status, who, deps.budgets)
@@ -570,8 +615,12 @@ async def _create_job(
                 max_queued=deps.max_queued_bulk if bulk else deps.max_queued,  # the cap of this class
                 max_queued_per_owner=deps.max_queued_per_account,
                 idempotency_key=idempotency_key, budget=budget, expires_in_s=lifetime_s, video_id=video_id,
+                on_insert=(lambda conn, new: deps.characters.admit(conn, new, [c.id for c in cameos])) if cameos
+                else None,
             )
         )
+    except CameoRefused as exc:  # consent taken back (or the cameo deleted) since it was checked
+        raise refused(exc) from None
     except BudgetExceeded as exc:
         raise budget_refused(exc.budget, deps.store.now()) from None
     except QueueFull as exc:
@@ -595,6 +644,26 @@ async def _create_job(
         except Exception:  # the job exists; a broken metrics hook must not turn that into an error
             log.exception("metrics hook failed")
     return job
+
+
+async def _cameos(deps: GatewayDeps, prompt: str, ids: Sequence[str]) -> list[Character]:
+    """The cameos a request uses (400 ``character_not_found`` for one that does not exist)."""
+    if not ids and "@" not in prompt:
+        return []
+    try:
+        return await run_in_threadpool(deps.characters.resolve, prompt, ids)
+    except CameoRefused as exc:
+        raise refused(exc) from None
+
+
+def _image_target(deps: GatewayDeps, asked: Target) -> Target:
+    """Where a cameo renders when the model asked for renders from text only: the first image-to-video
+    model of this farm's ``models``, in their configured order; 400 when it serves none."""
+    for spec in deps.models:
+        if spec.takes_image:
+            return deps.target(spec.id)
+    raise InvalidRequest(f"model: {asked.name!r} renders from text only and this farm serves no image-to-video "
+                         "model, which cameos render through", param="model", code="cameo_model_unavailable")
 
 
 async def _moderate(deps: GatewayDeps, request: ModerationRequest) -> None:
@@ -735,6 +804,8 @@ def create_app(deps: GatewayDeps) -> FastAPI:
         description="OpenAI-compatible text-to-video API of a videofarm render farm.", responses=ERROR_RESPONSES,
     )
     install_error_handlers(app)
+    # Before the video routes: GET /v1/videos/{video_id} would otherwise take /v1/videos/characters.
+    add_character_routes(app, deps, _owner_of(deps))
     _add_routes(app, deps)
     if deps.auth is not None:
         from farm.api.account_routes import add_account_routes
@@ -768,7 +839,7 @@ def create_app(deps: GatewayDeps) -> FastAPI:
     add_model_routes(app, deps.models, deps.aliases)
     add_usage_routes(app, deps.store, deps.budgets or BudgetRule(), owner_of=_owner_of(deps),
                      accounts=deps.auth.accounts if deps.auth is not None else None)
-    body_limits = {}
+    body_limits = {"/v1/videos/characters": deps.cameo_limits.max_bytes + 1024 * 1024}  # the video and framing
     if deps.batches is not None and deps.schedules is not None and deps.batch_settings is not None:
         from farm.api.batch_routes import BatchDeps, add_batch_routes
 
@@ -788,7 +859,8 @@ def create_app(deps: GatewayDeps) -> FastAPI:
     app.add_middleware(_ResponseHeaders)
     if deps.auth is not None:  # outside the routes: no route reads a request the gate refused
         app.add_middleware(AuthGate, auth=deps.auth)
-    app.add_middleware(_BodyLimit, limit=deps.max_body_bytes, paths=body_limits)
+    app.add_middleware(_BodyLimit, limit=deps.max_body_bytes, paths=body_limits,
+                       params={"/v1/videos/characters": "video"})
     if deps.metrics is not None:
         app.add_middleware(_Timing, metrics=deps.metrics)
     app.state.deps = deps

@@ -256,17 +256,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at this path; Starlette's own Allow names only the first route's.
-
-    A literal path is a resource of its own: ``/v1/videos/edits`` also matches ``/v1/videos/{video_id}``,
-    but the methods of the templated route are not this resource's, so routes without path parameters
-    that match shadow the templated ones."""
-    matching = [route for route in request.app.router.routes if route.matches(request.scope)[0] != Match.NONE]
-    literal = [route for route in matching if not getattr(route, "param_convertors", None)]
-    methods: set[str] = set()
-    for route in literal or matching:
-        methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods)
+    """Every method the routes of this path serve; Starlette's own Allow names only the first route's.
+    Where a literal path and a templated one both match (``/v1/videos/characters`` and
+    ``/v1/videos/{video_id}``), the literal one's resource is meant: the fewest parameters win."""
+    by_params: dict[int, set[str]] = {}
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            params = getattr(route, "path", "").count("{")
+            by_params.setdefault(params, set()).update(getattr(route, "methods", None) or ())
+    return sorted(by_params[min(by_params)]) if by_params else []
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

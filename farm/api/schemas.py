@@ -56,6 +56,19 @@ _SecondsField = Annotated[
 ]
 
 
+_Characters = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]] | None, Field(max_length=4)]
+_CHARACTERS_DOC = ("Farm extension: ids of cameos (characters) the video uses, besides those the prompt names as "
+                   "@name; multipart sends them comma-separated. Each needs its owner's consent (else 403 "
+                   "cameo_consent_required); the clip renders from the first one's reference frame.")
+
+
+def _comma_list(value: Any) -> Any:
+    """A form field's "char_a,char_b" as a list (an empty part stays, to be refused); JSON lists pass."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",")]
+    return value
+
+
 class ImageReference(BaseModel):
     """The JSON form of ``input_reference``: an uploaded file id or an image URL."""
 
@@ -95,6 +108,12 @@ class CreateVideoRequest(BaseModel):
         default="interactive", description="Farm extension: 'bulk' jobs yield to 'interactive' ones.",
     )
     scheduler: Scheduler = Field(default="unipc", description="Farm extension: the denoising solver.")
+    characters: _Characters = Field(default=None, description=_CHARACTERS_DOC)
+
+    @field_validator("characters", mode="before")
+    @classmethod
+    def _character_ids(cls, value: Any) -> Any:
+        return _comma_list(value)
 
     @field_validator("seconds", "seed", "steps", mode="before")
     @classmethod
@@ -234,6 +253,12 @@ async def read_create_request(request: Request, max_file_bytes: int) -> tuple[Cr
         data: Any = {}
         async with request.form(max_files=4, max_fields=64) as form:
             for key, value in form.multi_items():
+                if key.startswith("characters[") and isinstance(value, str):  # the SDK sends a list as characters[]
+                    listed = data.setdefault("characters", [])
+                    if not isinstance(listed, list):
+                        raise InvalidRequest("characters: given more than once", param="characters")
+                    listed.append(value)
+                    continue
                 if key in data:
                     raise InvalidRequest(f"{key}: given more than once", param=key)
                 if isinstance(value, UploadFile) or key.startswith("input_reference["):

@@ -44,13 +44,15 @@ class CheckedVideo:
 
 
 class ContentPolicyViolation(InvalidRequest):
-    """400 ``content_policy_violation`` on ``prompt``: a moderator refused the request (not a render failure)."""
+    """A moderator refused the request (not a render failure): 400 ``content_policy_violation`` on
+    ``prompt``, or the status, code and param the decision names (403 ``cameo_consent_required``)."""
 
     default_code = "content_policy_violation"
 
-    def __init__(self, message: str, *, rule: str, kind: str) -> None:
-        super().__init__(message, param="prompt")
-        self.rule, self.kind = rule, kind
+    def __init__(self, message: str, *, rule: str, kind: str, status: int = 400, code: str | None = None,
+                 param: str | None = "prompt") -> None:
+        super().__init__(message, param=param, code=code)
+        self.rule, self.kind, self.status_code = rule, kind, status
 
 
 def moderate(moderator: Moderator | None, request: ModerationRequest) -> None:
@@ -60,7 +62,8 @@ def moderate(moderator: Moderator | None, request: ModerationRequest) -> None:
     decision = moderator.check(request)
     if not decision.allowed:
         raise ContentPolicyViolation(decision.message or f"prompt: refused by the content policy ({decision.rule})",
-                                     rule=decision.rule or "unnamed", kind=decision.kind or "unknown")
+                                     rule=decision.rule or "unnamed", kind=decision.kind or "unknown",
+                                     status=decision.status, code=decision.code, param=decision.param)
 
 
 def param_of(message: str) -> str | None:
@@ -160,6 +163,7 @@ def check_create_body(data: Any, models: list[ModelSpec], *, max_prompt_chars: i
     if moderator is not None:
         from farm.policy.moderation import ModerationRequest
 
-        moderate(moderator, ModerationRequest(params.prompt, owner, target.spec.id, "batch"))
+        moderate(moderator, ModerationRequest(params.prompt, owner, target.spec.id, "batch",
+                                              characters=tuple(body.characters or ())))
     return CheckedVideo(model=target.spec.id, prompt=params.prompt, size=placement.size, seconds=placement.seconds,
                         priority=body.priority, params=stored | tier_params(target, placement))

@@ -6,7 +6,8 @@ answer carries the new secret) and ``test`` (sends one signed sample event now a
 receiver's status code). Retrieve, list and update never show the secret, only
 ``signing_secret_hint``: a secret is shown once, when created or rotated, like an API key.
 
-Farm extensions: event type ``video.cancelled``; an endpoint ``status`` (``enabled`` or
+Farm extensions: event types ``video.cancelled`` and ``video.cameo_used`` (sent to a cameo's owner
+when another account's clip uses it; ``data.id`` is that clip); an endpoint ``status`` (``enabled`` or
 ``disabled``; disabled endpoints keep their deliveries pending) settable on update with
 ``extra_body``. Unsupported: ``keep_old_secret_active_for_24_hours=true`` (400).
 
@@ -38,7 +39,7 @@ from farm.webhooks.store import MAX_NAME_CHARS, TooManyEndpoints, payload_json
 if TYPE_CHECKING:
     from farm.webhooks.store import Endpoint, WebhookStore
 
-EventType = Literal["video.completed", "video.failed", "video.cancelled"]
+EventType = Literal["video.completed", "video.failed", "video.cancelled", "video.cameo_used"]
 _PARAM_PREFIX = re.compile(r"^([a-z_]+):")
 _RESPONSES = {**ERROR_RESPONSES, 404: {"model": ErrorResponse, "description": "No such webhook endpoint for this caller."}}
 

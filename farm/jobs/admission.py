@@ -102,6 +102,7 @@ class Admission:
         expires_in_s: float = DEFAULT_EXPIRES_IN_S,
         budget: BudgetStatus | None = None,
         video_id: str | None = None,
+        on_insert: Callable[[Connection, Job], None] | None = None,
     ) -> Job:
         """Queue a new job, or return the earlier one with the same ``idempotency_key``.
 
@@ -111,7 +112,9 @@ class Admission:
         key was used for a different request, BudgetExceeded when ``budget`` (the owner's day,
         read by the caller) is spent (a replay is still returned), and ValueError naming any bad
         argument. ``video_id`` is the new job's id when the caller drew it beforehand (to store the
-        job's input objects under it); a replayed job keeps its own id.
+        job's input objects under it); a replayed job keeps its own id. ``on_insert`` runs in the
+        insert's transaction, after the row is written (not for a replay): what it writes commits with
+        the job, and an exception from it creates nothing (the cameo store records uses this way).
         """
         job = new_job(
             model, prompt, size, seconds, params, priority, owner, idempotency_key, expires_in_s, self._clock(),
@@ -141,6 +144,8 @@ class Admission:
                     retry = _retry_after(conn, queued - max_queued + 1, job.created_at)
                     raise QueueFull(retry, queued=queued, max_queued=max_queued)
             conn.execute(sa.insert(_V).values(**dataclasses.asdict(job)))
+            if on_insert is not None:
+                on_insert(conn, job)
         return job
 
     def _pg_lock2(self, conn: Connection, namespace: int, key: int) -> None:

@@ -4,6 +4,8 @@
 not at all; the webhook fan-out (``farm.webhooks.store.WebhookStore.fan_out``) reads them in
 ``seq`` order with ``events_since``. Only terminal transitions are logged: completed, failed,
 cancelled; a job that is merely flagged for cancellation logs nothing until its worker stops it.
+The cameo store adds one more kind, ``video.cameo_used`` (``farm.policy.cameos.CharacterStore.admit``):
+its ``owner`` is the cameo's owner, not the clip's, so the fan-out delivers it to that account.
 """
 
 from __future__ import annotations

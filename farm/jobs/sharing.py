@@ -8,6 +8,10 @@ A new video is a private draft: only its owner sees it. The owner can
 - publish unlisted links (``video_links``): anyone holding a link's token may retrieve the
   video and download its variants without an API key, until the owner revokes the link.
 
+The owner of a cameo (``farm.policy.cameos``) may retrieve, download and delete every clip that
+used it (``character_uses``), drafts of other accounts included: ``readable`` and
+``cameo_owner_may_delete`` grant that here, so it is one more reason to read, not another path.
+
 ``videos.visibility`` says which applies — ``unlisted`` while a link is live, else ``shared``
 while any account holds a share, else ``private`` — and is rewritten in the same transaction
 as every share or link change, so reading a video costs no extra query. Tokens are
@@ -32,6 +36,7 @@ from farm.db import Database, unix, utcnow
 from farm.jobs.job import Job
 from farm.jobs.sharing_tables import LINKS, SHARES
 from farm.jobs.tables import VIDEOS
+from farm.policy.cameo_tables import CHARACTERS, USES
 
 LINK_PREFIX = "vf_share_"
 MAX_SHARES_PER_VIDEO = 100
@@ -84,15 +89,21 @@ class SharingStore:
     # -- reading with access -----------------------------------------------------------------
 
     def readable(self, video_id: str, account: str | None) -> Job | None:
-        """The video if ``account`` owns it or it was shared with ``account``; None otherwise
-        (``account=None``: no accounts, one anonymous tenant, which sees every video)."""
+        """The video if ``account`` owns it, it was shared with ``account`` or it used a cameo of
+        ``account``'s; None otherwise (``account=None``: no accounts, one anonymous tenant, which
+        sees every video)."""
         query = sa.select(_V).where(_C.id == video_id)
         if account is not None:
             shared = sa.exists().where(_S.video_id == _C.id, _S.account_id == account)
-            query = query.where(sa.or_(_C.owner == account, shared))
+            query = query.where(sa.or_(_C.owner == account, shared, _used_cameo_of(account)))
         with self.db.engine.connect() as conn:
             row = conn.execute(query).mappings().first()
         return Job.from_row(row) if row is not None else None
+
+    def cameo_owner_may_delete(self, video_id: str, account: str) -> bool:
+        """Whether the video used a cameo of ``account``'s (its owner may delete it, though not its maker)."""
+        with self.db.engine.connect() as conn:
+            return conn.execute(sa.select(_C.id).where(_C.id == video_id, _used_cameo_of(account))).first() is not None
 
     def by_token(self, token: str) -> tuple[Job, Link] | None:
         """The video a live link's token opens, and the link; None for unknown or revoked tokens."""
@@ -235,6 +246,12 @@ class SharingStore:
         if owner is not None:
             query = query.where(_C.owner == owner)
         return conn.execute(query.with_for_update()).first() is not None
+
+
+def _used_cameo_of(account: str) -> sa.Exists:
+    """The video row used a cameo that ``account`` owns."""
+    return sa.exists().where(USES.c.video_id == _C.id, USES.c.character_id == CHARACTERS.c.id,
+                             CHARACTERS.c.owner == account)
 
 
 def _set_visibility(conn: Connection, video_id: str) -> None:

@@ -50,6 +50,7 @@ from farm.jobs.leader import Leader, Leadership  # noqa: F401
 from farm.jobs.outbox import EVENT_TYPES, Event, EventLog, emit  # noqa: F401
 from farm.jobs.queue import LeasedQueue, ReapReport  # noqa: F401
 from farm.jobs.sharing_tables import LINKS, SHARES
+from farm.policy.cameo_tables import USES
 from farm.jobs.tables import DEPTHS, VIDEOS, LeaderLease, QueueDepth, Video, VideoEvent, runnable  # noqa: F401
 from farm.jobs.usage import BudgetExceeded, UsageLedger  # noqa: F401
 
@@ -132,13 +133,14 @@ class JobStore(Admission, LeasedQueue, Leadership, EventLog, UsageLedger):
         return [Job.from_row(row) for row in rows[:limit]], len(rows) > limit
 
     def delete(self, id: str, owner: str | None = None) -> Job | None:
-        """Remove the row, its shares and its links, and return it, so the caller can delete its
-        objects; a running job's worker finds its writes refused and stops."""
+        """Remove the row, its shares, its links and its cameo uses, and return it, so the caller can
+        delete its objects; a running job's worker finds its writes refused and stops."""
         with self._writer.begin() as conn:
             row = conn.execute(sa.delete(_V).where(_owned(id, owner)).returning(*_C)).mappings().first()
             if row is not None:  # in the same transaction: a link never outlives its video
                 conn.execute(sa.delete(SHARES).where(SHARES.c.video_id == id))
                 conn.execute(sa.delete(LINKS).where(LINKS.c.video_id == id))
+                conn.execute(sa.delete(USES).where(USES.c.video_id == id))  # its cameo uses (farm.policy.cameos)
         return Job.from_row(row) if row is not None else None
 
     def request_cancel(self, id: str, owner: str | None = None) -> Job | None:

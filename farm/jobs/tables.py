@@ -126,7 +126,7 @@ class VideoEvent(Base):
         sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
     )
     id: Mapped[str] = mapped_column(sa.String(64), unique=True)
-    type: Mapped[str] = mapped_column(sa.String(64))  # video.completed | video.failed | video.cancelled
+    type: Mapped[str] = mapped_column(sa.String(64))  # video.completed | failed | cancelled | cameo_used
     video_id: Mapped[str] = mapped_column(sa.String(64))
     owner: Mapped[str | None] = mapped_column(sa.String(255))
     created_at: Mapped[dt.datetime]

@@ -188,7 +188,8 @@ class RenderParams(BaseModel):
     reference_key: str | None = Field(
         default=None,
         description="Object-store key of the job's reference image (image-to-video models), stored by the "
-        "gateway under the job's prefix; None for text-to-video.",
+        "gateway under the job's prefix, or a cameo's reference frame under characters/<id>/; None for "
+        "text-to-video.",
     )
     derived_from: DerivedFrom | None = Field(
         default=None,

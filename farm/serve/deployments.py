@@ -483,6 +483,7 @@ def _batch_runner(settings, db, store, *, leading, wake):
     from farm.jobs.schedules import ScheduleStore
     from farm.metrics import FarmMetrics
     from farm.policy.index import RegistryCache
+    from farm.policy.cameos import CharacterStore
     from farm.policy.moderation import build_moderator
     from farm.policy.registry import PolicyStore
     from farm.storage.connect import open_store
@@ -490,7 +491,9 @@ def _batch_runner(settings, db, store, *, leading, wake):
     b, ss = settings.batches, settings.serve
     schedules = ScheduleStore(db)
     # Batch lines (and so every schedule run) pass the same content policy as POST /v1/videos.
-    moderator = build_moderator(settings.policy, RegistryCache(PolicyStore(db), refresh_s=settings.policy.refresh_s))
+    # With the cameo store, so a batch line that uses a cameo is refused by name (farm.policy.moderation).
+    moderator = build_moderator(settings.policy, RegistryCache(PolicyStore(db), refresh_s=settings.policy.refresh_s),
+                                CharacterStore(db))
     metrics = FarmMetrics()
     rules = BatchLineRules(settings.models, max_prompt_chars=ss.max_prompt_chars, upload_limits=UploadLimits(
         max_bytes=int(ss.max_upload_mb * 1024 * 1024), max_pixels=ss.max_upload_pixels),

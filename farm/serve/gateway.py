@@ -45,6 +45,7 @@ class Gateway:
         from farm.webhooks.store import WebhookStore
         from farm.metrics import FarmMetrics
         from farm.policy.index import RegistryCache
+        from farm.policy.cameos import CharacterStore
         from farm.policy.moderation import build_moderator
         from farm.policy.registry import PolicyStore
         from farm.storage.connect import open_store
@@ -71,6 +72,7 @@ class Gateway:
                            key_cache_s=ss.key_cache_s,
                            revocation_check_s=ss.revocation_check_s, limits_url=limits_url)
         registry = RegistryCache(PolicyStore(self.db), refresh_s=settings.policy.refresh_s)
+        characters = CharacterStore(self.db)
         deps = GatewayDeps(
             store=self.store,
             objects=lambda: open_store(settings, start=False),
@@ -94,8 +96,10 @@ class Gateway:
             budgets=settings.budgets.rule(),
             lifetimes=Lifetimes(self.db, settings.expiry.rule()),
             content_redirect_s=ss.content_redirect_s if ss.content_redirect else None,
-            moderator=build_moderator(settings.policy, registry),
+            moderator=build_moderator(settings.policy, registry, characters),
             policy_registry=registry,
+            characters=characters,
+            cameo_limits=settings.cameos.limits(),
             max_body_bytes=int(ss.max_body_mb * 1024 * 1024),
             upload_limits=UploadLimits(max_bytes=int(ss.max_upload_mb * 1024 * 1024),
                                        max_pixels=ss.max_upload_pixels),

@@ -32,8 +32,9 @@ from farm.webhooks.tables import WebhookCursor, WebhookDelivery, WebhookEndpoint
 if TYPE_CHECKING:
     from farm.jobs.store import Event, JobStore
 
-# video.cancelled is a farm extension: OpenAI's API sends only the first two.
-EVENT_TYPES = ("video.completed", "video.failed", "video.cancelled")
+# video.cancelled and video.cameo_used (to a cameo's owner: another account's clip used it; data.id is
+# that clip) are farm extensions: OpenAI's API sends only the first two.
+EVENT_TYPES = ("video.completed", "video.failed", "video.cancelled", "video.cameo_used")
 STATUSES = ("enabled", "disabled")
 MAX_NAME_CHARS = 256
 MAX_ERROR_CHARS = 1000
