@@ -23,7 +23,8 @@ VARIANTS = ("video", "thumbnail", "spritesheet")
 
 
 class SourceUnavailable(RuntimeError):
-    """A derived job's source clip cannot be read at finish time; its job fails as ``source_unavailable``.
+    """A derived job's source clip cannot be read (by the encoder, which renders from it, or at finish
+    time, for its manifest); its job fails as ``source_unavailable``.
 
     The farm does not sign a remix, edit or extension without its parent ingredient: a manifest
     that silently lost its source would claim less than the clip is.

@@ -159,13 +159,14 @@ class Encoder:
 
     def _source(self, job_id: str, params: RenderParams) -> bytes:
         """The source MP4 of a remix, edit or extension, read from S3 (a missing one fails the job by name)."""
+        from farm.jobs.publish import SourceUnavailable
         from farm.storage.s3 import ObjectNotFound
 
         objects, retry = self.references
         try:
             return retry.storage_call(f"job {job_id}: read source video", objects.get_bytes, params.source_key)
         except ObjectNotFound:
-            raise ValueError(f"video: the source clip {params.source_key} is no longer in the object store "
+            raise SourceUnavailable(f"video: the source clip {params.source_key} is no longer in the object store "
                              "(its video was deleted or expired before this job started)") from None
 
     def _reference(self, job_id: str, params: RenderParams):

@@ -2,7 +2,7 @@
 file; the gateway stores it in S3, the encoder replica reads it back, and the clip downloads and
 decodes. The image reaches the render: the same seed and prompt with another image is another clip.
 
-Its own farm (the shared one serves text-to-video models only): wan-tiny and wan-tiny-i2v.
+On the shared farm, which serves wan-tiny-i2v beside the text-to-video models.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from farm.render.tiny import TINY_I2V_MODEL_ID, tiny_i2v_spec, tiny_spec
-from tests.serve.farmkit import running_farm
+from farm.render.tiny import TINY_I2V_MODEL_ID
 
 pytestmark = pytest.mark.slow
 
@@ -37,38 +36,27 @@ def _frames(mp4: bytes) -> np.ndarray:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
-def test_a_clip_from_an_image_through_the_sdk(tmp_path, tiny_model_dir, tiny_i2v_dir):
-    home = tmp_path / "farm-home"  # where running_farm puts the state folder (and copies the models)
-    settings = {
-        "models": [tiny_spec(home / "models" / "wan-tiny").model_dump(),
-                   tiny_i2v_spec(home / "models" / TINY_I2V_MODEL_ID).model_dump()],
-        "render": {"shard_steps": 2},
-        "serve": {"decoder_replicas": 1, "pools": [  # local.yaml's pools name wan-tiny-2x, not served here
-            {"model": "wan-tiny", "experts": ["transformer"], "replicas": 1, "num_cpus": 0.1, "num_gpus": 0},
-            {"model": TINY_I2V_MODEL_ID, "experts": ["transformer"], "replicas": 1, "num_cpus": 0.1, "num_gpus": 0},
-        ]},
-    }
-    with running_farm(tmp_path, settings=settings,
-                      models={"wan-tiny": tiny_model_dir, TINY_I2V_MODEL_ID: tiny_i2v_dir}) as farm:
-        client = farm.client()
-        clips = {}
-        for kind in ("gradient", "checkers"):
-            video = client.videos.create_and_poll(
-                model=TINY_I2V_MODEL_ID, prompt="the scene comes alive", seconds="1", size="64x64",
-                input_reference=(f"{kind}.png", _png(kind), "image/png"), extra_body={"steps": 4, "seed": 11},
-            )
-            assert video.status == "completed", video.error
-            job = farm.store().get(video.id)
-            assert job.params["input_reference_key"] == f"videos/{video.id}/input_reference.png"
-            clips[kind] = _frames(client.videos.download_content(video.id).read())
-        assert clips["gradient"].shape == (9, 64, 64, 3)
-        # Same seed, prompt and size; only the image differs, so the clips must too.
-        difference = np.abs(clips["gradient"].astype(int) - clips["checkers"].astype(int)).mean()
-        assert difference > 0.5, difference
+def test_a_clip_from_an_image_through_the_sdk(shared_farm):
+    farm = shared_farm
+    client = farm.client()
+    clips = {}
+    for kind in ("gradient", "checkers"):
+        video = client.videos.create_and_poll(
+            model=TINY_I2V_MODEL_ID, prompt="the scene comes alive", seconds="1", size="64x64",
+            input_reference=(f"{kind}.png", _png(kind), "image/png"), extra_body={"steps": 4, "seed": 11},
+        )
+        assert video.status == "completed", video.error
+        job = farm.store().get(video.id)
+        assert job.params["input_reference_key"] == f"videos/{video.id}/input_reference.png"
+        clips[kind] = _frames(client.videos.download_content(video.id).read())
+    assert clips["gradient"].shape == (9, 64, 64, 3)
+    # Same seed, prompt and size; only the image differs, so the clips must too.
+    difference = np.abs(clips["gradient"].astype(int) - clips["checkers"].astype(int)).mean()
+    assert difference > 0.5, difference
 
-        # Without an image the image model refuses, naming the field; nothing is queued.
-        import openai
+    # Without an image the image model refuses, naming the field; nothing is queued.
+    import openai
 
-        with pytest.raises(openai.BadRequestError) as refused:
-            client.videos.create(model=TINY_I2V_MODEL_ID, prompt="no image", seconds="1", size="64x64")
-        assert refused.value.body["param"] == "input_reference"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.videos.create(model=TINY_I2V_MODEL_ID, prompt="no image", seconds="1", size="64x64")
+    assert refused.value.body["param"] == "input_reference"

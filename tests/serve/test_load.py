@@ -81,7 +81,10 @@ def read_figures(report: dict) -> LoadFigures:
 def run_locust(url: str, api_key: str, out: Path, *, users: int = USERS, spawn_rate: int = SPAWN_RATE,
                run_s: int = RUN_S) -> LoadFigures:
     report = out / "locust-report.json"
-    env = {**os.environ, "VIDEOFARM_API_KEY": api_key, "VIDEOFARM_TIMEOUT_S": "20",
+    # 8 steps (4 shards) a job: the farm renders slower than the creators create on any machine, so
+    # the queue cap is reached however fast the gateway answers (with 2 steps a busy gateway let the
+    # farm keep up and no create was ever refused).
+    env = {**os.environ, "VIDEOFARM_API_KEY": api_key, "VIDEOFARM_TIMEOUT_S": "20", "VIDEOFARM_STEPS": "8",
            "VIDEOFARM_LOCUST_REPORT": str(report)}
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
                "-u", str(users), "-r", str(spawn_rate), "-t", f"{run_s}s", "--stop-timeout", "10",

@@ -1,10 +1,7 @@
-"""Provenance of a derived clip on the real farm: a job whose params carry ``derived_from`` goes
+"""Provenance of a derived clip on the real farm: a remix through the unmodified ``openai`` SDK goes
 through the dispatcher to the Finisher replica, which reads the source clip from the farm's S3 and
 signs it in as the ``parentOf`` ingredient; the downloaded clip's chain is Trusted down to the
-original. A derived job whose source object is gone fails with ``source_unavailable``.
-
-The derived jobs are queued in the job store directly, as the gateway's remix / edit / extend
-routes queue them (those routes are not part of this test).
+original. A remix whose source object is gone from S3 fails with ``source_unavailable``.
 """
 
 from __future__ import annotations
@@ -25,15 +22,14 @@ def test_a_derived_job_carries_its_source_as_the_parent_ingredient(shared_farm, 
                                            seconds="1", extra_body={"steps": 2, "seed": 21})
     assert source.status == "completed", source.error
     store, objects = farm.store(), farm.objects()
-    source_key = ClipLayout(source.id).key("video")
 
-    def queue(key: str, action: str) -> str:
-        derived = {"video_id": source.id, "key": key, "action": action}
-        return store.create(model="wan-tiny", prompt="the kite in a storm", size="64x64", seconds=1,
-                            params={"steps": 2, "seed": 22, "derived_from": derived}).id
-
-    remix_id = queue(source_key, "remix")
-    gone_id = queue(f"videos/{source.id}/no-such-clip.mp4", "extend")
+    remix_id = client.videos.remix(source.id, prompt="the kite in a storm", extra_body={"strength": 0.5}).id
+    # A second source whose clip is removed from S3 behind the farm's back before it is remixed.
+    lost = client.videos.create_and_poll(model="wan-tiny", prompt="a kite at dusk", size="64x64",
+                                         seconds="1", extra_body={"steps": 2, "seed": 23})
+    assert lost.status == "completed", lost.error
+    objects.delete(ClipLayout(lost.id).key("video"))
+    gone_id = client.videos.remix(lost.id, prompt="the kite lost", extra_body={"strength": 0.5}).id
     jobs = wait_for(lambda: (lambda js: js if all(j.terminal for j in js) else None)(
         [store.get(remix_id), store.get(gone_id)]), 300, interval=0.5, what="the derived jobs to end")
     remix, gone = jobs
