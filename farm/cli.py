@@ -268,9 +268,9 @@ def _tenant_key(args: argparse.Namespace, state_dir: Path) -> str:
         raise CliError(str(exc)) from None
 
 
-def cmd_accounts(args: argparse.Namespace) -> int:
-    """invite / redeem / whoami / keys: talk to the running farm's account routes."""
-    from farm.cli_accounts import AccountCliError, run
+def _on_running_farm(args: argparse.Namespace, run) -> int:
+    """``run(args, gateway_url, state_dir)`` against the farm that is up; its errors as CliError."""
+    from farm.cli_accounts import AccountCliError
     from farm.runtime import running_farm
 
     settings = _settings(args)
@@ -281,22 +281,20 @@ def cmd_accounts(args: argparse.Namespace) -> int:
         return run(args, runtime.http_url, settings.state_dir)
     except AccountCliError as exc:
         raise CliError(str(exc)) from None
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    """invite / redeem / whoami / keys: talk to the running farm's account routes."""
+    from farm.cli_accounts import run
+
+    return _on_running_farm(args, run)
 
 
 def cmd_optout(args: argparse.Namespace) -> int:
     """optout add / list / remove / grant / revoke: the running farm's protected-name registry."""
-    from farm.cli_accounts import AccountCliError
     from farm.cli_policy import run
-    from farm.runtime import running_farm
 
-    settings = _settings(args)
-    runtime = running_farm(settings)
-    if runtime is None:
-        raise CliError(f"no farm is up for {settings.state_dir}; start one with `farm up`")
-    try:
-        return run(args, runtime.http_url, settings.state_dir)
-    except AccountCliError as exc:
-        raise CliError(str(exc)) from None
+    return _on_running_farm(args, run)
 
 
 def _api_error(exc) -> str:

@@ -64,8 +64,8 @@ from farm.api.cameo_media import CameoLimits
 from farm.api.character_routes import add_character_routes, refused
 from farm.api.derive_routes import add_derive_routes
 from farm.api.model_routes import add_model_routes
-from farm.api.references import REFERENCE_SHA256_PARAM, drop_reference, reference_digest, store_reference
-from farm.api.sources import SOURCE_SHA256_PARAM, CheckedSource, drop_source, store_source
+from farm.api.references import REFERENCE_SHA256_PARAM, drop_unowned, reference_digest, store_reference
+from farm.api.sources import SOURCE_SHA256_PARAM, CheckedSource, store_source
 from farm.api.uploads import CheckedImage, UploadLimits
 from farm.api.usage_routes import add_usage_routes, budget_refused
 from farm.api.video_requests import (
@@ -634,9 +634,9 @@ async def _create_job(
         raise InvalidRequest(str(exc), param=param_of(str(exc))) from None
     finally:
         if reference_key is not None and (job is None or job.id != video_id):  # refused, or a replay
-            await run_in_threadpool(lambda: drop_reference(deps.object_store(), reference_key))
+            await run_in_threadpool(lambda: drop_unowned(deps.object_store(), reference_key))
         if source_key is not None and (job is None or job.id != video_id):
-            await run_in_threadpool(lambda: drop_source(deps.object_store(), source_key))
+            await run_in_threadpool(lambda: drop_unowned(deps.object_store(), source_key))
     await _notify(deps, job.id)
     if deps.metrics:
         try:

@@ -9,7 +9,7 @@ requested size (:mod:`farm.render.reference`). Deleting the video deletes it wit
 
 When no job ends up owning the stored image — the create was refused (queue full, budget spent,
 a reused Idempotency-Key), or it replayed an earlier job with its own id — the gateway deletes it
-again (:func:`drop_reference`), best effort.
+again (:func:`drop_unowned`), best effort.
 """
 
 from __future__ import annotations
@@ -31,20 +31,26 @@ def reference_digest(image: CheckedImage) -> str:
     return hashlib.sha256(image.data).hexdigest()
 
 
-def store_reference(objects: ObjectStore, video_id: str, image: CheckedImage) -> str:
-    """Put the checked image under ``video_id``'s prefix; its key. 503 when the store does not answer."""
-    key, content_type = ClipLayout(video_id).reference(image.format)
+def put_unowned(objects: ObjectStore, key: str, data: bytes, content_type: str, param: str) -> str:
+    """Put a request's upload at ``key`` before its job exists; the key. 503 naming ``param`` when the
+    store does not answer (nothing was created)."""
     try:
-        objects.put_bytes(key, image.data, content_type)
+        objects.put_bytes(key, data, content_type)
     except Exception as exc:  # boto3 and the store raise many kinds; the client can only retry
-        raise ServiceUnavailable(f"input_reference: the object store did not answer ({type(exc).__name__}); "
-                                 "nothing was created, retry later", param="input_reference") from None
+        raise ServiceUnavailable(f"{param}: the object store did not answer ({type(exc).__name__}); "
+                                 "nothing was created, retry later", param=param) from None
     return key
 
 
-def drop_reference(objects: ObjectStore, key: str) -> None:
-    """Delete a stored reference no job owns; a failure is logged (the object is then an orphan)."""
+def drop_unowned(objects: ObjectStore, key: str) -> None:
+    """Delete a stored upload no job owns; a failure is logged (the object is then an orphan)."""
     try:
         objects.delete(key)
     except Exception:
-        log.warning("could not delete the unowned reference image %s", key, exc_info=True)
+        log.warning("could not delete the unowned upload %s", key, exc_info=True)
+
+
+def store_reference(objects: ObjectStore, video_id: str, image: CheckedImage) -> str:
+    """Put the checked image under ``video_id``'s prefix; its key. 503 when the store does not answer."""
+    key, content_type = ClipLayout(video_id).reference(image.format)
+    return put_unowned(objects, key, image.data, content_type, "input_reference")

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 from dataclasses import dataclass
 
-from farm.api.errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from farm.api.errors import InvalidRequest, PayloadTooLarge
+from farm.api.references import put_unowned
 from farm.api.uploads import UploadLimits
 from farm.render.source import MAX_SOURCE_FRAMES, probe_source
 from farm.storage.s3 import ClipLayout, ObjectStore
 
-log = logging.getLogger(__name__)
 
 SOURCE_SHA256_PARAM = "source_sha256"  # in the job's params and its request fingerprint
 _MP4_DEMUXER = "mp4"  # PyAV names the ISO BMFF demuxer "mov,mp4,m4a,3gp,3g2,mj2"
@@ -82,18 +81,4 @@ def check_source(data: bytes, limits: UploadLimits, param: str = "video") -> Che
 
 def store_source(objects: ObjectStore, video_id: str, source: CheckedSource) -> str:
     """Put the checked clip under ``video_id``'s prefix; its key. 503 when the store does not answer."""
-    key = ClipLayout(video_id).source_key
-    try:
-        objects.put_bytes(key, source.data, "video/mp4")
-    except Exception as exc:  # boto3 and the store raise many kinds; the client can only retry
-        raise ServiceUnavailable(f"video: the object store did not answer ({type(exc).__name__}); nothing was "
-                                 "created, retry later", param="video") from None
-    return key
-
-
-def drop_source(objects: ObjectStore, key: str) -> None:
-    """Delete a stored source no job owns; a failure is logged (the object is then an orphan)."""
-    try:
-        objects.delete(key)
-    except Exception:
-        log.warning("could not delete the unowned source clip %s", key, exc_info=True)
+    return put_unowned(objects, ClipLayout(video_id).source_key, source.data, "video/mp4", "video")
