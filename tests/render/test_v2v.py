@@ -201,7 +201,7 @@ def test_derivation_is_measurable(tiny_spec, stages, source, tmp_path):
                "unrelated extension first frame": psnr(oth[0], src[-1])}
     report("wan-v2v PSNR vs source (dB): " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
     if figures["vae round trip"] < 12.0:  # random weights: ~9 dB; a VAE that reconstructs: 16+ dB
-        pytest.skip(f"the PSNR and extension asserts need a tiny VAE that reconstructs (branch `vae`); today's "
+        pytest.skip(f"the PSNR and extension asserts need a tiny VAE that reconstructs (farm/render/tiny_vae.py); this "
                     f"round trip of the source is {figures['vae round trip']:.1f} dB")
     assert figures["remix 0.25"] > figures["remix 1.0"] and figures["remix 0.25"] > figures["unrelated t2v"]
     assert figures["extension first frame"] > figures["unrelated extension first frame"]
