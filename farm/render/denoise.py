@@ -295,6 +295,79 @@ def _module_device(model: torch.nn.Module) -> torch.device:
     return _CPU
 
 
+class _ShardRun:
+    """One job's step range in progress on one device: its live scheduler, RNG, latents and conditioning.
+
+    Opening it checks the range and the experts and moves the state to the experts' device;
+    :meth:`close` checks the latents and hands the state on. :func:`denoise` runs one, and
+    :func:`denoise_batch` several in lockstep.
+    """
+
+    def __init__(self, experts: Mapping[str, torch.nn.Module], state: DenoiseState, start: int, end: int) -> None:
+        if start != state.step_index:
+            raise ValueError(f"shard starts at step {start} but the state is at step {state.step_index}")
+        if not start < end <= state.num_steps:
+            raise ValueError(f"step range [{start}, {end}) is not within [{start}, {state.num_steps}]")
+
+        # 0. The family's step, which expert runs each step, and the one device they share.
+        from farm.render.families import get_family  # the families import this module
+
+        self.state, self.start, self.end = state, start, end
+        self.family = get_family(state.family)
+        self.layout = layout_of(state)
+        for i in range(start, end):
+            if self.layout.experts[i] not in experts:
+                raise ValueError(f"step {i} needs expert {self.layout.experts[i]!r}, this replica holds {sorted(experts)}")
+        devices = {_module_device(experts[name]) for name in self.layout.experts[start:end]}
+        if len(devices) != 1:
+            raise ValueError(f"steps [{start}, {end}) use experts on different devices: {sorted(map(str, devices))}")
+        self.device = devices.pop()
+
+        # 1. Everything the loop touches goes to the model's device; the RNG stays a CPU generator.
+        self.sigmas = state.scheduler_state["sigmas"].detach().to(_CPU).tolist()  # host copies: no sync per step
+        self.scheduler = _import_scheduler(state.scheduler_class, state.scheduler_config, state.scheduler_state,
+                                           self.device)
+        self.step_kwargs: dict = {}
+        self.generator = None
+        if state.generator_state is not None and "generator" in inspect.signature(self.scheduler.step).parameters:
+            self.generator = torch.Generator(device="cpu")
+            self.generator.set_state(state.generator_state)
+            self.step_kwargs["generator"] = self.generator
+        self.cond = state.conditioning.to(self.device)
+        self.latents = state.latents.to(self.device)
+
+    def expert(self, i: int) -> str:
+        return self.layout.experts[i]
+
+    def context(self, i: int):
+        """Step ``i``'s :class:`~farm.render.families.StepContext` (its timestep, sigma and guidance)."""
+        from farm.render.families import StepContext
+
+        name = self.layout.experts[i]
+        guidance = self.state.guidance_scale if name == HIGH_NOISE_EXPERT else self.state.guidance_scale_2
+        return StepContext(index=i, timestep=self.scheduler.timesteps[i], sigma=self.sigmas[i],
+                           num_steps=self.state.num_steps, guidance=guidance)
+
+    def close(self, keep_on_device: bool) -> DenoiseState:
+        """The state after the range: on CPU, or on this device with ``keep_on_device=True``.
+        NonFiniteLatents when the latents went NaN or infinite."""
+        latents = self.latents
+        if not bool(torch.isfinite(latents).all()):
+            bad = int((~torch.isfinite(latents)).sum())
+            raise NonFiniteLatents(f"steps [{self.start}, {self.end}) of {self.state.num_steps} left {bad} of "
+                                   f"{latents.numel()} latent values NaN or infinite")
+        out = self.device if keep_on_device else _CPU
+        _, _, scheduler_state = _export_scheduler(self.scheduler, out)
+        return replace(
+            self.state,
+            latents=latents.to(out),
+            scheduler_state=scheduler_state,
+            step_index=self.end,
+            conditioning=self.cond if keep_on_device else self.state.conditioning.to(out),
+            generator_state=self.generator.get_state() if self.generator is not None else self.state.generator_state,
+        )
+
+
 @torch.no_grad()
 def denoise(
     experts: Mapping[str, torch.nn.Module],
@@ -314,65 +387,74 @@ def denoise(
     timestep each model sees is on it too. The returned state is on CPU, or on that device
     with ``keep_on_device=True``; its latents have the input latents' dtype.
     """
-    if start != state.step_index:
-        raise ValueError(f"shard starts at step {start} but the state is at step {state.step_index}")
-    if not start < end <= state.num_steps:
-        raise ValueError(f"step range [{start}, {end}) is not within [{start}, {state.num_steps}]")
-
-    # 0. The family's step, which expert runs each step, and the one device they share.
-    from farm.render.families import StepContext, get_family  # the families import this module
-
-    family = get_family(state.family)
-    layout = layout_of(state)
+    run = _ShardRun(experts, state, start, end)
     for i in range(start, end):
-        if layout.experts[i] not in experts:
-            raise ValueError(f"step {i} needs expert {layout.experts[i]!r}, this replica holds {sorted(experts)}")
-    devices = {_module_device(experts[name]) for name in layout.experts[start:end]}
-    if len(devices) != 1:
-        raise ValueError(f"steps [{start}, {end}) use experts on different devices: {sorted(map(str, devices))}")
-    device = devices.pop()
-
-    # 1. Everything the loop touches goes to the model's device; the RNG stays a CPU generator.
-    sigmas = state.scheduler_state["sigmas"].detach().to(_CPU).tolist()  # host copies: no sync per step
-    scheduler = _import_scheduler(state.scheduler_class, state.scheduler_config, state.scheduler_state, device)
-    step_kwargs = {}
-    generator = None
-    if state.generator_state is not None and "generator" in inspect.signature(scheduler.step).parameters:
-        generator = torch.Generator(device="cpu")
-        generator.set_state(state.generator_state)
-        step_kwargs["generator"] = generator
-    cond = state.conditioning.to(device)
-    latents = state.latents.to(device)
-    timesteps = scheduler.timesteps
-
-    for i in range(start, end):
-        name = layout.experts[i]
-        guidance = state.guidance_scale if name == HIGH_NOISE_EXPERT else state.guidance_scale_2
-        ctx = StepContext(index=i, timestep=timesteps[i], sigma=sigmas[i], num_steps=state.num_steps, guidance=guidance)
-
-        # 2. The family's step: its transformer call(s) with classifier-free guidance, then
-        #    x_t → x_{t-1}; the latents keep their dtype.
-        latents = family.step(experts[name], scheduler, latents, cond, ctx, step_kwargs)
+        # The family's step: its transformer call(s) with classifier-free guidance, then
+        # x_t → x_{t-1}; the latents keep their dtype.
+        run.latents = run.family.step(experts[run.expert(i)], run.scheduler, run.latents, run.cond, run.context(i),
+                                      run.step_kwargs)
         if on_step is not None:
             on_step(i, state.num_steps)
+    return run.close(keep_on_device)
 
-    if not bool(torch.isfinite(latents).all()):
-        bad = int((~torch.isfinite(latents)).sum())
-        raise NonFiniteLatents(
-            f"steps [{start}, {end}) of {state.num_steps} left {bad} of {latents.numel()} latent values NaN or infinite"
-        )
 
-    # 4. Hand the state on: on CPU by default, on this device for a next shard on this replica.
-    out = device if keep_on_device else _CPU
-    _, _, scheduler_state = _export_scheduler(scheduler, out)
-    return replace(
-        state,
-        latents=latents.to(out),
-        scheduler_state=scheduler_state,
-        step_index=end,
-        conditioning=cond if keep_on_device else state.conditioning.to(out),
-        generator_state=generator.get_state() if generator is not None else state.generator_state,
-    )
+@torch.no_grad()
+def denoise_batch(
+    experts: Mapping[str, torch.nn.Module],
+    shards: "list[tuple[DenoiseState, int, int]]",
+    *,
+    keep_on_device: bool = False,
+) -> "list[DenoiseState | Exception]":
+    """Run several jobs' step ranges ``(state, start, end)`` together: step-level batching.
+
+    The ranges advance in lockstep, one step of each job per round; in a round, the jobs whose
+    step uses the same expert (and family) share one forward pass
+    (:meth:`~farm.render.families.Family.predict_batch`), and each then takes its own
+    ``scheduler.step`` with its own timestep, guidance, multistep history and RNG. So jobs at
+    different steps, of different lengths or schedulers batch together; a job whose range is
+    shorter simply stops early. Each job's result equals :func:`denoise` on it alone up to the
+    float rounding of the larger matrix products.
+
+    Returns one entry per shard, in order: its new state, or the exception that shard alone
+    raised (its ValueError on a bad range, NonFiniteLatents) — one job's failure is not the
+    others'. An error of the shared forward pass itself (out of memory) raises.
+    """
+    from farm.render.families.base import advance  # the families import this module
+
+    results: list = [None] * len(shards)
+    runs: dict[int, _ShardRun] = {}
+    for n, (state, start, end) in enumerate(shards):
+        try:
+            runs[n] = _ShardRun(experts, state, start, end)
+        except ValueError as exc:
+            results[n] = exc
+    rounds = max((run.end - run.start for run in runs.values()), default=0)
+    for k in range(rounds):
+        groups: dict[tuple[str, str], list[int]] = {}
+        for n, run in runs.items():
+            if run.start + k < run.end:
+                groups.setdefault((run.expert(run.start + k), run.family.name), []).append(n)
+        for (name, _), members in groups.items():
+            model = experts[name]
+            batch = [runs[n] for n in members]
+            ctxs = [run.context(run.start + k) for run in batch]
+            if len(batch) == 1 or _caching(model):  # a cache hook decides for the whole batch: never share it
+                preds = [run.family.predict(model, run.latents, run.cond, ctx) for run, ctx in zip(batch, ctxs)]
+            else:
+                preds = batch[0].family.predict_batch(model, [r.latents for r in batch], [r.cond for r in batch], ctxs)
+            for run, pred, ctx in zip(batch, preds, ctxs):
+                run.latents = advance(run.scheduler, pred, run.latents, ctx, run.step_kwargs)
+    for n, run in runs.items():
+        try:
+            results[n] = run.close(keep_on_device)
+        except NonFiniteLatents as exc:
+            results[n] = exc
+    return results
+
+
+def _caching(model: torch.nn.Module) -> bool:
+    """Whether a diffusers cache hook (FirstBlockCache, MagCache, …) is on for ``model``."""
+    return bool(getattr(model, "is_cache_enabled", False))
 
 
 def run_shards(

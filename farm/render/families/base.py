@@ -114,5 +114,21 @@ class Family(ABC):
         The result keeps ``latents``' dtype: flow-match Euler returns the model's dtype, and casting
         back keeps one latent dtype across steps and shards (lossless: the next step upcasts anyway).
         """
-        noise_pred = self.predict(model, latents, cond, ctx)
-        return scheduler.step(noise_pred, ctx.timestep, latents, return_dict=False, **step_kwargs)[0].to(latents.dtype)
+        return advance(scheduler, self.predict(model, latents, cond, ctx), latents, ctx, step_kwargs)
+
+    def predict_batch(
+        self,
+        model: torch.nn.Module,
+        latents: "list[torch.Tensor]",
+        conds: "list[Conditioning]",
+        ctxs: "list[StepContext]",
+    ) -> "list[torch.Tensor]":
+        """The guided model outputs of several jobs' steps on one model (each with its own latents,
+        conditioning, timestep and guidance). This default runs :meth:`predict` per job; a family that
+        can stack jobs into one forward pass overrides it, with the same results per job."""
+        return [self.predict(model, lat, cond, ctx) for lat, cond, ctx in zip(latents, conds, ctxs)]
+
+
+def advance(scheduler, noise_pred: torch.Tensor, latents: torch.Tensor, ctx: StepContext, step_kwargs: dict) -> torch.Tensor:
+    """``scheduler.step`` from x_t to x_{t-1} with the guided prediction, in ``latents``' dtype."""
+    return scheduler.step(noise_pred, ctx.timestep, latents, return_dict=False, **step_kwargs)[0].to(latents.dtype)

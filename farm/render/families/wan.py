@@ -92,3 +92,38 @@ class WanTextToVideo(Family):
                 )[0]
             noise_pred = noise_uncond + ctx.guidance * (noise_pred - noise_uncond)
         return noise_pred
+
+    def predict_batch(
+        self,
+        model: torch.nn.Module,
+        latents: list[torch.Tensor],
+        conds: list[Conditioning],
+        ctxs: list[StepContext],
+    ) -> list[torch.Tensor]:
+        """Several jobs' steps in one forward pass: every job's conditional row, then the unconditional
+        row of each job that guides, stacked on the batch axis, each row with its own timestep.
+
+        Each job's output is its rows of the batched output, guided with its own scale: the same
+        arithmetic as :meth:`predict` (rows of a batch never mix in the transformer), so equal to it
+        up to the float rounding of larger matrix products. Jobs whose extra inputs differ in kind
+        (one has image embeddings, another not) run one by one.
+        """
+        shared = [self.model_kwargs(model, cond) for cond in conds]
+        if len(latents) < 2 or any(kw.keys() != shared[0].keys() for kw in shared):
+            return super().predict_batch(model, latents, conds, ctxs)
+        inputs = [self.model_input(model, lat, cond) for lat, cond in zip(latents, conds)]
+        guided = [i for i, cond in enumerate(conds) if cond.negative_prompt_embeds is not None]
+        rows = list(range(len(latents))) + guided  # conditional rows first, then unconditional ones
+        texts = [cond.prompt_embeds for cond in conds] + [conds[i].negative_prompt_embeds for i in guided]
+        out = model(
+            hidden_states=torch.cat([inputs[i] for i in rows]),
+            timestep=torch.cat([ctxs[i].timestep.expand(inputs[i].shape[0]) for i in rows]),
+            encoder_hidden_states=torch.cat(texts).to(model.dtype),
+            return_dict=False,
+            **{key: torch.cat([shared[i][key] for i in rows]) for key in shared[0]},
+        )[0]
+        parts = list(out.split([inputs[i].shape[0] for i in rows]))
+        preds = parts[: len(latents)]
+        for uncond, i in zip(parts[len(latents):], guided):
+            preds[i] = uncond + ctxs[i].guidance * (preds[i] - uncond)
+        return preds
