@@ -219,6 +219,24 @@ class ServeSettings(BaseModel):
     max_upload_pixels: int = Field(
         default=4096 * 4096, ge=1, description="Most pixels an uploaded image may have (decompression-bomb guard)."
     )
+    image_url_allow_hosts: list[str] = Field(default_factory=list, description=(
+        "input_reference image URLs the gateway may fetch although they are not public: CIDRs ('10.0.0.0/8', "
+        "'127.0.0.1/32') and host names ('images.internal', '*.corp.example'). Everything else must resolve to a "
+        "public unicast address (the webhook SSRF guard). Farm-wide: every account may then read those hosts."))
+    image_url_max_mb: float = Field(default=10.0, gt=0, description=(
+        "Largest image fetched for an input_reference image_url, in MiB (the smaller of this and max_upload_mb "
+        "applies); the fetch stops at the limit and the request gets 400 image_too_large."))
+    image_url_timeout_s: float = Field(default=10.0, gt=0, le=120, description=(
+        "Deadline of fetching an input_reference image_url, in seconds: DNS, connect, every redirect and the "
+        "whole body; past it the request gets 400 image_url_timeout."))
+
+    @field_validator("image_url_allow_hosts")
+    @classmethod
+    def _image_url_allow_hosts(cls, value: list[str]) -> list[str]:
+        from farm.webhooks.guard import parse_allow_hosts
+
+        parse_allow_hosts(value)  # raises ValueError naming the bad entry
+        return value
 
     @field_validator("rate_limit", "anonymous_rate_limit", "link_rate_limit")
     @classmethod

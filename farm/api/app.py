@@ -63,6 +63,7 @@ from farm.api.schemas import (
 from farm.api.cameo_media import CameoLimits
 from farm.api.character_routes import add_character_routes, refused
 from farm.api.derive_routes import add_derive_routes
+from farm.api.image_refs import ImageFetch, ImageSources, needs_fetching
 from farm.api.model_routes import add_model_routes
 from farm.api.references import REFERENCE_SHA256_PARAM, drop_unowned, reference_digest, store_reference
 from farm.api.sources import SOURCE_SHA256_PARAM, CheckedSource, store_source
@@ -70,7 +71,7 @@ from farm.api.uploads import CheckedImage, UploadLimits
 from farm.api.usage_routes import add_usage_routes, budget_refused
 from farm.api.video_requests import (
     ContentPolicyViolation, check_reference, check_render, find_target, moderate, param_of, place_request,
-    tier_params,
+    text_only, tier_params,
 )
 from farm.api.wire import video_object
 from farm.jobs.estimates import poll_after_ms
@@ -174,6 +175,9 @@ class GatewayDeps:
     # database. Their consent is checked again when each job is stored, moderator or not.
     characters: CharacterStore | None = None
     cameo_limits: CameoLimits = field(default_factory=CameoLimits)
+    # input_reference as {"image_url": "https://…"}: the SSRF guard's allowlist, byte and time limits of
+    # the fetch (farm.api.image_refs). {"file_id": …} reads the caller's files in ``batches``.
+    image_fetch: ImageFetch = field(default_factory=ImageFetch)
     _objects: ObjectStore | None = field(default=None, init=False, repr=False)
     _http: tuple[Any, httpx.AsyncClient] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -364,6 +368,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
 
     watch = JobWatch(deps.store, deps.events_tick_s)
     app.state.job_watch = watch
+    image_sources = ImageSources(deps.image_fetch, deps.batches, deps.object_store, deps.upload_limits.max_bytes)
 
     async def get_job(video_id: str, who: str | None) -> Job:
         """The caller's own video (what deleting, cancelling and sharing need); 404 otherwise."""
@@ -401,8 +406,15 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
         # A request that uses a cameo and sends no image renders from the cameo's frame instead.
         cameo_only = (upload is None and body.input_reference is None
                       and bool(body.characters or mentions(body.prompt)))
+        linked = body.input_reference
+        if upload is None and linked is not None and needs_fetching(linked):
+            # A file id or a URL is read only for a model that renders from an image: a text-only model
+            # refuses it before anything is fetched. Its bytes then pass the upload's checks.
+            if not target.limits.takes_image:
+                raise text_only(target.limits)
+            upload, linked = await image_sources.bytes_of(linked, who), None
         reference = None if cameo_only else await run_in_threadpool(
-            check_reference, target.limits, upload, body.input_reference, deps.upload_limits)
+            check_reference, target.limits, upload, linked, deps.upload_limits)
         params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
         return await shown(await _create_job(deps, request, who, target, body.prompt, body.size, body.seconds,
                                              params, body.priority, path="create", reference=reference,
@@ -847,7 +859,7 @@ def create_app(deps: GatewayDeps) -> FastAPI:
             return request.state.principal.account_id if deps.auth else None
 
         batch_deps = BatchDeps(deps.batches, deps.schedules, deps.store, deps.batch_settings, deps.object_store,
-                               caller, wake=lambda: _notify(deps, "batch"))
+                               caller, wake=lambda: _notify(deps, "batch"), image_limits=deps.upload_limits)
         add_batch_routes(app, batch_deps)
         body_limits["/v1/files"] = batch_deps.max_file_bytes + 1024 * 1024  # the multipart framing besides the file
 

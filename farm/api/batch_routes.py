@@ -1,6 +1,6 @@
 """Files and batches the OpenAI way, and schedules (a farm extension), for ``/v1/videos``.
 
-    POST /v1/files (multipart: file, purpose=batch)   GET /v1/files   GET|DELETE /v1/files/{id}
+    POST /v1/files (multipart: file, purpose=batch|vision|user_data)   GET /v1/files   GET|DELETE /v1/files/{id}
     GET /v1/files/{id}/content
     POST /v1/batches   GET /v1/batches   GET /v1/batches/{id}   POST /v1/batches/{id}/cancel
     POST /v1/schedules   GET /v1/schedules   GET|DELETE /v1/schedules/{id}
@@ -10,7 +10,10 @@ The shapes are the ``openai`` SDK's ``FileObject``, ``FileDeleted``, ``Batch`` (
 ``request_counts``, ``errors``) and cursor pages. An upload streams from the request to S3: the
 multipart parser spools it to a temporary file (memory up to 1 MiB, disk beyond), one pass counts
 its bytes, lines and longest line against ``batches.*`` limits, and the upload to S3 reads it in
-parts. Every object belongs to the account that made it; another account's ids are 404.
+parts. A file of purpose ``vision`` or ``user_data`` must be an image within the upload limits of
+``input_reference`` (``serve.max_upload_mb``, ``serve.max_upload_pixels``; checked as an uploaded
+image is): a video create names it as ``input_reference: {"file_id": …}`` (``farm.api.image_refs``).
+Every object belongs to the account that made it; another account's ids are 404.
 The gateway only records and cancels: the leading dispatcher's batch runner
 (``farm.jobs.batch_runner``) validates lines, queues videos and writes the result files.
 """
@@ -18,7 +21,7 @@ The gateway only records and cancels: the leading dispatcher's batch runner
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from fastapi import FastAPI, Query, Request
@@ -28,6 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from farm.api.errors import Conflict, ErrorResponse, InvalidRequest, NotFound, PayloadTooLarge, RateLimited
+from farm.api.image_refs import IMAGE_PURPOSES
+from farm.api.uploads import ALLOWED_FORMATS, UploadLimits, check_image
 from farm.db import unix
 from farm.jobs.batch_runner import file_key, lines_of
 from farm.jobs.batches import COMPLETION_WINDOW_S, ENDPOINT, BatchRecord, BatchStore, Counts, FileRecord, new_id
@@ -54,6 +59,7 @@ class BatchDeps:
     object_store: Callable[[], ObjectStore]  # blocking: call in the thread pool
     owner: Callable[[Request], Awaitable[str | None]]
     wake: Callable[[], Awaitable[None]] | None = None  # the dispatcher, so a new batch starts now
+    image_limits: UploadLimits = field(default_factory=UploadLimits)  # files of the image purposes
 
     @property
     def max_file_bytes(self) -> int:
@@ -258,16 +264,24 @@ def add_batch_routes(app: FastAPI, deps: BatchDeps) -> None:
             if upload is None:
                 raise InvalidRequest("file: is required (a multipart file part)", param="file",
                                      code="missing_required_parameter")
-            if purpose != "batch":
-                raise InvalidRequest(f"purpose: {purpose!r} is not accepted by this farm; allowed: batch",
-                                     param="purpose", code="missing_required_parameter" if purpose is None else None)
-            size, lines = await run_in_threadpool(scan_upload, upload.file, deps.settings)
+            if purpose != "batch" and purpose not in IMAGE_PURPOSES:
+                raise InvalidRequest(f"purpose: {purpose!r} is not accepted by this farm; allowed: batch, "
+                                     f"{', '.join(IMAGE_PURPOSES)} (images for input_reference)", param="purpose",
+                                     code="missing_required_parameter" if purpose is None else None)
             file_id = new_id("file")
-            await run_in_threadpool(lambda: deps.object_store().put_stream(file_key(file_id), upload.file,
-                                                                           "application/jsonl"))
-            filename = (upload.filename or "batch.jsonl")[:512]
+            if purpose == "batch":
+                size, lines = await run_in_threadpool(scan_upload, upload.file, deps.settings)
+                await run_in_threadpool(lambda: deps.object_store().put_stream(file_key(file_id), upload.file,
+                                                                               "application/jsonl"))
+            else:  # an image, checked as an uploaded input_reference is, before anything is stored
+                data = await upload.read(deps.image_limits.max_bytes + 1)
+                image = await run_in_threadpool(check_image, data, deps.image_limits, "file")
+                size, lines = len(data), 0
+                await run_in_threadpool(lambda: deps.object_store().put_bytes(file_key(file_id), data,
+                                                                              ALLOWED_FORMATS[image.format]))
+            filename = (upload.filename or ("batch.jsonl" if purpose == "batch" else "image"))[:512]
         record = await run_in_threadpool(lambda: batches.add_file(
-            id=file_id, owner=who, purpose="batch", filename=filename, size=size, lines=lines,
+            id=file_id, owner=who, purpose=purpose, filename=filename, size=size, lines=lines,
             key=file_key(file_id)))
         return file_object(record)
 
@@ -299,7 +313,7 @@ def add_batch_routes(app: FastAPI, deps: BatchDeps) -> None:
         except ObjectNotFound:
             raise NotFound(f"the content of file {file_id!r} is not stored", param="file_id") from None
         # A sync iterator: Starlette pulls it in the thread pool, a chunk at a time.
-        return StreamingResponse(iter(body), media_type="application/jsonl",
+        return StreamingResponse(iter(body), media_type=body.content_type or "application/jsonl",
                                  headers={"Content-Length": str(body.content_length)})
 
     @app.delete("/v1/files/{file_id}", summary="Delete a file", operation_id="deleteFile", tags=["batches"],

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -70,12 +70,23 @@ def _comma_list(value: Any) -> Any:
 
 
 class ImageReference(BaseModel):
-    """The JSON form of ``input_reference``: an uploaded file id or an image URL."""
+    """The JSON form of ``input_reference`` (multipart: ``input_reference[file_id]`` or
+    ``input_reference[image_url]``): exactly one of an uploaded file's id or an image URL
+    (``farm.api.image_refs``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    file_id: str | None = Field(default=None, description="Id of an uploaded file.")
-    image_url: str | None = Field(default=None, description="A URL or base64 data URL of an image.")
+    file_id: str | None = Field(default=None, min_length=1, max_length=64,
+                                description="Id of the caller's file uploaded with POST /v1/files, purpose 'vision' "
+                                "or 'user_data'.")
+    image_url: str | None = Field(default=None, min_length=1, description="An http(s) URL the gateway fetches "
+                                  "(public addresses only, within serve.image_url_* limits) or a base64 data URL.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ImageReference":
+        if (self.file_id is None) == (self.image_url is None):
+            raise ValueError("input_reference: give exactly one of file_id or image_url")
+        return self
 
 
 class CreateVideoRequest(BaseModel):
@@ -261,13 +272,20 @@ async def read_create_request(request: Request, max_file_bytes: int) -> tuple[Cr
                     continue
                 if key in data:
                     raise InvalidRequest(f"{key}: given more than once", param=key)
-                if isinstance(value, UploadFile) or key.startswith("input_reference["):
-                    if not key.startswith("input_reference"):
+                if key.startswith("input_reference[") and isinstance(value, str):
+                    # The SDK sends {"file_id": …} / {"image_url": …} as input_reference[file_id] etc.
+                    reference, part = data.setdefault("input_reference", {}), key[len("input_reference["):-1]
+                    if upload is not None or not isinstance(reference, dict) or part in reference:
+                        raise InvalidRequest("input_reference: given more than once", param="input_reference")
+                    reference[part] = value
+                    continue
+                if isinstance(value, UploadFile):
+                    if key != "input_reference":
                         raise InvalidRequest(f"{key}: file uploads are only accepted for input_reference", param=key)
-                    if upload is not None:
+                    if upload is not None or "input_reference" in data:
                         raise InvalidRequest("input_reference: given more than once", param="input_reference")
                     # The SDK sends a reference image as a file part.
-                    upload = await value.read(max_file_bytes + 1) if isinstance(value, UploadFile) else value.encode()
+                    upload = await value.read(max_file_bytes + 1)
                     continue
                 data[key] = value
     elif media and media != "application/json" and not media.endswith("+json"):

@@ -69,11 +69,10 @@ def check_image(data: bytes, limits: UploadLimits, param: str = "input_reference
 
 
 def decode_data_url(url: str, limits: UploadLimits, param: str) -> bytes:
-    """The bytes of a ``data:image/...;base64,`` URL; remote URLs are refused (the gateway fetches nothing)."""
+    """The bytes of a ``data:image/...;base64,`` URL (remote URLs are fetched by ``farm.api.image_refs``)."""
     match = _DATA_URL.match(url)
     if not match:
-        raise InvalidRequest(f"{param}: only base64 data URLs (data:image/png;base64,...) are accepted; the farm "
-                             "does not fetch remote URLs", param=param)
+        raise InvalidRequest(f"{param}: not a base64 data URL of an image (data:image/png;base64,...)", param=param)
     encoded = match.group(2)
     if len(encoded) > (limits.max_bytes * 4) // 3 + 4:
         raise PayloadTooLarge(f"{param}: the image is too large; allowed: at most {limits.max_bytes} bytes",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from farm.api.errors import InvalidRequest, from_pydantic
+from farm.api.image_refs import is_data_url
 from farm.api.schemas import CreateVideoRequest, ImageReference
 from farm.api.uploads import CheckedImage, UploadLimits, check_image, decode_data_url
 from farm.render.registry import validate_request
@@ -100,26 +101,38 @@ def tier_params(target: Target, placement: Placement) -> dict[str, Any]:
     return out
 
 
+def text_only(spec: ModelSpec) -> InvalidRequest:
+    """The refusal of an image for a model that renders from text only."""
+    return InvalidRequest(f"input_reference is not supported by model {spec.id!r}: it renders from text only",
+                          param="input_reference", code="unsupported_parameter")
+
+
 def check_reference(spec: ModelSpec, upload: bytes | None, reference: ImageReference | None,
                     limits: UploadLimits) -> CheckedImage | None:
     """A reference image is checked first (format, size, pixels), so a bad one is named as such; then it
     is returned for a model that takes images (``spec.takes_image``) and refused for one that renders
-    from text only. A model that takes images needs one: its absence is refused too."""
+    from text only. A model that takes images needs one: its absence is refused too.
+
+    ``upload`` is the image's bytes (a file part, or what a file id or URL held: the caller read them,
+    ``farm.api.image_refs``); a ``reference`` here is read only when it is a data URL. A file id or a
+    remote URL left unread is refused: for a text-only model as such, before anything is fetched."""
     if upload is None and reference is not None:
-        if reference.image_url is None:
-            raise InvalidRequest("input_reference.file_id: this farm takes no file ids for images; send the image "
-                                 "as a file part or a base64 data URL", param="input_reference.file_id")
+        if reference.image_url is None or not is_data_url(reference.image_url):
+            if not spec.takes_image:
+                raise text_only(spec)
+            raise InvalidRequest("input_reference: file ids and image URLs are read by POST /v1/videos only; send "
+                                 "the image as a base64 data URL here", param="input_reference",
+                                 code="unsupported_parameter")
         upload = decode_data_url(reference.image_url, limits, "input_reference.image_url")
     if upload is None:
         if spec.takes_image:
             raise InvalidRequest(f"input_reference: model {spec.id!r} renders from an image and needs one; send it "
-                                 "as a file part or a base64 data URL", param="input_reference",
+                                 "as a file part, a file_id or an image_url", param="input_reference",
                                  code="missing_required_parameter")
         return None
     checked = check_image(upload, limits)
     if not spec.takes_image:
-        raise InvalidRequest(f"input_reference is not supported by model {spec.id!r}: it renders from text only",
-                             param="input_reference", code="unsupported_parameter")
+        raise text_only(spec)
     return checked
 
 

@@ -39,7 +39,7 @@ class FileRow(Base):
 
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     owner: Mapped[str | None] = mapped_column(sa.String(255))
-    purpose: Mapped[str] = mapped_column(sa.String(32))  # batch | batch_output
+    purpose: Mapped[str] = mapped_column(sa.String(32))  # batch | batch_output | vision | user_data (images)
     filename: Mapped[str] = mapped_column(sa.String(512))
     bytes: Mapped[int] = mapped_column(sa.BigInteger)
     lines: Mapped[int]

@@ -25,7 +25,8 @@ from farm.jobs.tables import VIDEOS
 
 ENDPOINT = "/v1/videos"
 COMPLETION_WINDOW_S = {"24h": 24 * 3600}
-FILE_PURPOSES = ("batch", "batch_output")
+# vision / user_data: images a video create reads as input_reference by file id (farm.api.image_refs).
+FILE_PURPOSES = ("batch", "batch_output", "vision", "user_data")
 BATCH_STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
                   "cancelled")
 BATCH_FINAL = frozenset({"failed", "completed", "expired", "cancelled"})

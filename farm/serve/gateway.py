@@ -39,6 +39,7 @@ class Gateway:
         from farm.api.queue_view import QueueView
         from farm.secrets import SharedSecrets
         from farm.api.uploads import UploadLimits
+        from farm.api.image_refs import ImageFetch
         from farm.jobs.batches import BatchStore
         from farm.jobs.expiry import Lifetimes
         from farm.jobs.schedules import ScheduleStore
@@ -103,5 +104,7 @@ class Gateway:
             max_body_bytes=int(ss.max_body_mb * 1024 * 1024),
             upload_limits=UploadLimits(max_bytes=int(ss.max_upload_mb * 1024 * 1024),
                                        max_pixels=ss.max_upload_pixels),
+            image_fetch=ImageFetch(allow_hosts=tuple(ss.image_url_allow_hosts),
+                                   max_bytes=int(ss.image_url_max_mb * 1024 * 1024), timeout_s=ss.image_url_timeout_s),
         )
         return create_app(deps)

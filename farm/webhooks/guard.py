@@ -116,10 +116,14 @@ def forbidden_reason(ip: IPAddress) -> str | None:
 
 
 class UrlGuard:
-    """Checks webhook URLs and resolves them to addresses that are safe to connect to."""
+    """Checks webhook URLs (or, with another ``subject``, any URL the farm fetches for a tenant) and
+    resolves them to addresses that are safe to connect to."""
 
-    def __init__(self, allow_hosts: Sequence[str] = ()) -> None:
+    def __init__(self, allow_hosts: Sequence[str] = (), *, subject: str = "webhook destinations",
+                 setting: str = "webhooks.allow_hosts") -> None:
         self._networks, self._names = parse_allow_hosts(allow_hosts)
+        # What refusals call the URLs and the allowlist that would admit them: each user says its own.
+        self._subject, self._setting = subject, setting
 
     @classmethod
     def from_settings(cls, settings) -> UrlGuard:  # settings: WebhookSettings
@@ -163,7 +167,7 @@ class UrlGuard:
             return
         reason = forbidden_reason(ip)
         if reason is not None:
-            raise UrlRefused(f"address {ip} is not allowed ({reason}); webhook destinations must be public addresses")
+            raise UrlRefused(f"address {ip} is not allowed ({reason}); {self._subject} must be public addresses")
 
     async def resolve(self, url: str | httpx.URL) -> Target:
         """Check the URL, resolve its host and return the first address that passes.
@@ -193,9 +197,9 @@ class UrlGuard:
                 continue
             return ip
         # The addresses stay in the log: telling a tenant would make the guard a probe of internal DNS.
-        log.warning("webhook host %r refused: %s", host, "; ".join(reasons))
+        log.warning("host %r of %s refused: %s", host, self._subject, "; ".join(reasons))
         raise UrlRefused(f"host {host!r} resolves only to non-public addresses; an operator can allow it "
-                         "with webhooks.allow_hosts")
+                         f"with {self._setting}")
 
     def _name_allowed(self, host: str) -> bool:
         host = host.lower().rstrip(".")

@@ -77,8 +77,10 @@ def test_create_multipart_as_the_sdk_sends_it_with_defaults(client, jobs):
     ({"priority": "urgent"}, "priority", "'interactive' or 'bulk'"),
     ({"scheduler": "ddim"}, "scheduler", "'unipc' or 'flow-euler'"),
     ({"fps": 30}, "fps", "allowed: prompt, model, seconds"),
-    ({"input_reference": {"image_url": "https://example.invalid/a.png"}}, "input_reference.image_url",
-     "the farm does not fetch remote URLs"),
+    # A text-only model refuses an image URL before fetching it.
+    ({"input_reference": {"image_url": "https://example.invalid/a.png"}}, "input_reference",
+     "renders from text only"),
+    ({"input_reference": {}}, "input_reference", "exactly one of file_id or image_url"),
 ])
 def test_bad_create_is_a_400_naming_the_field_and_creates_nothing(client, jobs, fields, param, fragment):
     # json.dumps escapes lone surrogates, which a client's own JSON encoder would refuse to send.
