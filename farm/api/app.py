@@ -68,6 +68,7 @@ from farm.api.references import REFERENCE_SHA256_PARAM, drop_unowned, reference_
 from farm.api.sources import SOURCE_SHA256_PARAM, CheckedSource, store_source
 from farm.api.uploads import CheckedImage, UploadLimits
 from farm.api.usage_routes import add_usage_routes, budget_refused
+from farm.api.video_requests import cache_param
 from farm.api.video_requests import (
     ContentPolicyViolation, check_reference, check_render, find_target, moderate, param_of, place_request,
     tier_params,
@@ -403,7 +404,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
                       and bool(body.characters or mentions(body.prompt)))
         reference = None if cameo_only else await run_in_threadpool(
             check_reference, target.limits, upload, body.input_reference, deps.upload_limits)
-        params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
+        params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler} | cache_param(body.cache)
         return await shown(await _create_job(deps, request, who, target, body.prompt, body.size, body.seconds,
                                              params, body.priority, path="create", reference=reference,
                                              characters=body.characters or ()), response)
