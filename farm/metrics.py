@@ -120,6 +120,31 @@ class FarmMetrics:
             boundaries=_FAST, tag_keys=("pool",),
         )
 
+    @cached_property
+    def cache_lookups(self):
+        return self._m.Counter(
+            "videofarm_cache_lookups_total",
+            description="Denoiser transformer forwards that asked a cache hook whether to skip (farm.render.accel).",
+            tag_keys=("model", "kind"),
+        )
+
+    @cached_property
+    def cache_hits(self):
+        return self._m.Counter(
+            "videofarm_cache_hits_total",
+            description="Denoiser transformer forwards whose remaining blocks a cache hook skipped, reusing cached "
+            "residuals; hits / lookups is the hit rate.",
+            tag_keys=("model", "kind"),
+        )
+
+    def cache_counted(self, model: str, kind: str, lookups: int, hits: int) -> None:
+        """One shard's cache counts (nothing for a shard that ran without a cache)."""
+        if lookups:
+            tags = {"model": model, "kind": kind}
+            self.cache_lookups.inc(lookups, tags=tags)
+            if hits:
+                self.cache_hits.inc(hits, tags=tags)
+
     # Usage (recorded by the dispatcher as each stage completes, once per job and stage) ---
     @cached_property
     def accelerator_seconds(self):

@@ -70,8 +70,8 @@ from farm.api.sources import SOURCE_SHA256_PARAM, CheckedSource, store_source
 from farm.api.uploads import CheckedImage, UploadLimits
 from farm.api.usage_routes import add_usage_routes, budget_refused
 from farm.api.video_requests import (
-    ContentPolicyViolation, check_reference, check_render, find_target, moderate, param_of, place_request,
-    text_only, tier_params,
+    ContentPolicyViolation, cache_param, check_reference, check_render, find_target, moderate, param_of,
+    place_request, text_only, tier_params,
 )
 from farm.api.wire import video_object
 from farm.jobs.estimates import poll_after_ms
@@ -415,7 +415,7 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             upload, linked = await image_sources.bytes_of(linked, who), None
         reference = None if cameo_only else await run_in_threadpool(
             check_reference, target.limits, upload, linked, deps.upload_limits)
-        params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
+        params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler} | cache_param(body.cache)
         return await shown(await _create_job(deps, request, who, target, body.prompt, body.size, body.seconds,
                                              params, body.priority, path="create", reference=reference,
                                              characters=body.characters or ()), response)

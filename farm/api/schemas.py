@@ -18,6 +18,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from farm.api.errors import InvalidRequest, UnsupportedMediaType, from_pydantic
+from farm.render.registry import CACHE_KINDS, CacheSetting, parse_cache
 from farm.render.tiers import OPENAI_SECONDS, OPENAI_SIZES
 
 if TYPE_CHECKING:
@@ -60,6 +61,36 @@ _Characters = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]]
 _CHARACTERS_DOC = ("Farm extension: ids of cameos (characters) the video uses, besides those the prompt names as "
                    "@name; multipart sends them comma-separated. Each needs its owner's consent (else 403 "
                    "cameo_consent_required); the clip renders from the first one's reference frame.")
+
+
+# extra_body "cache": "off", a kind's name, or {"kind", "threshold"}; inlined (the create schema drops $defs).
+_CacheField = Annotated[
+    CacheSetting | None,
+    WithJsonSchema({
+        "anyOf": [
+            {"type": "string", "enum": list(CACHE_KINDS)},
+            {"type": "object", "additionalProperties": False, "properties": {
+                "kind": {"type": "string", "enum": list(CACHE_KINDS)},
+                "threshold": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}}},
+            {"type": "null"},
+        ],
+        "description": "Farm extension: cache acceleration of the denoiser's forwards (diffusers' hooks), overriding "
+                       "the model's default: 'off', or {'kind': 'first_block', 'threshold': 0.05}. The cache lives "
+                       "within one shard (each shard starts empty); a cached clip drifts a little from an uncached one.",
+    }),
+]
+
+
+def _cache_setting(value: Any) -> Any:
+    """``parse_cache``, plus the multipart form of an object (its JSON text)."""
+    if value is None or isinstance(value, CacheSetting):
+        return value
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"cache: {value[:80]!r} is not a JSON object") from None
+    return parse_cache(value)
 
 
 def _comma_list(value: Any) -> Any:
@@ -120,6 +151,12 @@ class CreateVideoRequest(BaseModel):
     )
     scheduler: Scheduler = Field(default="unipc", description="Farm extension: the denoising solver.")
     characters: _Characters = Field(default=None, description=_CHARACTERS_DOC)
+    cache: _CacheField = Field(default=None)
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache(cls, value: Any) -> Any:
+        return _cache_setting(value)
 
     @field_validator("characters", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from farm.api.errors import InvalidRequest, from_pydantic
 from farm.api.image_refs import is_data_url
 from farm.api.schemas import CreateVideoRequest, ImageReference
 from farm.api.uploads import CheckedImage, UploadLimits, check_image, decode_data_url
-from farm.render.registry import validate_request
+from farm.render.registry import CacheSetting, parse_cache, validate_request
 from farm.render.tiers import Placement, Target, place, resolve
 
 if TYPE_CHECKING:
@@ -136,6 +136,12 @@ def check_reference(spec: ModelSpec, upload: bytes | None, reference: ImageRefer
     return checked
 
 
+def cache_param(cache: CacheSetting | None) -> dict[str, Any]:
+    """The job param of a request's ``cache`` (a plain dict), or nothing when the request named none: a
+    body without one keeps the params, and the Idempotency-Key fingerprint, it had before the field existed."""
+    return {} if cache is None else {"cache": cache.model_dump()}
+
+
 def check_render(spec: ModelSpec, prompt: str, size: str, seconds: int, extra: dict[str, Any],
                  max_prompt_chars: int) -> tuple[RenderParams, dict[str, Any]]:
     """The model's limits; returns the render parameters and the params to store (a random seed is
@@ -150,6 +156,11 @@ def check_render(spec: ModelSpec, prompt: str, size: str, seconds: int, extra: d
                                   seed=seed, scheduler=extra.get("scheduler") or "unipc")
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=param_of(str(exc))) from None
+    if extra.get("cache") is not None:  # the model's default otherwise, resolved where the model runs
+        try:
+            params = params.model_copy(update={"cache": parse_cache(extra["cache"])})
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="cache") from None
     return params, {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler}
 
 
@@ -170,7 +181,7 @@ def check_create_body(data: Any, models: list[ModelSpec], *, max_prompt_chars: i
                              "create its videos with POST /v1/videos", param="model", code="unsupported_parameter")
     check_reference(target.limits, None, body.input_reference, upload_limits)
     placement = place_request(target, body.size, body.seconds)
-    extra = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler}
+    extra = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler} | cache_param(body.cache)
     params, stored = check_render(target.limits, body.prompt, placement.size, placement.seconds, extra,
                                   max_prompt_chars)
     if moderator is not None:

@@ -169,6 +169,7 @@ def params_of(job: Job, spec: ModelSpec) -> RenderParams:
         strength=extra.get("strength") if derived else None,
         source_frames="last" if extend else "clip",
         stitch_seconds=extra.get("stitch_seconds") if extend else None,
+        cache=extra.get("cache"),  # the request's own cache setting; None: the model's default
     )
 
 

@@ -57,6 +57,7 @@ from farm.render.plan import (  # noqa: F401  (ShardPlan and the expert names ar
     expert_for_timestep,
 )
 from farm.render.plan import plan_shards as _plan_layout
+from farm.render.registry import CacheSetting
 
 STATE_FORMAT = 1
 _SCHEDULER_MODULE = "diffusers"
@@ -105,6 +106,9 @@ class DenoiseState:
     boundary_timestep: float | None
     conditioning: Conditioning
     generator_state: torch.Tensor | None = None  # a CPU generator's state, whatever the device
+    # The job's own cache acceleration (farm.render.accel); None: the model's default. Not read here:
+    # the denoiser stage applies it around each shard.
+    cache: CacheSetting | None = None
 
     @property
     def done(self) -> bool:
@@ -161,6 +165,8 @@ class DenoiseState:
         else:
             payload["conditioning_included"] = False
         payload["generator_state"] = self.generator_state
+        if self.cache is not None:  # absent otherwise: the payload stays the one format 1 has always had
+            payload["cache"] = self.cache.model_dump()
         return save_payload(payload)
 
     @classmethod
@@ -196,6 +202,7 @@ class DenoiseState:
             boundary_timestep=payload["boundary_timestep"],
             conditioning=conditioning,
             generator_state=payload["generator_state"],
+            cache=CacheSetting.model_validate(payload["cache"]) if payload.get("cache") is not None else None,
         )
 
 

@@ -22,7 +22,8 @@ Each stage names its device and dtype (``stage.device``, ``stage.dtype``):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -36,7 +37,8 @@ from farm.render.denoise import (
     StepCallback,
     denoise,
 )
-from farm.render.registry import ModelSpec, RenderParams
+from farm.render import accel
+from farm.render.registry import ModelSpec, RenderParams, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +228,13 @@ class DenoiserStage:
             if self.attention != "native":
                 model.set_attention_backend(self.attention)
             self.experts[name] = model
+        # Compiled and warmed here (spec.compile), at the model's first size and duration, so no request pays it.
+        width, height = parse_size(spec.sizes[0])
+        warm_shape = self.layout.latent_shape(
+            RenderParams(prompt="warm-up", width=width, height=height, seconds=spec.seconds[0], steps=1, seed=0),
+            spec.num_frames(spec.seconds[0]),
+        )
+        accel.prepare_experts(spec, self.experts, warm_shape)
         log.info(
             "denoiser for %s holds %s on %s in %s (attention: %s)",
             spec.id, list(self.experts), self.device, spec.dtype, self.attention,
@@ -239,13 +248,23 @@ class DenoiserStage:
         on_step: StepCallback | None = None,
         *,
         keep_on_device: bool = False,
+        on_cache: Callable[[accel.CacheStats], None] | None = None,
     ) -> DenoiseState:
         """Steps ``[start, end)`` of ``state`` (on any device) on this stage's device.
 
         The returned state is on CPU, or stays on this device with ``keep_on_device=True``
         (for a next shard on the same replica); see :func:`~farm.render.denoise.denoise`.
+        The shard runs with the job's cache setting (``state.cache``), else the model's
+        (``spec.cache``), its hooks fresh for this shard (:func:`farm.render.accel.cache_for`);
+        ``on_cache`` gets the shard's cache counts. The forwards run under ``torch.inference_mode``
+        (no autograd anywhere in a shard).
         """
-        return denoise(self.experts, state, start, end, on_step=on_step, keep_on_device=keep_on_device)
+        setting = accel.resolve(self.spec.cache, state.cache)
+        with torch.inference_mode(), accel.cache_for(self.experts, setting) as stats:
+            out = denoise(self.experts, state, start, end, on_step=on_step, keep_on_device=keep_on_device)
+        if on_cache is not None:
+            on_cache(stats)
+        return out
 
 
 class DecoderStage:
@@ -290,4 +309,6 @@ def initial_state(
         raise ValueError(
             f"model {spec.id!r} is family {spec.family!r}, but the conditioning is {conditioning.family!r}'s"
         )
-    return family.initial_state(spec, params, conditioning, device=device)
+    state = family.initial_state(spec, params, conditioning, device=device)
+    # The request's cache setting rides on the state to every shard (and into checkpoints).
+    return state if params.cache is None else replace(state, cache=params.cache)

@@ -31,6 +31,51 @@ DERIVED_FROM_PARAM = "derived_from"
 DEFAULT_STRENGTH = {"remix": 0.6, "edit": 0.6, "extend": 0.7}
 
 
+# Cache kinds the denoiser applies through diffusers' own hooks (farm.render.accel); "off" runs every block.
+CACHE_KINDS = ("off", "first_block")
+
+
+class CacheSetting(BaseModel):
+    """Cache acceleration for a model's forwards (diffusers' hooks, applied per shard by farm.render.accel).
+
+    ``first_block`` is diffusers' FirstBlockCache: each forward runs the first transformer block, and
+    when its residual moved less than ``threshold`` (relative mean absolute change) since the last full
+    forward of the same pass (cond / uncond), the remaining blocks are skipped and their cached residual
+    reused. The cache lives within one shard only: every shard starts with an empty cache.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["off", "first_block"] = Field(
+        default="off", description="'off' runs every block of every forward; 'first_block' is diffusers' "
+        "FirstBlockCache (skip the remaining blocks when the first block's residual barely moved).")
+    threshold: float = Field(
+        default=0.05, gt=0.0, le=1.0, description="first_block: the relative change of the first block's residual "
+        "under which the remaining blocks are skipped; higher skips more and drifts more. Ignored for 'off'.")
+
+
+def parse_cache(value: object) -> CacheSetting:
+    """A request's ``cache``: ``"off"``, or ``{"kind": ..., "threshold": ...}``; ValueError naming the field
+    and what is allowed (no torch: the gateway calls it)."""
+    allowed = ('allowed: "off", or an object {"kind": one of ' + ", ".join(CACHE_KINDS)
+               + ', "threshold": a number in (0, 1]}')
+    if value == "off":
+        return CacheSetting(kind="off")
+    if isinstance(value, str) and value in CACHE_KINDS:
+        return CacheSetting(kind=value)
+    if not isinstance(value, dict):
+        raise ValueError(f"cache: {value!r} is not a cache setting; {allowed}")
+    unknown = sorted(set(value) - set(CacheSetting.model_fields))
+    if unknown:
+        raise ValueError(f"cache: unknown field(s) {', '.join(map(repr, unknown))}; {allowed}")
+    kind, threshold = value.get("kind", "off"), value.get("threshold", 0.05)
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"cache: kind {kind!r} is not known; {allowed}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+        raise ValueError(f"cache: threshold {threshold!r} is out of range; {allowed}")
+    return CacheSetting(kind=kind, threshold=float(threshold))
+
+
 def parse_size(size: str) -> tuple[int, int]:
     """``"WxH"`` → ``(width, height)``; raises ValueError naming the value."""
     match = _SIZE.match(size.strip()) if isinstance(size, str) else None
@@ -72,6 +117,16 @@ class ModelSpec(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="Weights dtype; bfloat16 on GPUs, float32 on CPU."
     )
+    cache: CacheSetting = Field(
+        default_factory=CacheSetting,
+        description="Cache acceleration of this model's denoiser forwards when a request names none (its "
+        "extra_body 'cache' overrides it); default off. Applied per shard: each shard starts with an empty cache.",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the transformer blocks (regional compilation) when a denoiser replica starts, "
+        "and warm them with one forward at the model's first size and duration, so no request pays the compile.",
+    )
 
     @field_validator("sizes")
     @classmethod
@@ -101,6 +156,9 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"max_sequence_length={self.max_sequence_length}: family {self.family!r} needs {WAN_I2V_TEXT_TOKENS}"
             )
+        if self.compile and self.family in IMAGE_FAMILIES:
+            # The warm-up forward (farm.render.accel.warm_up) has no image embeddings to pass.
+            raise ValueError(f"compile: not supported for family {self.family!r}; allowed for: wan")
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps={self.default_steps} exceeds max_steps={self.max_steps}")
         return self
@@ -216,6 +274,11 @@ class RenderParams(BaseModel):
         description="Extensions: the finisher prepends this many seconds of the source (resampled to "
         "seconds × fps + 1 frames) to the new frames, dropping the new part's first frame, which "
         "stands where the source's last is; None renders the clip alone.",
+    )
+    cache: CacheSetting | None = Field(
+        default=None,
+        description="The request's cache acceleration (extra_body 'cache'); None uses the model's default "
+        "(ModelSpec.cache).",
     )
 
 

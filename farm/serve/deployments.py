@@ -226,11 +226,14 @@ class Denoiser:
 
         try:
             with injected(self.stage.experts, [FaultInjection.model_validate(f) for f in faults or ()]):
-                return self.stage.run(state, plan.start, plan.end)
+                return self.stage.run(state, plan.start, plan.end, on_cache=self._cache_counted)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the allocator's cache back before the next shard
             raise
+
+    def _cache_counted(self, stats) -> None:
+        self.metrics.cache_counted(self.stage.spec.id, stats.kind, stats.lookups, stats.hits)
 
     async def checkpointed(self, key: str) -> bool:
         """Wait for the background write of ``key``; True once it is in S3."""
