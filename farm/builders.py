@@ -46,6 +46,14 @@ def default_pools(settings: FarmSettings) -> list[PoolSettings]:
     return [PoolSettings(model=spec.id, experts=[e]) for spec in settings.models for e in names[: spec.experts]]
 
 
+def pool_batch_limits(settings: FarmSettings) -> dict[str, int]:
+    """Each denoiser pool's step-level batch limit (``PoolSettings.max_batch``), by the policy's pool name."""
+    from farm.jobs.placement import denoise_pool
+
+    return {denoise_pool(p.model, "+".join(p.experts)): p.max_batch
+            for p in settings.serve.pools or default_pools(settings)}
+
+
 def pool_name(pool: PoolSettings) -> str:
     return f"Denoiser:{pool.model}:{'+'.join(pool.experts)}"
 
@@ -69,9 +77,10 @@ def build_app(args: FarmAppArgs | dict) -> "Application":
     plain = settings.model_dump()
     ss = settings.serve
 
-    def members(deployment, name: str, count: int, actor_options: dict, *bind_args) -> list[tuple[str, object]]:
+    def members(deployment, name: str, count: int, actor_options: dict, *bind_args,
+                **options) -> list[tuple[str, object]]:
         return [(replica_name(name, i), deployment.options(name=replica_name(name, i), num_replicas=1,
-                                                            ray_actor_options=actor_options).bind(*bind_args))
+                                                            ray_actor_options=actor_options, **options).bind(*bind_args))
                 for i in range(count)]
 
     replicas: dict[str, list[tuple[str, object]]] = {
@@ -83,7 +92,9 @@ def build_app(args: FarmAppArgs | dict) -> "Application":
     for pool in ss.pools or default_pools(settings):
         options = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
         replicas[denoise_pool(pool.model, "+".join(pool.experts))] = members(
-            Denoiser, pool_name(pool), pool.replicas, options, plain, pool.model, pool.experts)
+            Denoiser, pool_name(pool), pool.replicas, options, plain, pool.model, pool.experts,
+            # a batch's calls at once, and `checkpointed` beside them
+            max_ongoing_requests=pool.max_batch + 1)
     finisher = Finisher.options(num_replicas=ss.finisher_replicas, ray_actor_options={"num_cpus": ss.finisher_num_cpus}).bind(plain)
     # Serve waits this long for the dispatcher's graceful stop: its jobs drain to a shard boundary first.
     dispatcher = DispatcherDeployment.options(

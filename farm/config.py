@@ -143,6 +143,12 @@ class PoolSettings(BaseModel):
     replicas: int = Field(default=1, ge=1, le=1024, description="Replicas in the pool.")
     num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per replica (0 on CPU).")
     num_cpus: float = Field(default=0.25, gt=0.0, description="CPUs Ray reserves per replica.")
+    max_batch: int = Field(
+        default=1, ge=1, le=64,
+        description="Step-level batching: how many compatible shards (same model, size, duration and shard "
+        "length, no cache acceleration) one replica runs together, one forward pass per step for all of them; "
+        "1 runs one shard at a time.",
+    )
 
 
 class ServeSettings(BaseModel):

@@ -109,14 +109,24 @@ class FarmMetrics:
     @cached_property
     def shard_latency(self):
         return self._m.Histogram(
-            "videofarm_shard_seconds", description="Compute time of one shard on a replica.",
+            "videofarm_shard_seconds", description="Compute time of one shard on a replica (of a whole batch, "
+            "once, when shards ran batched).",
             boundaries=_SLOW, tag_keys=("pool",),
+        )
+
+    @cached_property
+    def batch_size(self):
+        return self._m.Histogram(
+            "videofarm_batch_size", description="Shards a denoiser replica ran together in one batched loop "
+            "(step-level batching; 1 when it ran one alone), counted once per shard.",
+            boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 32, 64], tag_keys=("pool",),
         )
 
     @cached_property
     def step_latency(self):
         return self._m.Histogram(
-            "videofarm_step_seconds", description="Compute time of one denoising step.",
+            "videofarm_step_seconds", description="Compute time of one denoising step (a batched shard's "
+            "share of its batch's time).",
             boundaries=_FAST, tag_keys=("pool",),
         )
 

@@ -50,7 +50,7 @@ from farm.jobs.store import Job, JobStore, Priority
 from farm.jobs.usage import device_kind
 from farm.render.plan import HIGH_NOISE_EXPERT, ShardPlan, StepLayout, plan_shards
 from farm.render.registry import DERIVED_FROM_PARAM, REFERENCE_KEY_PARAM, ModelSpec, RenderParams, parse_size
-from farm.sched import SchedulerConfig
+from farm.sched import BatchTicket, SchedulerConfig
 from farm.sched.budget import BudgetRule
 from farm.storage.s3 import checkpoint_prefix
 
@@ -127,7 +127,10 @@ class StageClients(Protocol):
                     resume_from: str | None) -> Prepared: ...
 
     async def run_shard(self, replica: str, job_id: str, model_id: str, state: Any, plan: ShardPlan, *,
-                        checkpoint: str | None, prompt: str = "") -> ShardOutcome: ...
+                        checkpoint: str | None, prompt: str = "", batch: BatchTicket | None = None) -> ShardOutcome:
+        """Steps ``plan`` of the job's state on ``replica``; ``batch`` names the batch the policy put the
+        shard in (None: it runs alone)."""
+        ...
 
     async def checkpointed(self, replica: str, key: str) -> bool: ...
 
@@ -138,6 +141,15 @@ class StageClients(Protocol):
 
 class JobCancelled(Exception):
     pass
+
+
+def batch_key(spec: ModelSpec, params: RenderParams, plan: ShardPlan, job_id: str) -> tuple:
+    """Which shards may share a batched forward (farm.sched's batch key): the same model and expert, latent
+    shape (size, duration), shard length and kind of conditioning. A job with cache acceleration batches
+    with nobody (a cache hook decides for a whole batch): its key names the job."""
+    cached = (params.cache or spec.cache).kind != "off"
+    return (spec.id, plan.expert, params.width, params.height, params.seconds, plan.end - plan.start,
+            params.source_key is not None, params.reference_key is not None, job_id if cached else None)
 
 
 def shard_checkpoint_key(job_id: str, step: int) -> str:
@@ -581,8 +593,9 @@ class Dispatcher:
                     outcome, held = await self._call_stage(
                         job, stage, pool, plan.start, plan.end, holder,
                         lambda replica, plan=plan, state=state, key=key: self.clients.run_shard(
-                            replica, job.id, spec.id, state, plan, checkpoint=key, prompt=job.prompt),
-                        holding=previous,
+                            replica, job.id, spec.id, state, plan, checkpoint=key, prompt=job.prompt,
+                            batch=self.placement.ticket(job.id)),
+                        holding=previous, batch_key=batch_key(spec, params, plan, job.id),
                     )
                     state, holder = outcome.state, outcome.replica
                     await self._charge(job, stage, pool, outcome.device, outcome.seconds)
@@ -638,7 +651,7 @@ class Dispatcher:
 
     async def _call_stage(self, job: Job, stage: str, pool: str | None, start: int, end: int,
                           holder: str | None, call: Callable[[str | None], Awaitable[T]], *,
-                          holding: str | None = None) -> tuple[T, str | None]:
+                          holding: str | None = None, batch_key: tuple = ()) -> tuple[T, str | None]:
         """``call(replica)`` on a replica of ``pool`` the policy picks (None: no pool, a CPU stage
         Serve routes), retried by the retry policy: a lost replica up to ``replica_retries``
         times, a render error up to ``shard_retries`` times, each after a growing delay.
@@ -653,7 +666,7 @@ class Dispatcher:
                 if pool is not None:
                     replica = await self.placement.acquire(StageRequest(
                         job.id, job.owner or "anonymous", _priority_name(job.priority), pool, start, end,
-                        job.created_at.timestamp(), holder=holder), releasing=holding)
+                        job.created_at.timestamp(), batch_key=batch_key, holder=holder), releasing=holding)
                 elif holding is not None:
                     self.placement.release(holding, job.id)
                 holding = None

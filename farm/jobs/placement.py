@@ -20,7 +20,7 @@ import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
-from farm.sched import Assignment, QueuePosition, Scheduler, SchedulerConfig, ShardRequest
+from farm.sched import Assignment, BatchTicket, QueuePosition, Scheduler, SchedulerConfig, ShardRequest
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class Placement:
         self.replica_busy_s: dict[str, float] = {}  # the same per replica, for the busy-fraction metric
         self._since: dict[str, float] = {}
         self._held: set[str] = set()  # replicas assigned and not yet released
+        self._members: dict[str, set[str]] = {}  # the jobs each held replica runs (several: a batch)
+        self._tickets: dict[str, BatchTicket] = {}  # a batched job's ticket, until it takes it
+        self._batches = 0
 
     # The policy's clock: seconds since this Placement began, never going backwards.
     def _now(self) -> float:
@@ -142,16 +145,29 @@ class Placement:
                 self.release(future.result(), request.job_id)  # assigned as we were cancelled
             raise
 
+    def ticket(self, job_id: str) -> BatchTicket | None:
+        """The batch ticket of the job's latest assignment (None: it runs alone); taken once."""
+        return self._tickets.pop(job_id, None)
+
     def release(self, replica: str, job_id: str) -> None:
-        """The job is done with ``replica`` (its call returned or failed): the replica takes new work."""
-        self._held.discard(replica)
+        """The job is done with ``replica`` (its call returned or failed). The replica takes new work once
+        every job of its batch has released it."""
+        self._tickets.pop(job_id, None)
+        members = self._members.get(replica, set())
+        members.discard(job_id)
         self.scheduler.finished(replica, [job_id])
+        if not members:
+            self._free(replica)
+        self._dispatch()
+
+    def _free(self, replica: str) -> None:
+        self._members.pop(replica, None)
+        self._held.discard(replica)
         started = self._since.pop(replica, None)
         if started is not None:
             held = time.monotonic() - started
             self.busy_s[self._pool_of[replica]] += held
             self.replica_busy_s[replica] = self.replica_busy_s.get(replica, 0.0) + held
-        self._dispatch()
 
     def hold_bulk(self, tenants) -> None:
         """Bulk calls of these tenants (their budget is spent) wait until a later call leaves them out."""
@@ -174,15 +190,26 @@ class Placement:
             self._hand_out(assignment)
 
     def _hand_out(self, assignment: Assignment) -> None:
-        self._since[assignment.replica_id] = time.monotonic()
-        self._held.add(assignment.replica_id)
+        replica = assignment.replica_id
+        live = []
         for shard in assignment.shards:
             future = self._waiting.pop((shard.job_id, shard.pool, shard.start), None)
             if future is None or future.done():
-                # Its waiter is gone (cancelled between submit and now): free the slot again.
-                self.scheduler.finished(assignment.replica_id, [shard.job_id])
-                self._since.pop(assignment.replica_id, None)
-                self._held.discard(assignment.replica_id)
-                self._dispatch()
-                continue
-            future.set_result(assignment.replica_id)
+                # Its waiter is gone (cancelled between submit and now): its slot is not taken.
+                self.scheduler.finished(replica, [shard.job_id])
+            else:
+                live.append((shard, future))
+        if not live:
+            self._dispatch()  # the replica is free again
+            return
+        self._since[replica] = time.monotonic()
+        self._held.add(replica)
+        self._members[replica] = {shard.job_id for shard, _ in live}
+        ticket = None
+        if len(live) > 1:
+            self._batches += 1
+            ticket = BatchTicket(f"{replica}#{self._batches}", len(live))
+        for shard, future in live:
+            if ticket is not None:
+                self._tickets[shard.job_id] = ticket
+            future.set_result(replica)

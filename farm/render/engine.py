@@ -266,6 +266,20 @@ class DenoiserStage:
             on_cache(stats)
         return out
 
+    def run_batch(self, shards: list[tuple[DenoiseState, int, int]]) -> list:
+        """Several jobs' step ranges in one batched loop (:func:`~farm.render.denoise.denoise_batch`):
+        one entry per shard, its new state on CPU or the exception it alone raised.
+
+        Only for jobs without cache acceleration (a cache hook decides for a whole batch, so a cached
+        job is never batched: the dispatcher gives it a batch key of its own); ValueError otherwise.
+        """
+        from farm.render.denoise import denoise_batch
+
+        if any(accel.resolve(self.spec.cache, state.cache).kind != "off" for state, _, _ in shards):
+            raise ValueError("a job with cache acceleration cannot share a batched forward")
+        with torch.inference_mode():
+            return denoise_batch(self.experts, shards)
+
 
 class DecoderStage:
     """Latents → uint8 RGB frames ``(F, H, W, 3)`` with the Wan VAE, run in float32 on ``device``."""

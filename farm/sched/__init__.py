@@ -10,6 +10,7 @@ from farm.sched.policy import Scheduler, SchedulerStats
 from farm.sched.shards import (
     PRIORITIES,
     Assignment,
+    BatchTicket,
     Priority,
     QueueDepth,
     QueuePosition,
@@ -20,6 +21,7 @@ from farm.sched.shards import (
 __all__ = [
     "PRIORITIES",
     "Assignment",
+    "BatchTicket",
     "Priority",
     "QueueDepth",
     "QueuePosition",

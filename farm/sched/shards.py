@@ -86,6 +86,15 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class BatchTicket:
+    """What each call of a batched :class:`Assignment` carries to its replica: the batch's id and how many
+    calls it has, so the replica waits for all of them and runs them together."""
+
+    id: str
+    size: int
+
+
+@dataclass(frozen=True)
 class QueueDepth:
     """Waiting (not running) shards of one pool, by priority."""
 

@@ -38,6 +38,7 @@ from farm.jobs.retry import ReplicaLost
 from farm.render.faults import FaultInjection, matching
 from farm.render.plan import ShardPlan
 from farm.render.registry import ModelSpec, RenderParams
+from farm.serve.batching import BatchTicket, ShardBatcher
 from farm.serve.loopback import bind_replica_grpc_to_node_address
 
 log = logging.getLogger(__name__)
@@ -198,26 +199,44 @@ class Denoiser:
         self.pool = f"{model_id}:{'+'.join(experts)}"
         self.writer = CheckpointWriter(objects, retry) if objects is not None else None
         self.metrics = FarmMetrics()
+        self.batcher = ShardBatcher(self._run_batch)
 
     async def run_shard(self, box: ObjectBox, plan: ShardPlan, checkpoint: str | None,
-                        faults: list[dict] | None = None) -> ShardOutcome:
+                        faults: list[dict] | None = None, batch: BatchTicket | None = None) -> ShardOutcome:
         """Steps ``[plan.start, plan.end)`` of the boxed state; ``faults`` are chaos faults for this job.
+
+        With a ``batch`` ticket (the policy gave this replica several shards at once) the call waits for
+        the batch's other calls and runs with them, one forward pass per step for all
+        (:class:`~farm.serve.batching.ShardBatcher`); its ``seconds`` are its share of the batch's time.
+        A job with chaos faults runs alone (its fault would hit the whole batch).
 
         Raises NonFiniteLatents when the shard left NaN/Inf latents (the denoise loop checks),
         StateLost when the input state's holder is gone.
         """
         state = await asyncio.to_thread(_get, box)
-        started = time.perf_counter()
-        new_state = await asyncio.to_thread(self._run, state, plan, faults)
-        seconds = time.perf_counter() - started
+        tags = {"pool": self.pool}
+        if batch is not None and batch.size > 1 and not faults:
+            shared = await self.batcher.join(batch, (state, plan.start, plan.end))
+            new_state, size, seconds = shared.value, shared.size, shared.seconds / shared.size
+        else:
+            started = time.perf_counter()
+            new_state = await asyncio.to_thread(self._run, state, plan, faults)
+            size, seconds = 1, time.perf_counter() - started
+            self.metrics.shard_latency.observe(seconds, tags=tags)
+        self.metrics.batch_size.observe(size, tags=tags)
         if checkpoint is not None and self.writer is not None:
             self.writer.start(checkpoint, new_state)
         else:
             checkpoint = None
-        tags = {"pool": self.pool}
-        self.metrics.shard_latency.observe(seconds, tags=tags)
         self.metrics.step_latency.observe(seconds / (plan.end - plan.start), tags=tags)
         return ShardOutcome(_put(new_state), _replica_id(), seconds, checkpoint, self.stage.device)
+
+    def _run_batch(self, shards: list) -> list:
+        """A gathered batch on this replica's experts (in the batcher's worker thread)."""
+        started = time.perf_counter()
+        out = self.stage.run_batch(shards)
+        self.metrics.shard_latency.observe(time.perf_counter() - started, tags={"pool": self.pool})
+        return out
 
     def _run(self, state, plan: ShardPlan, faults: list[dict] | None):
         import torch
@@ -390,9 +409,10 @@ class ServeStages:
     async def start(self, replica, job_id, model_id, params, resume_from):
         return await self._call(replica, self.handles[replica].start.remote(job_id, model_id, params, resume_from))
 
-    async def run_shard(self, replica, job_id, model_id, state, plan, *, checkpoint, prompt=""):
+    async def run_shard(self, replica, job_id, model_id, state, plan, *, checkpoint, prompt="", batch=None):
         faults = [f.model_dump() for f in matching(self.faults, prompt)]
-        return await self._call(replica, self.handles[replica].run_shard.remote(state, plan, checkpoint, faults))
+        return await self._call(replica, self.handles[replica].run_shard.remote(state, plan, checkpoint, faults,
+                                                                                 batch))
 
     async def checkpointed(self, replica, key):
         return await self._call(replica, self.handles[replica].checkpointed.remote(key))
@@ -415,6 +435,7 @@ class DispatcherDeployment:
 
     def __init__(self, settings: dict, replicas: dict[str, list[tuple[str, object]]], finisher) -> None:
         bind_replica_grpc_to_node_address()
+        from farm.builders import pool_batch_limits
         from farm.config import FarmSettings
         from farm.db import Database
         from farm.jobs.dispatcher import Dispatcher
@@ -438,7 +459,8 @@ class DispatcherDeployment:
             max_in_flight=render.max_jobs_in_flight, shard_steps=render.shard_steps,
             worker="dispatcher", metrics=FarmMetrics(),
             policy=RetryPolicy.from_settings(render, _count_storage_errors("dispatcher")),
-            scheduling=SchedulerConfig(tenant_weights=dict(render.tenant_weights), bulk_aging_s=render.bulk_aging_s),
+            scheduling=SchedulerConfig(tenant_weights=dict(render.tenant_weights), bulk_aging_s=render.bulk_aging_s,
+                                       pool_max_batch=pool_batch_limits(self.settings)),
             leader_lease_s=render.leader_lease_s, budgets=self.settings.budgets.rule(),
             leader_work=self._leader_work,
         )

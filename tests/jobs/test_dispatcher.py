@@ -110,7 +110,7 @@ class LocalStages:
                 await asyncio.to_thread(write_conditioning, self.objects, self.storage, job_id, cond)
         return Prepared(state, layout_of(state), state.step_index, replica)
 
-    async def run_shard(self, replica, job_id, model_id, state, plan, *, checkpoint, prompt=""):
+    async def run_shard(self, replica, job_id, model_id, state, plan, *, checkpoint, prompt="", batch=None):
         call = self.shard_calls
         self.shard_calls += 1
         self.calls[prompt] += 1
@@ -303,7 +303,7 @@ def test_failing_model_fails_its_job_after_its_retries_and_others_complete(store
 
 def test_a_render_error_that_clears_on_retry_does_not_fail_the_job(store, tiny_spec, stages):
     class FlakyOnce(LocalStages):
-        async def run_shard(self, replica, job_id, model_id, state, plan, *, checkpoint, prompt=""):
+        async def run_shard(self, replica, job_id, model_id, state, plan, *, checkpoint, prompt="", batch=None):
             if self.shard_calls == 2:
                 self.shard_calls += 1
                 raise torch.OutOfMemoryError("CUDA out of memory (once)")
