@@ -282,7 +282,8 @@ class DenoiserStage:
 
 
 class DecoderStage:
-    """Latents → uint8 RGB frames ``(F, H, W, 3)`` with the Wan VAE, run in float32 on ``device``."""
+    """Latents → uint8 RGB frames ``(F, H, W, 3)`` with the Wan VAE, run in float32 on ``device`` (on CPU
+    with the faster kernels of farm.render.cpu_kernels unless the model asks for ``vae_kernels: stock``)."""
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         from diffusers import AutoencoderKLWan
@@ -293,6 +294,10 @@ class DecoderStage:
         self.dtype = torch.float32  # the Wan VAE's precision, whatever spec.dtype says
         self.vae = AutoencoderKLWan.from_pretrained(spec.path, subfolder="vae", torch_dtype=self.dtype)
         self.vae = self.vae.to(self.device).eval()
+        if self.device == "cpu" and spec.vae_kernels == "fast":
+            from farm.render.cpu_kernels import use_fast_cpu_kernels
+
+            use_fast_cpu_kernels(self.vae)
         self.processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
 
     @torch.no_grad()

@@ -127,6 +127,12 @@ class ModelSpec(BaseModel):
         description="torch.compile the transformer blocks (regional compilation) when a denoiser replica starts, "
         "and warm them with one forward at the model's first size and duration, so no request pays the compile.",
     )
+    vae_kernels: Literal["fast", "stock"] = Field(
+        default="fast",
+        description="The VAE decoder's kernels on CPU: 'fast' runs its convolutions through oneDNN and its RMS norm "
+        "as sqrt(sum(x*x)) (farm/render/cpu_kernels.py; the same arithmetic, pixels differ by rounding); 'stock' "
+        "keeps diffusers' modules as they are. On CUDA the VAE is always stock.",
+    )
 
     @field_validator("sizes")
     @classmethod
