@@ -51,6 +51,15 @@ def test_create_json_queues_a_job_in_the_store(client, jobs):
     assert job.priority == PRIORITY_BULK and job.prompt == "a red fox"
 
 
+def test_a_cache_setting_rides_with_the_job(client, jobs):
+    response = client.post("/v1/videos", json={"prompt": "a red fox", "seconds": 1, "seed": 1,
+                                               "cache": {"kind": "first_block", "threshold": 0.2}})
+    assert response.status_code == 200, response.text
+    assert jobs.get(response.json()["id"]).params["cache"] == {"kind": "first_block", "threshold": 0.2}
+    response = client.post("/v1/videos", json={"prompt": "a red fox", "seconds": 1, "seed": 1, "cache": "off"})
+    assert jobs.get(response.json()["id"]).params["cache"] == {"kind": "off", "threshold": 0.05}
+
+
 def test_create_multipart_as_the_sdk_sends_it_with_defaults(client, jobs):
     response = client.post("/v1/videos", data={"prompt": "夜の東京、雨", "seconds": "1", "size": "96x160"})
     assert response.status_code == 200, response.text
@@ -81,6 +90,10 @@ def test_create_multipart_as_the_sdk_sends_it_with_defaults(client, jobs):
     ({"input_reference": {"image_url": "https://example.invalid/a.png"}}, "input_reference",
      "renders from text only"),
     ({"input_reference": {}}, "input_reference", "exactly one of file_id or image_url"),
+    ({"cache": "on"}, "cache", 'allowed: "off", or an object'),
+    ({"cache": {"kind": "tea"}}, "cache", "kind 'tea' is not known"),
+    ({"cache": {"kind": "first_block", "threshold": 2}}, "cache", "out of range"),
+    ({"cache": {"kind": "first_block", "every": 2}}, "cache", "unknown field(s) 'every'"),
 ])
 def test_bad_create_is_a_400_naming_the_field_and_creates_nothing(client, jobs, fields, param, fragment):
     # json.dumps escapes lone surrogates, which a client's own JSON encoder would refuse to send.
