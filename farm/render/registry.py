@@ -57,7 +57,8 @@ class CacheSetting(BaseModel):
 def parse_cache(value: object) -> CacheSetting:
     """A request's ``cache``: ``"off"``, or ``{"kind": ..., "threshold": ...}``; ValueError naming the field
     and what is allowed (no torch: the gateway calls it)."""
-    allowed = ('allowed: "off", or an object {"kind": one of ' + ", ".join(CACHE_KINDS)
+    allowed = ('allowed: ' + ", ".join(f'"{k}"' for k in CACHE_KINDS) + ', or an object {"kind": one of '
+               + ", ".join(CACHE_KINDS)
                + ', "threshold": a number in (0, 1]}')
     if value == "off":
         return CacheSetting(kind="off")
@@ -124,8 +125,9 @@ class ModelSpec(BaseModel):
     )
     compile: bool = Field(
         default=False,
-        description="torch.compile the transformer blocks (regional compilation) when a denoiser replica starts, "
-        "and warm them with one forward at the model's first size and duration, so no request pays the compile.",
+        description="torch.compile the transformer blocks (regional compilation, dynamic shapes) when a denoiser "
+        "replica starts, and warm them with one forward at the model's first size and duration; the one compile "
+        "serves every size, so no request pays it.",
     )
     vae_kernels: Literal["fast", "stock"] = Field(
         default="fast",
