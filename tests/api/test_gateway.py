@@ -90,7 +90,7 @@ def test_create_multipart_as_the_sdk_sends_it_with_defaults(client, jobs):
     ({"input_reference": {"image_url": "https://example.invalid/a.png"}}, "input_reference",
      "renders from text only"),
     ({"input_reference": {}}, "input_reference", "exactly one of file_id or image_url"),
-    ({"cache": "on"}, "cache", 'allowed: "off", or an object'),
+    ({"cache": "on"}, "cache", 'allowed: "off", "first_block", or an object'),
     ({"cache": {"kind": "tea"}}, "cache", "kind 'tea' is not known"),
     ({"cache": {"kind": "first_block", "threshold": 2}}, "cache", "out of range"),
     ({"cache": {"kind": "first_block", "every": 2}}, "cache", "unknown field(s) 'every'"),
