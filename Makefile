@@ -39,9 +39,15 @@ test: $(BIN)/.installed
 test-gpu: $(BIN)/.installed
 	$(BIN)/python -m pytest -m gpu tests/render
 
+# Issue 9's rows, each measured side by side in its own run (about 20 minutes on 2 cores): the sharded core
+# vs diffusers, per-optimisation rows in-process, one job and the ideal, the farm vs a naive Ray Serve
+# app at 16 clips at once, batching on vs off through the farm at 8.
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_shards.py
+	$(BIN)/python bench/bench_throughput.py
 	$(BIN)/python bench/bench_farm.py
+	$(BIN)/python bench/bench_baseline.py --clips 16 --repeats 3
+	$(BIN)/python bench/bench_batching.py --clips 8
 
 clean:
 	-$(BIN)/farm down

@@ -176,6 +176,24 @@ class Farm:
                 sums[match.group(1)] += float(match.group(2))
         return sums
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU-seconds (user + system) so far of every process this farm started, grouped by what it is
+        (a replica's deployment, Ray's daemons, SeaweedFS, Redis): each inherits ``FARM_HOME`` from
+        `farm up`. Take it before and after a run: the difference is where the run's CPU went."""
+        import psutil
+
+        groups: dict[str, float] = {}
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if proc.pid == os.getpid() or proc.environ().get("FARM_HOME") != str(self.home):
+                    continue
+                times = proc.cpu_times()
+                groups[_group(proc.info["cmdline"] or [])] = groups.get(_group(proc.info["cmdline"] or []), 0.0) \
+                    + times.user + times.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return groups
+
     # Jobs through the OpenAI SDK, as any client would send them ----------------------------------
     def create(self, *, model: str, prompt: str, size: str, seconds: int, steps: int, seed: int,
                priority: str | None = None):
@@ -195,6 +213,23 @@ class Farm:
         if video.status != "completed":
             raise BenchError(f"farm job {video.id} ended {video.status}: {video.error}")
         return video
+
+
+def _group(cmdline: list[str]) -> str:
+    """A process's kind for :meth:`Farm.cpu_seconds`: "Decoder" for ``ray::ServeReplica:videofarm:Decoder:1``,
+    the executable's name otherwise (raylet, gcs_server, weed, redis-server, python for Ray's agents)."""
+    title = " ".join(cmdline)
+    if title.startswith("ray::"):
+        head = title.split()[0].removeprefix("ray::")
+        if head.startswith("ServeReplica:"):
+            parts = head.split(":")  # ServeReplica:<app>:<deployment>[:<pool>...]:<method>
+            return ":".join(p for p in parts[2:] if not p.isdigit() and "." not in p) or head
+        return head.split(".")[0]
+    name = Path(cmdline[0]).name if cmdline else "?"
+    if name.startswith("python"):
+        module = next((a for a in cmdline[1:] if a.endswith(".py") or "." in a and not a.startswith("-")), "")
+        return f"python {Path(module).name}" if module else name
+    return name
 
 
 def run_main(main) -> None:

@@ -29,8 +29,9 @@ from _farmkit import APP_SETTINGS_NOTE, BenchError, Farm, log, pct, process_env,
 PROMPT = "雨上がりの渋谷、水たまりに映るネオン"
 
 
-def one_round(home: Path, max_batch: int, args, seeds: list[int]) -> tuple[float, list[float], dict]:
-    """(wall seconds, latencies, batch sizes seen) of ``seeds`` through a farm whose pools batch up to ``max_batch``."""
+def one_round(home: Path, max_batch: int, args, seeds: list[int]) -> tuple:
+    """(wall seconds, latencies, shards per batch size, CPU-seconds per process group) of ``seeds`` through a
+    farm whose pools batch up to ``max_batch``."""
     pools = [dict(p, max_batch=max_batch) for p in _pools()]
     overrides = {"serve": {"rate_limit": "1000000/minute", "max_queued": 10_000, "max_queued_per_account": 10_000,
                            "pools": pools}}
@@ -44,12 +45,14 @@ def one_round(home: Path, max_batch: int, args, seeds: list[int]) -> tuple[float
 
         with cf.ThreadPoolExecutor(2) as pool:  # warm-up: one clip per replica
             list(pool.map(one, [1, 2]))
+        cpu_before, sizes_before = farm.cpu_seconds(), _batch_sizes(farm)
         started = time.perf_counter()
         with cf.ThreadPoolExecutor(len(seeds)) as pool:
             latencies = list(pool.map(one, seeds))
         wall = time.perf_counter() - started
-        sizes = _batch_sizes(farm)
-    return wall, latencies, sizes
+        cpu = {k: v - cpu_before.get(k, 0.0) for k, v in farm.cpu_seconds().items()}
+        sizes = _batch_sizes(farm, sizes_before)
+    return wall, latencies, sizes, cpu
 
 
 def _pools() -> list[dict]:
@@ -61,15 +64,34 @@ def _pools() -> list[dict]:
     return config["applications"][0]["args"]["settings"]["serve"]["pools"]
 
 
-def _batch_sizes(farm: Farm) -> dict:
-    """Sum and count of ``videofarm_batch_size`` over every pool, from the metrics endpoint (Ray exports
-    replica metrics every few seconds: wait until they count the round's batches, at most 30 s)."""
-    deadline = time.monotonic() + 30
+def _batch_sizes(farm: Farm, before: dict[int, float] | None = None, wait_s: float = 30) -> dict[int, float]:
+    """Shards run per batch size (the ``videofarm_batch_size`` histogram's buckets, every pool), minus
+    ``before``; Ray exports replica metrics every few seconds, so it waits for new counts (at most ``wait_s``)."""
+    import re
+    import urllib.request
+
+    deadline = time.monotonic() + (wait_s if before is not None else 0)
     while True:
-        sums = farm.metric_sums("ray_videofarm_batch_size_sum", "ray_videofarm_batch_size_count")
-        if sums.get("ray_videofarm_batch_size_count") or time.monotonic() > deadline:
-            return sums
+        cumulative: dict[float, float] = {}
+        with urllib.request.urlopen(farm.runtime().metrics_url, timeout=10) as reply:
+            for line in reply.read().decode().splitlines():
+                match = re.match(r'^ray_videofarm_batch_size_bucket\{.*le="([^"]+)".*\}\s+(\S+)', line)
+                if match and match.group(1) != "+Inf":
+                    le = float(match.group(1))
+                    cumulative[le] = cumulative.get(le, 0.0) + float(match.group(2))
+        counts, below = {}, 0.0
+        for le in sorted(cumulative):  # boundaries are whole sizes: bucket le=N holds the batches of N
+            counts[int(le)], below = cumulative[le] - below, cumulative[le]
+        if before is None:
+            return counts
+        counts = {size: n - before.get(size, 0.0) for size, n in counts.items()}
+        if sum(counts.values()) > 0 or time.monotonic() > deadline:
+            return counts
         time.sleep(2)
+
+
+def _shown(shards: dict[int, float]) -> str:
+    return "{" + ", ".join(f"{size}: {n:.0f}" for size, n in sorted(shards.items()) if n) + "}"
 
 
 def main() -> None:
@@ -85,7 +107,7 @@ def main() -> None:
     if args.clips < 1 or args.max_batch < 2 or args.repeats < 1:
         raise BenchError("--clips and --repeats must be at least 1, --max-batch at least 2")
     os.environ.update(process_env(args.threads))
-    runs: dict[int, list[tuple[float, list[float], dict]]] = {1: [], args.max_batch: []}
+    runs: dict[int, list[tuple]] = {1: [], args.max_batch: []}
     with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp:
         home = Path(tmp) / "farm"
         order = []
@@ -100,14 +122,20 @@ def main() -> None:
           f"{args.repeats} alternating round(s) per setting; {os.cpu_count()} cores; {APP_SETTINGS_NOTE}")
     rate = {}
     for max_batch, rounds in runs.items():
-        rate[max_batch] = statistics.median(60 * args.clips / wall for wall, _, _ in rounds)
-        latencies = [x for _, lat, _ in rounds for x in lat]
-        sums = [s for _, _, s in rounds if s.get("ray_videofarm_batch_size_count")]
-        mean = (statistics.fmean(s["ray_videofarm_batch_size_sum"] / s["ray_videofarm_batch_size_count"] for s in sums)
-                if sums else float("nan"))
+        rate[max_batch] = statistics.median(60 * args.clips / wall for wall, _, _, _ in rounds)
+        latencies = [x for _, lat, _, _ in rounds for x in lat]
+        shards = {size: sum(r[2].get(size, 0.0) for r in rounds) for size in rounds[0][2]}
+        total = sum(shards.values())
+        mean = sum(size * n for size, n in shards.items()) / total if total else float("nan")
         print(f"max_batch {max_batch}: {rate[max_batch]:.2f} clips/min (walls "
-              f"{', '.join(f'{w:.1f}' for w, _, _ in rounds)} s); latency p50 {pct(latencies, 0.5):.1f} s, "
-              f"p95 {pct(latencies, 0.95):.1f} s; mean batch size per shard {mean:.2f}")
+              f"{', '.join(f'{r[0]:.1f}' for r in rounds)} s); latency p50 {pct(latencies, 0.5):.1f} s, "
+              f"p95 {pct(latencies, 0.95):.1f} s; shards per batch size {_shown(shards)}, mean {mean:.2f}")
+        cpu: dict[str, float] = {}
+        for r in rounds:
+            for group, seconds in r[3].items():
+                cpu[group] = cpu.get(group, 0.0) + seconds / (args.clips * len(rounds))
+        top = sorted(cpu.items(), key=lambda kv: -kv[1])
+        print(f"  farm CPU-s per clip {sum(cpu.values()):.2f}: " + ", ".join(f"{g} {s:.2f}" for g, s in top[:12]))
     print(f"batching on/off: {rate[args.max_batch] / rate[1]:.3f}x clips/min")
 
 

@@ -3,8 +3,9 @@
   1. One job end to end: through `farm up` (HTTP create → poll until completed) vs the
      skeleton's core in-process (encode → shards → decode → finish → upload, weights
      already loaded). Ratio and absolute overhead.
-  2. 16 jobs submitted at once: farm throughput vs a sequential in-process loop, and
-     p50/p95 latency of the create requests.
+  2. 16 jobs submitted at once: farm throughput vs a sequential in-process loop, the farm against
+     the ideal (cores / CPU-seconds per clip of that loop: every core busy with nothing but the
+     clips' own work), and p50/p95 latency of the create requests.
 
 Job: tiny Wan, 256x256, 33 frames (4 s at 8 fps), 8 steps, shards of 2 steps.
 Usage: python bench/bench_farm.py [--repeats 3 --jobs 16]
@@ -150,10 +151,11 @@ def main() -> None:
                 results = list(pool.map(lambda s: _farm_job(client, s), range(1000, 1000 + args.jobs)))
             farm_wall = time.perf_counter() - started
             creates = [r[0] for r in results]
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             for seed in range(2000, 2000 + args.jobs):
                 local.run(seed)
             local_wall = time.perf_counter() - started
+            cpu_per_clip = (time.process_time() - cpu_started) / args.jobs
         finally:
             _farm("down", env=env)
 
@@ -164,6 +166,10 @@ def main() -> None:
     print(f"{args.jobs} jobs at once: farm {farm_wall:.1f} s ({args.jobs / farm_wall:.3f} jobs/s), "
           f"sequential in-process {local_wall:.1f} s ({args.jobs / local_wall:.3f} jobs/s), "
           f"throughput ratio {local_wall / farm_wall:.3f}x")
+    cores = os.cpu_count() or 1
+    ideal, farm_rate = 60 * cores / cpu_per_clip, 60 * args.jobs / farm_wall
+    print(f"farm vs ideal: {farm_rate:.2f} clips/min against {ideal:.2f} (= {cores} cores / {cpu_per_clip:.2f} "
+          f"CPU-s per clip in-process), ratio {farm_rate / ideal:.3f}")
     print(f"create latency over {args.jobs} concurrent creates: p50 {_pct(creates, 0.5) * 1000:.0f} ms, "
           f"p95 {_pct(creates, 0.95) * 1000:.0f} ms")
 

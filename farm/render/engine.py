@@ -46,10 +46,26 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def configure_torch() -> None:
-    """Apply the per-process thread count: on a shared 2-core box one thread per replica is far faster."""
-    threads = env.torch_threads()
+    """Set this process's torch threads: ``FARM_TORCH_THREADS`` when set (one per replica is far faster
+    on a shared 2-core box), else the CPUs Ray reserved for this replica (``num_cpus``, at least one),
+    so a replica given 8 CPUs on a cluster node computes on 8 threads and one given 0.1 on one. Outside
+    Ray (the in-process CLI paths) torch's own default stays."""
+    threads = env.torch_threads() or _ray_cpus()
     if threads:
         torch.set_num_threads(threads)
+
+
+def _ray_cpus() -> int | None:
+    """Whole CPUs Ray assigned to the current actor (at least 1), or None outside a Ray worker."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # noqa: BLE001 - no Ray, or not in a worker: keep torch's default
+        return None
+    return None if assigned is None else max(1, int(assigned))
 
 
 def pick_device(device: str | None = None) -> str:
