@@ -31,6 +31,8 @@ SETTINGS = {
     # per-key rate above what its one key sends. Two gateway replicas: every test's requests go
     # through either, their rate limits shared in the Redis `farm up` starts (test_queue_events.py).
     "serve": {"max_queued_per_account": 6, "rate_limit": "3000/minute", "gateway_replicas": 2},
+    # test_trust_farm.py waits for the reaper to remove an expired clip: it looks every second.
+    "expiry": {"reaper_poll_s": 1.0},
 }
 # Serve config fields beyond the app's args: test_farm_up checks they reach the running farm.
 DEPLOYMENT_EXTRAS = {
