@@ -44,7 +44,7 @@ test-gpu: $(BIN)/.installed
 # app at 16 clips at once, batching on vs off through the farm at 8.
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_shards.py
-	$(BIN)/python bench/bench_throughput.py
+	$(BIN)/python bench/bench_throughput.py --compile
 	$(BIN)/python bench/bench_farm.py
 	$(BIN)/python bench/bench_baseline.py --clips 16 --repeats 3
 	$(BIN)/python bench/bench_batching.py --clips 8

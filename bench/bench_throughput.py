@@ -12,8 +12,8 @@ Rows, each a ratio of two variants timed alternately (``--repeats`` times, media
                 frames against stock. And two clips decoded as one batch vs one after another.
   cache         FirstBlockCache at two thresholds vs none, over the farm's shards and over one shard of the
                 whole job; the speed-up and the PSNR of the decoded frames against no cache.
-  compile       torch.compile of the transformer blocks vs eager (``--compile``; off by default: on two
-                cores inductor's first compile takes minutes); max |Δlatents|.
+  compile       torch.compile of the transformer blocks vs eager (``--compile``, as ``make bench`` runs it;
+                off by default: the compile at replica start takes 15-35 s here); max |Δlatents|.
 
 The farm-level rows (the farm against a naive Ray Serve app, batching on and off through the farm,
 one job end to end) are bench_baseline.py and bench_farm.py.
