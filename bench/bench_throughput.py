@@ -83,7 +83,7 @@ def main() -> None:
 
     from farm.config import load_settings
     from farm.jobs.publish import finish_frames
-    from farm.render.denoise import denoise, denoise_batch, plan_shards, run_shards
+    from farm.render.denoise import denoise, denoise_batch, plan_shards
     from farm.render.engine import DecoderStage, DenoiserStage, TextEncoderStage, initial_state
     from farm.render.registry import CacheSetting, validate_request
     from farm.render.tiny import build_tiny_wan, tiny_spec
@@ -105,9 +105,13 @@ def main() -> None:
             p = params(n)
             return initial_state(spec, p, encoder.encode(p.prompt))
 
-        def render(state):
-            with torch.inference_mode():
-                return run_shards(denoiser.experts, state, plan_shards(state, shard_steps))
+        def render(state, stage=None, per_shard=shard_steps):
+            """The job's steps shard by shard through a DenoiserStage, as a replica runs them (its cache
+            setting applied per shard, under inference_mode)."""
+            stage = stage or denoiser
+            for plan in plan_shards(state, per_shard):
+                state = stage.run(state, plan.start, plan.end)
+            return state
 
         print(f"job: tiny wan {SIZE}, {spec.num_frames(SECONDS)} frames, {STEPS} steps, shards of {shard_steps}; "
               f"{args.repeats} alternating repeats; {os.cpu_count()} cores, {args.threads} torch thread(s)")
@@ -162,8 +166,7 @@ def main() -> None:
             def cached(threshold, per_shard=per_shard):
                 state = state0 if threshold is None else replace(
                     state0, cache=CacheSetting(kind="first_block", threshold=threshold))
-                with torch.inference_mode():
-                    return run_shards(denoiser.experts, state, plan_shards(state, per_shard))
+                return render(state, per_shard=per_shard)
 
             cache_runs = side_by_side({t: (lambda t=t: cached(t)) for t in (None, *args.thresholds)}, args.repeats)
             off_s, off_state = cache_runs[None]
@@ -180,11 +183,7 @@ def main() -> None:
             compiled = DenoiserStage(spec.model_copy(update={"compile": True}), device="cpu")
             warm = time.perf_counter() - started
 
-            def render_with(stage):
-                with torch.inference_mode():
-                    return run_shards(stage.experts, state0, plan_shards(state0, shard_steps))
-
-            runs = side_by_side({"eager": lambda: render_with(denoiser), "compiled": lambda: render_with(compiled)},
+            runs = side_by_side({"eager": lambda: render(state0), "compiled": lambda: render(state0, compiled)},
                                 args.repeats)
             diff = float((runs["eager"][1].latents - runs["compiled"][1].latents).abs().max())
             print(f"compile: eager {runs['eager'][0]:.2f} s, compiled {runs['compiled'][0]:.2f} s, speed-up "
