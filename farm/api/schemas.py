@@ -347,10 +347,17 @@ def create_body_schemas(models: Sequence[ModelSpec], max_prompt_chars: int,
     """OpenAPI components for the create body (JSON and multipart), with this farm's allowed values
     (an alias's tier offers a subset of its model's, plus OpenAI's values when it maps them)."""
     body = CreateVideoRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    body.pop("$defs", None)
+    defs = body.pop("$defs", {})
     props = body["properties"]
-    # No served model takes a reference image yet: the field is refused with a clear 400, not advertised.
-    del props["input_reference"]
+    null = {"type": "null"}  # JSON may send null for "the default"
+    takes_image = any(m.takes_image for m in models)
+    if takes_image:  # inlined: the components hold no ImageReference of their own
+        props["input_reference"] = {"anyOf": [defs["ImageReference"], null],
+                                    "description": "An image that guides generation, for a model that renders from one "
+                                    "(GET /v1/models: input_types): JSON {file_id} or {image_url}; multipart a file "
+                                    "part, or input_reference[file_id] / input_reference[image_url] fields."}
+    else:  # refused with a clear 400 when sent, not advertised
+        del props["input_reference"]
     mapping = any(a.mapping == "map" for a in aliases)
     sizes = sorted({s for m in models for s in m.sizes} | (set(OPENAI_SIZES) if mapping else set()))
     seconds = sorted({s for m in models for s in m.seconds} | (set(OPENAI_SECONDS) if mapping else set()))
@@ -358,7 +365,6 @@ def create_body_schemas(models: Sequence[ModelSpec], max_prompt_chars: int,
     for option in props["steps"]["anyOf"]:
         if option.get("type") == "integer":
             option["maximum"] = max(m.max_steps for m in models)
-    null = {"type": "null"}  # JSON may send null for "the default"
     props["model"] = {"anyOf": [{"type": "string", "enum": [m.id for m in models] + [a.id for a in aliases]}, null],
                       "description": props["model"]["description"]}
     props["size"] = {"anyOf": [{"type": "string", "enum": sizes}, null], "description": props["size"]["description"]}
@@ -374,4 +380,7 @@ def create_body_schemas(models: Sequence[ModelSpec], max_prompt_chars: int,
         if options:
             rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
             form["properties"][name] = rest | (options[0] if len(options) == 1 else {"anyOf": options})
+    if takes_image:  # what the SDK sends: the image as a file part
+        form["properties"]["input_reference"] = {"type": "string", "format": "binary",
+                                                 "description": props["input_reference"]["description"]}
     return {"CreateVideoRequest": body, "CreateVideoForm": form}

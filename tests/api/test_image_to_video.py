@@ -113,3 +113,16 @@ def test_a_remix_of_an_image_to_video_clip_is_refused_until_remix_carries_images
     err = error_of(i2v_client.post(f"/v1/videos/{video_id}/remix", json={"prompt": "at night"}), 400)
     assert (err["param"], err["code"]) == ("model", "unsupported_parameter")
     assert len(jobs.list(limit=10)[0]) == 1 and len(list(objects.list_keys())) == 1
+
+
+def test_the_create_schema_advertises_input_reference_when_a_model_takes_images(i2v_client, client):
+    def create_schemas(c):
+        schemas = c.get("/openapi.json").json()["components"]["schemas"]
+        return schemas["CreateVideoRequest"]["properties"], schemas["CreateVideoForm"]["properties"]
+
+    body, form = create_schemas(i2v_client)
+    shapes = body["input_reference"]["anyOf"][0]
+    assert set(shapes["properties"]) == {"file_id", "image_url"} and "$ref" not in str(body["input_reference"])
+    assert form["input_reference"]["format"] == "binary"
+    body, form = create_schemas(client)  # text-only models: not advertised (and refused if sent)
+    assert "input_reference" not in body and "input_reference" not in form
