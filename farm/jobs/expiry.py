@@ -47,8 +47,13 @@ class LifetimeRule:
 
 
 def expired(job: Job, now: dt.datetime) -> bool:
-    """Whether the clip's assets are past their lifetime (content is refused from then on)."""
-    return job.expired_at is not None or (job.expires_at is not None and job.expires_at <= now)
+    """Whether the clip's assets are past their lifetime (content is refused from then on).
+
+    The lifetime ends at the whole second the API shows as ``expires_at`` (unix seconds, the
+    stored time's fraction dropped), not up to a second later at the stored microsecond: a client
+    that waits until the advertised moment must find the content gone. The reaper, which reads
+    the stored time, may remove the objects up to a second after that."""
+    return job.expired_at is not None or (job.expires_at is not None and job.expires_at.replace(microsecond=0) <= now)
 
 
 class Lifetimes:

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from farm.accounts import keys
 from farm.accounts.store import AccountStore
+from farm.db import unix
 from farm.jobs.expiry import LifetimeRule, Lifetimes, expired
 from farm.jobs.job import Job
 from farm.jobs.reaper import ClipReaper
@@ -165,6 +166,19 @@ def test_the_lifetime_restarts_when_the_clip_completes(store, clock):
     done = store.get(job.id)
     assert done.expires_at == done.completed_at + dt.timedelta(hours=1)
     assert not expired(done, clock()) and expired(done, clock() + dt.timedelta(seconds=3600))
+
+
+def test_content_expires_from_the_second_the_api_advertises():
+    """The wire's expires_at is whole unix seconds (the fraction dropped); content is refused from
+    that second on, not up to a second later at the stored microsecond (found on the farm: a client
+    that waited until the advertised expires_at could still download the clip)."""
+    at = dt.datetime(2026, 12, 3, 12, 0, 0, 700_000, tzinfo=dt.UTC)
+    job = Job(id="video_x", model="wan-tiny", prompt="a cat", size="128x128", seconds=1, params={}, priority=0,
+              created_at=at - dt.timedelta(hours=1), updated_at=at, status="completed", completed_at=at,
+              expires_at=at)
+    advertised = dt.datetime.fromtimestamp(unix(at), dt.UTC)
+    assert not expired(job, advertised - dt.timedelta(microseconds=1))
+    assert expired(job, advertised) and expired(job, at - dt.timedelta(seconds=0.4)) and expired(job, at)
 
 
 # -- the reaper ------------------------------------------------------------------------------
