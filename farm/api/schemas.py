@@ -149,7 +149,15 @@ class CreateVideoRequest(BaseModel):
     priority: Priority = Field(
         default="interactive", description="Farm extension: 'bulk' jobs yield to 'interactive' ones.",
     )
-    scheduler: Scheduler = Field(default="unipc", description="Farm extension: the denoising solver.")
+    scheduler: Scheduler | None = Field(
+        default=None, description="Farm extension: the denoising solver; omitted, the model's default "
+        "('unipc' for Wan, 'flow-euler' for LTX-2, which runs only that).",
+    )
+    audio: bool | None = Field(
+        default=None, description="Farm extension: whether the clip carries an audio track. Omitted, a model "
+        "that makes audio (GET /v1/models `audio`) adds one and other models do not; true on a model without "
+        "audio is a 400.",
+    )
     characters: _Characters = Field(default=None, description=_CHARACTERS_DOC)
     cache: _CacheField = Field(default=None)
 

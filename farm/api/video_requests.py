@@ -153,7 +153,7 @@ def check_render(spec: ModelSpec, prompt: str, size: str, seconds: int, extra: d
     seed = seed if seed is not None else secrets.randbelow(2**63)
     try:
         params = validate_request(spec, prompt=prompt, size=size, seconds=seconds, steps=extra.get("steps"),
-                                  seed=seed, scheduler=extra.get("scheduler") or "unipc")
+                                  seed=seed, scheduler=extra.get("scheduler"), audio=extra.get("audio"))
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=param_of(str(exc))) from None
     if extra.get("cache") is not None:  # the model's default otherwise, resolved where the model runs
@@ -161,7 +161,8 @@ def check_render(spec: ModelSpec, prompt: str, size: str, seconds: int, extra: d
             params = params.model_copy(update={"cache": parse_cache(extra["cache"])})
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="cache") from None
-    return params, {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler}
+    return params, {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler,
+            "audio": params.audio}
 
 
 def check_create_body(data: Any, models: list[ModelSpec], *, max_prompt_chars: int,
@@ -181,7 +182,7 @@ def check_create_body(data: Any, models: list[ModelSpec], *, max_prompt_chars: i
                              "create its videos with POST /v1/videos", param="model", code="unsupported_parameter")
     check_reference(target.limits, None, body.input_reference, upload_limits)
     placement = place_request(target, body.size, body.seconds)
-    extra = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler} | cache_param(body.cache)
+    extra = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler} | cache_param(body.cache) | {"audio": body.audio}
     params, stored = check_render(target.limits, body.prompt, placement.size, placement.seconds, extra,
                                   max_prompt_chars)
     if moderator is not None:

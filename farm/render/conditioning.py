@@ -9,6 +9,9 @@ dataclass whose fields are tensors (or None), so moving and serializing it is ge
   (4 mask channels + 16 channels of VAE latents of the reference image followed by zero frames)
   that is concatenated to the latents at every step, and the image encoder's embeddings.
 - :class:`VideoConditioning` — Wan video-to-video: the text embeddings and the source clip's latents.
+- :class:`AudioVideoConditioning` — LTX-2: the text connectors' video and audio embeddings, their
+  attention masks, the latent geometry that splits the state's packed latents into video and audio,
+  the frame rate the positions are conditioned on, and the audio guidance scale.
 
 Which family a conditioning belongs to is its class's ``family``; the serialized form names it
 (``"family"``) for every class but the text-to-video one, whose bytes stay exactly what they were
@@ -141,3 +144,29 @@ class VideoConditioning(Conditioning):
     family: ClassVar[str] = "wan-v2v"
 
     source_latents: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class AudioVideoConditioning(Conditioning):
+    """LTX-2 (joint audio + video): what ``LTX2Pipeline`` computes before its loop, per job.
+
+    ``prompt_embeds`` / ``negative_prompt_embeds`` are the text connectors' outputs for the video branch,
+    ``(1, tokens, caption_channels)``, and ``audio_prompt_embeds`` / ``negative_audio_prompt_embeds`` the
+    ones for the audio branch; ``attention_mask`` / ``negative_attention_mask`` their connector masks,
+    ``(1, tokens)``. The connectors' outputs are kept rather than Gemma's stacked hidden states: they are
+    what the loop takes, and much smaller. ``geometry`` is int64 ``[latent_frames, latent_height,
+    latent_width, audio_frames, latent_mel_bins]``: the family packs the video and audio latents into the
+    state's one ``latents`` tensor and splits them with it. ``frame_rate`` (float64, 0-d) is the fps the
+    transformer's positions are conditioned on, ``audio_guidance_scale`` (float64, 0-d) the guidance of the
+    audio latents (the video's is the state's ``guidance_scale``).
+    """
+
+    family: ClassVar[str] = "ltx2"
+
+    audio_prompt_embeds: torch.Tensor
+    negative_audio_prompt_embeds: torch.Tensor | None
+    attention_mask: torch.Tensor
+    negative_attention_mask: torch.Tensor | None
+    geometry: torch.Tensor
+    frame_rate: torch.Tensor
+    audio_guidance_scale: torch.Tensor

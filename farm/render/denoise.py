@@ -235,19 +235,31 @@ def prepare_state(
     guidance_scale_2: float | None = None,
     boundary_ratio: float | None = None,
     device: str | torch.device = "cpu",
+    schedule: dict | None = None,
+    draw: Callable[[torch.Generator, torch.device], torch.Tensor] | None = None,
 ) -> DenoiseState:
     """Set the schedule and draw the initial float32 noise from a CPU generator seeded with ``seed``,
     as ``WanPipeline`` does when given such a generator.
 
     The latents and the schedule are placed on ``device`` (CPU by default: states travel on CPU).
+    A family whose pipeline sets its schedule otherwise passes ``schedule``, the keyword arguments of
+    ``set_timesteps`` instead of ``num_steps`` (LTX-2: its shifted ``sigmas`` and ``mu``); one whose
+    initial latents are more than one normal draw passes ``draw`` (generator, device → latents), which
+    replaces the draw of ``latent_shape`` (LTX-2: the video noise, then the audio noise, packed).
     """
     from diffusers.utils.torch_utils import randn_tensor
 
     scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(num_steps, device=device)
+    if schedule is None:
+        scheduler.set_timesteps(num_steps, device=device)
+    else:
+        scheduler.set_timesteps(device=device, **schedule)
     scheduler.set_begin_index(0)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    latents = randn_tensor(latent_shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+    if draw is None:
+        latents = randn_tensor(latent_shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+    else:
+        latents = draw(generator, torch.device(device))
     boundary = None
     if boundary_ratio is not None:
         boundary = float(boundary_ratio * scheduler.config.num_train_timesteps)

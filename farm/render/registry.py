@@ -29,6 +29,15 @@ DERIVED_FROM_PARAM = "derived_from"
 # How far a derived clip may move from its source when the request names no `strength`: the share of the
 # schedule that runs from the noised source (see check_strength).
 DEFAULT_STRENGTH = {"remix": 0.6, "edit": 0.6, "extend": 0.7}
+# The families whose clips carry a synchronized audio track (LTX-2 denoises audio latents with the video).
+AUDIO_FAMILIES = frozenset({"ltx2"})
+# Per family: the side multiple the VAE and patching need, the frame-count multiple of its VAE's temporal
+# compression (frames = seconds × fps + 1 = k × multiple + 1), and the schedulers its loop runs (the first
+# is a request's default). LTX-2 compresses 32× in space and 8× in time and runs flow-matching Euler only.
+_SIDE_MULTIPLE = {"ltx2": 32}
+_FRAME_MULTIPLE = {"ltx2": 8}
+_SCHEDULERS = {"ltx2": ("flow-euler",)}
+_WAN_SCHEDULERS = ("unipc", "flow-euler")
 
 
 # Cache kinds the denoiser applies through diffusers' own hooks (farm.render.accel); "off" runs every block.
@@ -95,11 +104,12 @@ class ModelSpec(BaseModel):
         description="A local folder saved with save_pretrained, or a hub repo id such as "
         "'Wan-AI/Wan2.1-T2V-1.3B-Diffusers' (needs network access on the workers)."
     )
-    family: Literal["wan", "wan-i2v"] = Field(
+    family: Literal["wan", "wan-i2v", "ltx2"] = Field(
         default="wan",
         description="Model family (farm.render.families), which decides the encoder, the denoising step and the "
         "decoder: 'wan' is Wan 2.1/2.2 text-to-video; 'wan-i2v' is Wan 2.1 image-to-video (a reference image "
-        "conditions the clip; needs max_sequence_length 512).",
+        "conditions the clip; needs max_sequence_length 512); 'ltx2' is LTX-2 text-to-video with synchronized "
+        "audio (sizes multiples of 32, seconds × fps a multiple of 8, flow-matching Euler).",
     )
     experts: Literal[1, 2] = Field(
         default=1, description="1, or 2 for Wan 2.2 A14B-style high-noise/low-noise experts (one pool each)."
@@ -112,6 +122,10 @@ class ModelSpec(BaseModel):
     guidance_scale: float = Field(default=5.0, ge=0.0, description="Classifier-free guidance scale (high-noise expert).")
     guidance_scale_2: float | None = Field(
         default=None, ge=0.0, description="Guidance for the low-noise expert of two-expert models; None reuses guidance_scale."
+    )
+    audio_guidance_scale: float | None = Field(
+        default=None, ge=0.0,
+        description="LTX-2 only: classifier-free guidance scale of the audio latents; None reuses guidance_scale.",
     )
     negative_prompt: str = Field(default="", description="Negative prompt used for classifier-free guidance.")
     max_sequence_length: int = Field(default=512, ge=8, le=1024, description="Text tokens the encoder sees.")
@@ -147,6 +161,23 @@ class ModelSpec(BaseModel):
             if width % 16 or height % 16:
                 raise ValueError(f"size {size!r}: width and height must be multiples of 16")
         return sizes
+
+    @model_validator(mode="after")
+    def _check_family_shapes(self) -> "ModelSpec":
+        # Families whose VAE compresses more than Wan's: LTX-2 needs sides of 32k and 8k + 1 frames.
+        side = _SIDE_MULTIPLE.get(self.family)
+        for size in self.sizes if side else ():
+            width, height = parse_size(size)
+            if width % side or height % side:
+                raise ValueError(f"size {size!r}: family {self.family!r} needs width and height multiples of {side}")
+        frames = _FRAME_MULTIPLE.get(self.family)
+        for seconds in self.seconds if frames else ():
+            if (seconds * self.fps) % frames:
+                raise ValueError(f"seconds={seconds} at fps={self.fps}: family {self.family!r} needs seconds*fps "
+                                 f"to be a multiple of {frames}")
+        if self.audio_guidance_scale is not None and self.family not in AUDIO_FAMILIES:
+            raise ValueError(f"audio_guidance_scale: family {self.family!r} makes no audio; leave it unset")
+        return self
 
     @model_validator(mode="after")
     def _check_frames(self) -> "ModelSpec":
@@ -194,8 +225,13 @@ class ModelSpec(BaseModel):
 
     @property
     def audio(self) -> bool:
-        """Whether clips carry an audio track: no family served today makes one."""
-        return False
+        """Whether clips carry an audio track: LTX-2 (``ltx2``) makes one; the Wan families do not."""
+        return self.family in AUDIO_FAMILIES
+
+    @property
+    def schedulers(self) -> tuple[str, ...]:
+        """The ``scheduler`` values a request may name; the first is the default."""
+        return _SCHEDULERS.get(self.family, _WAN_SCHEDULERS)
 
 
 def check_strength(strength: float, steps: int) -> float:
@@ -277,6 +313,11 @@ class RenderParams(BaseModel):
         description="What of the source conditions the render: 'clip' is the whole source resampled to the "
         "clip's frame count (remix, edit); 'last' is its final frame held for the whole clip (extend).",
     )
+    audio: bool = Field(
+        default=False,
+        description="Whether the finished clip carries the model's audio track (AAC); only for a model whose "
+        "ModelSpec.audio is true (validate_request refuses it elsewhere).",
+    )
     stitch_seconds: int | None = Field(
         default=None, ge=1,
         description="Extensions: the finisher prepends this many seconds of the source (resampled to "
@@ -291,9 +332,15 @@ class RenderParams(BaseModel):
 
 
 def validate_request(
-    spec: ModelSpec, *, prompt: str, size: str, seconds: int, steps: int | None, seed: int, scheduler: str = "unipc"
+    spec: ModelSpec, *, prompt: str, size: str, seconds: int, steps: int | None, seed: int,
+    scheduler: str | None = None, audio: bool | None = None,
 ) -> RenderParams:
-    """Check a request against a model's limits; ValueError names the field and what is allowed."""
+    """Check a request against a model's limits; ValueError names the field and what is allowed.
+
+    ``scheduler`` None is the model's default (``spec.schedulers[0]``); ``audio`` None is the model's
+    capability (on for a model with audio, off otherwise), and ``audio=True`` on a model without audio
+    is refused.
+    """
     if not prompt or not prompt.strip():
         raise ValueError("prompt: must not be empty")
     if size not in spec.sizes:
@@ -306,9 +353,16 @@ def validate_request(
         raise ValueError(f"steps: {steps} is out of range; allowed: 1..{spec.max_steps}")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed: {seed} is out of range; allowed: 0..2**63-1")
-    if scheduler not in ("unipc", "flow-euler"):
-        raise ValueError(f"scheduler: {scheduler!r} is not known; allowed: unipc, flow-euler")
+    scheduler = spec.schedulers[0] if scheduler is None else scheduler
+    if scheduler not in spec.schedulers:
+        raise ValueError(f"scheduler: {scheduler!r} is not supported by model {spec.id!r}; allowed: "
+                         f"{', '.join(spec.schedulers)}")
+    if audio is not None and not isinstance(audio, bool):
+        raise ValueError(f"audio: {audio!r} is not a boolean; allowed: true, false")
+    if audio and not spec.audio:
+        raise ValueError(f"audio: model {spec.id!r} makes no audio track; allowed: false (or leave it out)")
     width, height = parse_size(size)
     return RenderParams(
-        prompt=prompt.strip(), width=width, height=height, seconds=seconds, steps=steps, seed=seed, scheduler=scheduler
+        prompt=prompt.strip(), width=width, height=height, seconds=seconds, steps=steps, seed=seed, scheduler=scheduler,
+        audio=spec.audio if audio is None else audio,
     )

@@ -3,21 +3,25 @@
 - ``wan`` — Wan 2.1 / 2.2 text-to-video (one expert, or two split at ``boundary_ratio``);
 - ``wan-i2v`` — Wan 2.1 image-to-video (CLIP image encoder, 36-channel transformer);
 - ``wan-v2v`` — Wan video-to-video (remix, edit, extend) on a served ``wan`` model: latent init from the
-  source clip at a strength.
+  source clip at a strength;
+- ``ltx2`` — LTX-2 text-to-video with synchronized audio (video and audio latents denoised together).
 
 See :mod:`farm.render.families.base` for what a family provides.
 """
 
 from __future__ import annotations
 
-from farm.render.families.base import Family, FrameDecoder, JobEncoder, StepContext
+from farm.render.families.base import DecodedClip, Family, FrameDecoder, JobEncoder, StepContext
+from farm.render.families.ltx2 import LTX2AudioVideo
 from farm.render.families.wan import WanTextToVideo
 from farm.render.families.wan_i2v import WanImageToVideo
 from farm.render.families.wan_v2v import WanVideoToVideo
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (WanTextToVideo(), WanImageToVideo(), WanVideoToVideo())}
+FAMILIES: dict[str, Family] = {
+    family.name: family for family in (WanTextToVideo(), WanImageToVideo(), WanVideoToVideo(), LTX2AudioVideo())
+}
 
-__all__ = ["FAMILIES", "Family", "FrameDecoder", "JobEncoder", "StepContext", "get_family"]
+__all__ = ["FAMILIES", "DecodedClip", "Family", "FrameDecoder", "JobEncoder", "StepContext", "get_family"]
 
 
 def get_family(name: str) -> Family:

@@ -7,7 +7,8 @@ A family is the part of a diffusers pipeline that differs between model layouts:
 2. **the initial state** — schedule set and noise drawn from the seed (a :class:`DenoiseState`);
 3. **one denoising step** — the transformer call(s) with classifier-free guidance for that layout,
    then ``scheduler.step``;
-4. **decode** — a decoder stage from final latents to uint8 frames.
+4. **decode** — a decoder stage from the final state to a :class:`DecodedClip`: uint8 frames, and
+   for a family that makes sound (LTX-2) the waveform.
 
 Everything else — cutting steps into shards (:func:`~farm.render.denoise.plan_shards`), running a
 step range on whatever expert a replica holds (:func:`~farm.render.denoise.denoise`), moving states
@@ -53,6 +54,20 @@ class FrameDecoder(Protocol):
 
 
 @dataclass(frozen=True)
+class DecodedClip:
+    """What a decoder stage hands the finisher: the frames, and the audio where the model makes it.
+
+    ``frames`` is uint8 RGB ``(F, H, W, 3)``; ``audio`` float32 ``(channels, samples)`` in [-1, 1] at
+    ``sample_rate`` Hz, or None for a model without audio. The audio is as long as the vocoder made it;
+    the finisher fits it to the video's duration.
+    """
+
+    frames: "np.ndarray"
+    audio: "np.ndarray | None" = None
+    sample_rate: int | None = None
+
+
+@dataclass(frozen=True)
 class StepContext:
     """Where the loop is, for one step: what a family's step needs besides the model and tensors."""
 
@@ -87,6 +102,10 @@ class Family(ABC):
     @abstractmethod
     def load_decoder(self, spec: "ModelSpec", device: str | None = None) -> FrameDecoder:
         """The decoder stage for ``spec`` on ``device``."""
+
+    def decode_clip(self, decoder: FrameDecoder, state: "DenoiseState") -> DecodedClip:
+        """The final ``state`` decoded by this family's ``decoder``: the frames (Wan: no audio)."""
+        return DecodedClip(decoder.decode(state.latents))
 
     @abstractmethod
     def initial_state(
