@@ -26,16 +26,21 @@ class CliError(Exception):
 def cmd_model_init(args: argparse.Namespace) -> int:
     _quiet_libraries(args)
     from farm.render.tiny import build_tiny_wan, build_tiny_wan_i2v
+    from farm.render.tiny_ltx2 import build_tiny_ltx2
 
-    if args.kind not in ("tiny", "tiny-i2v"):
-        raise CliError(f"model kind {args.kind!r} is not buildable here; allowed: tiny, tiny-i2v")
+    if args.kind not in ("tiny", "tiny-i2v", "tiny-ltx2"):
+        raise CliError(f"model kind {args.kind!r} is not buildable here; allowed: tiny, tiny-i2v, tiny-ltx2")
     if args.kind == "tiny-i2v" and args.experts != 1:
         raise CliError(f"--experts: {args.experts} is not buildable for tiny-i2v (Wan 2.1 I2V has one expert); allowed: 1")
+    if args.kind == "tiny-ltx2" and args.experts != 1:
+        raise CliError(f"--experts: {args.experts} is not buildable for tiny-ltx2 (LTX-2 has one transformer); allowed: 1")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out: {out} exists and is not a folder")
     if args.kind == "tiny-i2v":
         path = build_tiny_wan_i2v(out, seed=args.seed)
+    elif args.kind == "tiny-ltx2":
+        path = build_tiny_ltx2(out, seed=args.seed)
     else:
         path = build_tiny_wan(out, experts=args.experts, seed=args.seed)
     print(path)
@@ -445,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="build or list models").add_subparsers(dest="action", required=True)
     init = model.add_parser(
-        "init", help="build a tiny model with save_pretrained (random weights; the VAE set to reconstruct images)")
-    init.add_argument("kind", help="what to build: tiny (Wan text-to-video) or tiny-i2v (Wan 2.1 image-to-video)")
+        "init", help="build a tiny model with save_pretrained (random weights; a Wan VAE set to reconstruct images)")
+    init.add_argument("kind", help="what to build: tiny (Wan text-to-video), tiny-i2v (Wan 2.1 image-to-video) or "
+                      "tiny-ltx2 (LTX-2 text-to-video with audio)")
     init.add_argument("--out", required=True, help="folder to save the pipeline into")
     init.add_argument("--experts", type=int, choices=(1, 2), default=1, help="2: the Wan 2.2 two-expert layout")
     init.add_argument("--seed", type=_whole_number, default=0,

@@ -41,6 +41,20 @@ def tiny_spec_2x(tiny_model_2x_dir):
     return tiny_spec(tiny_model_2x_dir, experts=2)
 
 
+@pytest.fixture(scope="session")
+def tiny_ltx2_dir(tmp_path_factory):
+    from farm.render.tiny_ltx2 import build_tiny_ltx2
+
+    return build_tiny_ltx2(tmp_path_factory.mktemp("models") / "ltx2-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_ltx2_spec(tiny_ltx2_dir):
+    from farm.render.tiny_ltx2 import tiny_ltx2_spec
+
+    return tiny_ltx2_spec(tiny_ltx2_dir)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from tests.figures import LINES
 

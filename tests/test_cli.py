@@ -77,6 +77,22 @@ def test_model_init_builds_the_tiny_image_to_video_model(tmp_path, capsys):
     assert index["_class_name"] == "WanImageToVideoPipeline" and index["image_encoder"][1] == "CLIPVisionModel"
 
 
+def test_model_init_builds_the_tiny_ltx2_model(tmp_path, capsys):
+    import json
+
+    from farm.render.tiny import build_tiny_by_id, is_built, is_tiny_id
+
+    assert main(["model", "init", "tiny-ltx2", "--out", str(tmp_path / "x"), "--experts", "2"]) == 2
+    assert "--experts: 2 is not buildable for tiny-ltx2" in capsys.readouterr().err
+    assert main(["model", "init", "tiny-ltx2", "--out", str(tmp_path / "m")]) == 0
+    assert is_built(tmp_path / "m")
+    index = json.loads((tmp_path / "m" / "model_index.json").read_text())
+    assert index["_class_name"] == "LTX2Pipeline" and index["vocoder"][1] == "LTX2Vocoder"
+    assert index["audio_vae"][1] == "AutoencoderKLLTX2Audio" and index["text_encoder"][1] == "Gemma3ForConditionalGeneration"
+    assert is_tiny_id("ltx2-tiny")  # `farm up` builds it on first use, like the Wan ones
+    assert (build_tiny_by_id("ltx2-tiny", tmp_path / "by-id") / "model_index.json").is_file()
+
+
 def _farm(*args: str, env: dict) -> subprocess.CompletedProcess:
     farm = Path(sys.executable).parent / "farm"
     return subprocess.run([str(farm), *args], env=env, capture_output=True, text=True, timeout=300)

@@ -195,8 +195,9 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"max_sequence_length={self.max_sequence_length}: family {self.family!r} needs {WAN_I2V_TEXT_TOKENS}"
             )
-        if self.compile and self.family in IMAGE_FAMILIES:
-            # The warm-up forward (farm.render.accel.warm_up) has no image embeddings to pass.
+        if self.compile and (self.family in IMAGE_FAMILIES or self.family in AUDIO_FAMILIES):
+            # The warm-up forward (farm.render.accel.warm_up) is Wan-shaped: no image embeddings to pass,
+            # no audio stream.
             raise ValueError(f"compile: not supported for family {self.family!r}; allowed for: wan")
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps={self.default_steps} exceeds max_steps={self.max_steps}")

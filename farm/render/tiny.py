@@ -174,7 +174,7 @@ def build_tiny_wan(out_dir: Path, *, experts: int = 1, seed: int = 0) -> Path:
         scheduler=_build_scheduler(),
         **extra,
     )
-    _save_atomically(pipe, out_dir, {"family": "wan", "variant": "tiny", "experts": experts, "fps": TINY_FPS, "seed": seed})
+    save_atomically(pipe, out_dir, {"family": "wan", "variant": "tiny", "experts": experts, "fps": TINY_FPS, "seed": seed})
     log.info("built tiny wan (%d expert(s)) at %s", experts, out_dir)
     return out_dir
 
@@ -209,12 +209,12 @@ def build_tiny_wan_i2v(out_dir: Path, *, seed: int = 0) -> Path:
             crop_size={"height": TINY_IMAGE_ENCODER["image_size"], "width": TINY_IMAGE_ENCODER["image_size"]},
         ),
     )
-    _save_atomically(pipe, out_dir, {"family": "wan-i2v", "variant": "tiny", "experts": 1, "fps": TINY_FPS, "seed": seed})
+    save_atomically(pipe, out_dir, {"family": "wan-i2v", "variant": "tiny", "experts": 1, "fps": TINY_FPS, "seed": seed})
     log.info("built tiny wan i2v at %s", out_dir)
     return out_dir
 
 
-def _save_atomically(pipe, out_dir: Path, meta: dict) -> None:
+def save_atomically(pipe, out_dir: Path, meta: dict) -> None:
     """save_pretrained into a staging folder beside ``out_dir``, then rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
@@ -237,19 +237,27 @@ def is_built(path: Path) -> bool:
 TINY_MODEL_IDS = {1: "wan-tiny", 2: "wan-tiny-2x"}
 
 
+# The tiny LTX-2's id (its builder is farm.render.tiny_ltx2, imported only when it is built).
+TINY_LTX2_MODEL_ID = "ltx2-tiny"
+
+
 def is_tiny_id(model_id: str) -> bool:
-    """True for the ids of the tiny models this module builds (text-to-video and image-to-video)."""
-    return model_id in TINY_MODEL_IDS.values() or model_id == TINY_I2V_MODEL_ID
+    """True for the ids of the tiny models built here or in :mod:`farm.render.tiny_ltx2`."""
+    return model_id in TINY_MODEL_IDS.values() or model_id in (TINY_I2V_MODEL_ID, TINY_LTX2_MODEL_ID)
 
 
 def build_tiny_by_id(model_id: str, out_dir: Path) -> Path:
     """Build the tiny model called ``model_id`` (see :func:`is_tiny_id`) into ``out_dir``; ValueError otherwise."""
     if model_id == TINY_I2V_MODEL_ID:
         return build_tiny_wan_i2v(out_dir)
+    if model_id == TINY_LTX2_MODEL_ID:
+        from farm.render.tiny_ltx2 import build_tiny_ltx2
+
+        return build_tiny_ltx2(out_dir)
     experts = {v: k for k, v in TINY_MODEL_IDS.items()}.get(model_id)
     if experts is None:
         raise ValueError(f"model {model_id!r} is not a tiny model; tiny ones: "
-                         f"{', '.join([*TINY_MODEL_IDS.values(), TINY_I2V_MODEL_ID])}")
+                         f"{', '.join([*TINY_MODEL_IDS.values(), TINY_I2V_MODEL_ID, TINY_LTX2_MODEL_ID])}")
     return build_tiny_wan(out_dir, experts=experts)
 
 

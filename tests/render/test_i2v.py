@@ -221,9 +221,9 @@ def test_stored_reference_bytes_open_or_fail_by_name():
 def test_conditioning_bytes_of_an_unknown_family_are_refused_by_name():
     from farm.render.conditioning import CONDITIONING_FORMAT, CONDITIONING_KIND, save_payload
 
-    data = save_payload({"format": CONDITIONING_FORMAT, "kind": CONDITIONING_KIND, "family": "ltx2",
+    data = save_payload({"format": CONDITIONING_FORMAT, "kind": CONDITIONING_KIND, "family": "hunyuan",
                          "prompt_embeds": torch.zeros(1, 4, 32), "negative_prompt_embeds": None})
-    with pytest.raises(ValueError, match="unknown conditioning family 'ltx2'; known: wan, wan-i2v"):
+    with pytest.raises(ValueError, match="unknown conditioning family 'hunyuan'; known: ltx2, wan, wan-i2v"):
         Conditioning.from_bytes(data)
     data = save_payload({"format": CONDITIONING_FORMAT, "kind": CONDITIONING_KIND, "family": "wan-i2v",
                          "prompt_embeds": torch.zeros(1, 4, 32), "negative_prompt_embeds": None})

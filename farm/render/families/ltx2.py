@@ -272,6 +272,9 @@ class LTX2AudioVideo(Family):
             return LatentGeometry.pack(video.flatten(2).transpose(1, 2), audio.transpose(1, 2).flatten(2, 3))
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(spec.path, subfolder="scheduler")
+        if scheduler.config.get("stochastic_sampling"):
+            # Its step draws noise of the packed shape, not the pipeline's two draws: refuse, never differ.
+            raise ValueError(f"model {spec.id!r}: a stochastic_sampling scheduler is not supported for family 'ltx2'")
         sigmas = np.linspace(1.0, 1.0 / params.steps, params.steps)
         return prepare_state(
             scheduler,
@@ -322,7 +325,9 @@ class LTX2AudioVideo(Family):
                 return_dict=False,
             )
 
-        # 2. Guidance in x0 space (x0 = x − σ·v), each stream with its scale, then the rescale; back to v.
+        # 2. Guidance in x0 space (x0 = x − σ·v), each stream with its scale, then the pipeline's rescale
+        #    (which it applies with or without guidance: rescaling x0 to its own std is the identity up to
+        #    rounding, kept so the arithmetic is the pipeline's to the bit); back to velocity.
         sigma = ctx.sigma
         out = []
         for sample, velocity, scale in ((video, v_video, ctx.guidance), (audio, v_audio, float(cond.audio_guidance_scale))):
@@ -331,10 +336,9 @@ class LTX2AudioVideo(Family):
                 v_uncond, v_cond = velocity.chunk(2)
                 x0, x0_uncond = sample - v_cond * sigma, sample - v_uncond * sigma
                 x0_guided = x0 + (scale - 1) * (x0 - x0_uncond)
-                x0 = _rescale(x0_guided, x0) if GUIDANCE_RESCALE > 0 else x0_guided
             else:
-                x0 = sample - velocity * sigma
-            out.append((sample - x0) / sigma)
+                x0 = x0_guided = sample - velocity * sigma
+            out.append((sample - _rescale(x0_guided, x0)) / sigma)
         return LatentGeometry.pack(*out)
 
 
