@@ -415,7 +415,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
             upload, linked = await image_sources.bytes_of(linked, who), None
         reference = None if cameo_only else await run_in_threadpool(
             check_reference, target.limits, upload, linked, deps.upload_limits)
-        params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler} | cache_param(body.cache) | {"audio": body.audio}
+        params = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler,
+                  "audio": body.audio} | cache_param(body.cache)
         return await shown(await _create_job(deps, request, who, target, body.prompt, body.size, body.seconds,
                                              params, body.priority, path="create", reference=reference,
                                              characters=body.characters or ()), response)

@@ -1,7 +1,7 @@
 """Request and response models of the ``/v1/videos`` API, wire-compatible with OpenAI's.
 
 Field names and types follow the ``openai`` SDK's ``Video``, ``VideoCreateParams``,
-``VideoDeleteResponse`` and cursor page. Farm extensions (``seed``, ``steps``, ``priority``,
+``VideoDeleteResponse`` and cursor page. Farm extensions (``seed``, ``steps``, ``priority``, ``audio``,
 ``scheduler``) are optional request fields that OpenAI clients can send with ``extra_body``.
 """
 

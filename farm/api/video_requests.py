@@ -145,7 +145,8 @@ def cache_param(cache: CacheSetting | None) -> dict[str, Any]:
 def check_render(spec: ModelSpec, prompt: str, size: str, seconds: int, extra: dict[str, Any],
                  max_prompt_chars: int) -> tuple[RenderParams, dict[str, Any]]:
     """The model's limits; returns the render parameters and the params to store (a random seed is
-    drawn when none was asked for, and recorded, so a rerun reproduces the clip)."""
+    drawn when none was asked for, and recorded, so a rerun reproduces the clip; ``audio`` is recorded
+    for a model that makes audio: the request's choice, else on)."""
     if len(prompt) > max_prompt_chars:
         raise InvalidRequest(f"prompt: {len(prompt)} characters is too long; allowed: at most {max_prompt_chars}",
                              param="prompt")
@@ -161,8 +162,11 @@ def check_render(spec: ModelSpec, prompt: str, size: str, seconds: int, extra: d
             params = params.model_copy(update={"cache": parse_cache(extra["cache"])})
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="cache") from None
-    return params, {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler,
-            "audio": params.audio}
+    stored = {**extra, "seed": params.seed, "steps": params.steps, "scheduler": params.scheduler}
+    stored.pop("audio", None)
+    if spec.audio:  # recorded where a model makes audio; a model without it never has any (params unchanged)
+        stored["audio"] = params.audio
+    return params, stored
 
 
 def check_create_body(data: Any, models: list[ModelSpec], *, max_prompt_chars: int,
@@ -182,7 +186,8 @@ def check_create_body(data: Any, models: list[ModelSpec], *, max_prompt_chars: i
                              "create its videos with POST /v1/videos", param="model", code="unsupported_parameter")
     check_reference(target.limits, None, body.input_reference, upload_limits)
     placement = place_request(target, body.size, body.seconds)
-    extra = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler} | cache_param(body.cache) | {"audio": body.audio}
+    extra = {"seed": body.seed, "steps": body.steps, "scheduler": body.scheduler,
+             "audio": body.audio} | cache_param(body.cache)
     params, stored = check_render(target.limits, body.prompt, placement.size, placement.seconds, extra,
                                   max_prompt_chars)
     if moderator is not None:

@@ -175,7 +175,7 @@ def params_of(job: Job, spec: ModelSpec) -> RenderParams:
         steps=int(extra.get("steps") or spec.default_steps),
         seed=int(extra.get("seed") or 0),
         scheduler=extra.get("scheduler") or spec.schedulers[0],
-        audio=bool(extra.get("audio", False)),
+        audio=bool(extra.get("audio", spec.audio)) and spec.audio,  # the gateway records it for audio models
         reference_key=extra.get(REFERENCE_KEY_PARAM),
         derived_from=extra.get("derived_from"),
         source_key=derived.get("key"),
