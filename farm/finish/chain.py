@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from farm.finish.audio import AudioTrack
 from farm.finish.media import encode_mp4, frame_rate, write_spritesheet, write_thumbnail
 from farm.finish.provenance import ParentSource, ProvenanceInfo, SignerConfig, ensure_dev_credentials, sign_mp4
 from farm.finish.watermark import WatermarkConfig, apply_watermark
@@ -100,8 +101,13 @@ def finish_clip(
     signer: SignerConfig,
     state_dir: Path,
     parent: ParentSource | None = None,
+    audio: AudioTrack | None = None,
 ) -> FinishedClip:
     """Watermark, encode, thumbnail, spritesheet and sign one clip into ``out_dir``.
+
+    With ``audio``, the MP4 carries it as an AAC track as long as the video (see
+    :mod:`farm.finish.audio` for the pad/trim rule); the manifest is signed over the whole file,
+    both tracks included, and records the track's channels and sample rate.
 
     Writes ``video.mp4``, ``thumbnail.webp`` and ``spritesheet.jpg``. Work happens in a
     hidden temporary folder inside ``out_dir`` (same filesystem, so renames are atomic);
@@ -125,8 +131,8 @@ def finish_clip(
 
     work = Path(tempfile.mkdtemp(prefix=".finish-", dir=out_dir))
     try:
-        # 2. H.264 MP4, completely written and closed before anything hashes it.
-        unsigned = encode_mp4(marked, fps, work / "unsigned.mp4")
+        # 2. H.264 MP4 (and its AAC track), completely written and closed before anything hashes it.
+        unsigned = encode_mp4(marked, fps, work / "unsigned.mp4", audio=audio)
 
         # 3. Still images for the API's thumbnail and spritesheet variants.
         thumbnail = write_thumbnail(marked, work / THUMBNAIL_NAME)
@@ -136,6 +142,9 @@ def finish_clip(
         info = meta.provenance(
             width=width, height=height, frames=count, fps=frame_rate(fps)
         )
+        if audio is not None:
+            info = info.model_copy(update={"parameters": info.parameters | {
+                "audio_channels": int(audio.samples.shape[0]), "audio_sample_rate": audio.sample_rate}})
         signed = sign_mp4(unsigned, work / VIDEO_NAME, info, signing, parent=parent, trust_anchors_pem=anchors)
 
         # 5. Publish: images first, the video last as the "complete" marker.

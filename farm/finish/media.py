@@ -1,6 +1,7 @@
-"""Media files for a finished clip: H.264 MP4 (PyAV), WebP thumbnail, JPEG spritesheet.
+"""Media files for a finished clip: H.264 MP4 (PyAV) with an optional AAC track, WebP thumbnail,
+JPEG spritesheet.
 
-Frames are (F, H, W, 3) uint8 RGB numpy arrays throughout.
+Frames are (F, H, W, 3) uint8 RGB numpy arrays throughout; audio is :class:`farm.finish.audio.AudioTrack`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import av
 import numpy as np
 from PIL import Image
+
+from farm.finish.audio import AudioTrack, add_aac_stream, encode_aac, fit_to_video
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +69,12 @@ def encode_mp4(
     *,
     crf: int = 18,
     preset: str = "medium",
+    audio: AudioTrack | None = None,
 ) -> Path:
     """Encode frames as H.264 (libx264, yuv420p) in an MP4 with ``moov`` first (faststart).
+
+    With ``audio``, the file also carries an AAC stream of it, fitted to the video's duration first
+    (padded with silence or trimmed at its end: :func:`farm.finish.audio.fit_to_video`).
 
     yuv420p halves the chroma resolution, so an odd width or height is rejected with a
     ValueError rather than silently padded or cropped: the caller owns the frame size.
@@ -105,6 +112,10 @@ def encode_mp4(
             "threads": "1",
             "flags": "+bitexact",
         }
+        sound = None
+        if audio is not None:  # every stream is added before the first packet writes the header
+            audio = fit_to_video(audio, count, rate)
+            sound = add_aac_stream(container, audio)
         for index in range(count):
             # Converted to yuv420p here, not by the encoder: the encoder's own conversion gave
             # different bytes for the same frames now and then on a loaded machine (measured:
@@ -117,12 +128,15 @@ def encode_mp4(
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
+        if sound is not None:
+            encode_aac(container, sound, audio)
     except BaseException:
         container.close()
         path.unlink(missing_ok=True)
         raise
     container.close()
-    logger.debug("encoded %d frames %dx%d @ %s fps to %s", count, width, height, rate, path)
+    logger.debug("encoded %d frames %dx%d @ %s fps to %s (audio: %s)", count, width, height, rate, path,
+                 "none" if audio is None else f"{audio.samples.shape[0]} ch @ {audio.sample_rate} Hz")
     return path
 
 

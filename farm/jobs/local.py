@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from farm.config import FarmSettings
-from farm.jobs.publish import clip_record, finish_frames, upload_finished
+from farm.jobs.publish import audio_of, clip_record, finish_frames, upload_finished
 from farm.render.denoise import plan_shards, roundtrip
 from farm.render.engine import DenoiserStage, configure_torch, initial_state
 from farm.render.families import get_family
@@ -108,12 +108,14 @@ def render_clip(
 
     state, shard_count = timer.run("denoise", _denoise)
 
-    # 4. Latents → frames.
-    frames = timer.run("decode", lambda: decoder.decode(state.latents))
+    # 4. Latents → frames (and the waveform, for a model with audio).
+    decoded = timer.run("decode", lambda: family.decode_clip(decoder, state))
+    frames = decoded.frames
 
-    # 5. Watermark, MP4, thumbnail, spritesheet, C2PA.
+    # 5. Watermark, MP4 (with its AAC track when params.audio), thumbnail, spritesheet, C2PA.
     work = settings.state_dir / "renders" / video_id
-    clip = timer.run("finish", lambda: finish_frames(settings, spec, params, frames, video_id, work, store))
+    clip = timer.run("finish", lambda: finish_frames(settings, spec, params, frames, video_id, work, store,
+                                                     audio=audio_of(decoded)))
 
     # 6. Upload: media first, the JSON record last (it marks the clip complete).
     record = clip_record(

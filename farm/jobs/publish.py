@@ -13,6 +13,7 @@ import numpy as np
 
 from farm import __version__
 from farm.config import FarmSettings
+from farm.finish.audio import AudioTrack
 from farm.finish.chain import ClipMeta, FinishedClip, finish_clip
 from farm.finish.provenance import ParentSource
 from farm.jobs.retry import RetryPolicy
@@ -65,12 +66,17 @@ def finish_frames(
     work_dir: Path,
     objects: ObjectStore | None = None,
     retry: RetryPolicy | None = None,
+    audio: AudioTrack | None = None,
 ) -> FinishedClip:
     """Watermark, MP4, thumbnail, spritesheet and C2PA signature into ``work_dir``.
 
     A job with ``params.derived_from`` needs ``objects``: its source clip is read from there
-    and becomes the manifest's parentOf ingredient (see :func:`fetch_parent`).
+    and becomes the manifest's parentOf ingredient (see :func:`fetch_parent`). ``audio`` (the
+    decoder's waveform) becomes the MP4's AAC track when ``params.audio`` asks for one, and is
+    dropped otherwise; a job that asks for audio without a waveform is a ValueError.
     """
+    if params.audio and audio is None:
+        raise ValueError(f"job {video_id}: audio was asked for, but the decoder made none")
     parent = None
     if params.derived_from is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
@@ -86,10 +92,17 @@ def finish_frames(
     )
     try:
         return finish_clip(frames, spec.fps, work_dir, meta, settings.watermark, settings.signer, settings.state_dir,
-                           parent=parent)
+                           parent=parent, audio=audio if params.audio else None)
     finally:
         if parent is not None:
             parent.path.unlink(missing_ok=True)  # only its manifest travels on; the media stays in S3
+
+
+def audio_of(decoded) -> AudioTrack | None:
+    """A decoder's :class:`~farm.render.families.base.DecodedClip` waveform as an AudioTrack (None without one)."""
+    if getattr(decoded, "audio", None) is None:
+        return None
+    return AudioTrack(np.asarray(decoded.audio, dtype=np.float32), int(decoded.sample_rate))
 
 
 def clip_record(video_id: str, spec: ModelSpec, params: RenderParams, num_frames: int, clip: FinishedClip, **extra) -> dict:

@@ -272,18 +272,23 @@ class Decoder:
 
         configure_torch()
         self.settings = FarmSettings.model_validate(settings)
-        self.decoders = {spec.id: get_family(spec.family).load_decoder(spec) for spec in self.settings.models}
+        self.families = {spec.id: get_family(spec.family) for spec in self.settings.models}
+        self.decoders = {spec.id: self.families[spec.id].load_decoder(spec) for spec in self.settings.models}
         self.metrics = FarmMetrics()
 
     async def decode(self, model_id: str, box: ObjectBox) -> Decoded:
-        """The boxed final state's latents → boxed frames (uint8, F×H×W×3), and the decode's own time."""
+        """The boxed final state → a boxed :class:`~farm.render.families.base.DecodedClip` (uint8 frames
+        F×H×W×3, and the waveform where the model makes audio), and the decode's own time.
+
+        A model with audio always decodes it (its VAE and vocoder are cheap beside the video VAE); the
+        finisher drops it for a job that asked for none."""
         state = await asyncio.to_thread(_get, box)
         started = time.perf_counter()
         decoder = self.decoders[model_id]
-        frames = await asyncio.to_thread(decoder.decode, state.latents)
+        clip = await asyncio.to_thread(self.families[model_id].decode_clip, decoder, state)
         seconds = time.perf_counter() - started
         self.metrics.decode_latency.observe(seconds, tags={"model": model_id})
-        return Decoded(_put(frames), seconds, decoder.device)
+        return Decoded(_put(clip), seconds, decoder.device)
 
 
 @serve.deployment(max_ongoing_requests=1)
@@ -310,19 +315,24 @@ class Finisher:
             shared.db.close()
 
     def finish(self, job_id: str, model_id: str, params: RenderParams, frames: ObjectBox) -> Finished:
-        """The clip's object keys, and this replica's time for it (finishing and upload; CPU)."""
-        from farm.jobs.publish import clip_keys, clip_record, finish_frames
+        """The clip's object keys, and this replica's time for it (finishing and upload; CPU).
+
+        ``frames`` boxes the decoder's DecodedClip: its frames, and its waveform (muxed as AAC when
+        ``params.audio``)."""
+        from farm.jobs.publish import audio_of, clip_keys, clip_record, finish_frames
         from farm.jobs.retry import RetryPolicy
 
         spec = self.settings.model(model_id)
-        frames = _get(frames)
+        decoded = _get(frames)
+        frames, audio = decoded.frames, audio_of(decoded)
         started = time.perf_counter()
         if params.stitch_seconds:  # an extension: the source first, then the new part
             frames = self._stitched(job_id, spec, params, frames)
         # A derived job's source clip is read from S3 (retried through outages) for its manifest.
         retry = RetryPolicy.from_settings(self.settings.render, _count_storage_errors("finisher"))
         with tempfile.TemporaryDirectory(prefix="finish-") as tmp:
-            clip = finish_frames(self.settings, spec, params, frames, job_id, Path(tmp), self.store, retry)
+            clip = finish_frames(self.settings, spec, params, frames, job_id, Path(tmp), self.store, retry,
+                                 audio=audio)
             finished = time.perf_counter()
             self._upload(job_id, clip, clip_record(job_id, spec, params, int(frames.shape[0]), clip))
         tags = {"model": model_id}

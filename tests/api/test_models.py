@@ -58,7 +58,7 @@ def test_the_sdk_lists_and_retrieves_models_and_aliases(base_url, accounts) -> N
     served = client.models.retrieve("wan-tiny")
     assert (served.alias_of, served.mapping, served.sizes, served.seconds) == (
         None, None, ["64x64", "128x128", "256x256", "128x96", "96x128"], ["1", "2", "3", "4"])
-    # Truthful: the Wan models make no audio (LTX-2 does: tests/api/test_audio_requests.py); they also take a source video.
+    # Truthful: the Wan models make no audio (LTX-2 does: test_audio_requests.py); they also take a source video.
     assert all(m.audio is False and m.input_types == ["text", "video"] for m in listed)
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("sora-3")

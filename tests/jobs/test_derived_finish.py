@@ -17,6 +17,7 @@ from farm.jobs.job import Job
 from farm.jobs.publish import SourceUnavailable, clip_record, finish_frames, upload_finished
 from farm.jobs.retry import RetryPolicy
 from farm.metrics import FarmMetrics
+from farm.render.families.base import DecodedClip
 from farm.render.registry import DerivedFrom
 from farm.storage.s3 import ClipLayout
 from tests.finish import synth_frames
@@ -75,7 +76,7 @@ def test_the_finisher_reads_the_source_from_s3_into_the_ingredient(
     params = params_of(_job("video_remix", {"derived_from": {"video_id": "video_src", "key": key, "action": "remix"}}),
                        spec)
 
-    finished = finisher.finish("video_remix", "wan-tiny", params, _frames(2))
+    finished = finisher.finish("video_remix", "wan-tiny", params, DecodedClip(_frames(2)))  # what the Decoder boxes
 
     signed = store.download_file(finished.objects["video"], tmp_path / "remix.mp4")
     ca_pem = (settings.state_dir / "c2pa" / "dev-root-ca.pem").read_text()
