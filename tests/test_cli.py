@@ -31,7 +31,7 @@ def farm_home(tmp_path, monkeypatch):
         (["render", "cat", "--steps", "0"], "steps: 0 is out of range; allowed: 1..50"),
         (["render", "cat", "--steps", "51"], "allowed: 1..50"),
         (["render", "cat", "--model", "sora-9"], "model: 'sora-9' is not served here"),
-        (["render", "cat", "--scheduler", "ddim"], "scheduler: 'ddim' is not known"),
+        (["render", "cat", "--scheduler", "ddim"], "scheduler: 'ddim' is not supported by model 'wan-tiny'; allowed: unipc, flow-euler"),
         (["render", "cat", "--steps", "4", "--shard-steps", "5"], "--shard-steps: 5 is out of range"),
         (["render", "cat", "--out", "/nonexistent-dir/clip.mp4"], "does not exist"),
         (["render", "cat", "--out", "/etc/hostname/clip.mp4"], "does not exist"),

@@ -47,6 +47,16 @@ def _whole_number(name: str, value: Any) -> Any:
     raise ValueError(f"{name}: must be a whole number, got {value!r}")
 
 
+def _flag(name: str, value: Any) -> Any:
+    """Accept booleans, and multipart's "true"/"false" (any case); reject the rest (1, "0", "yes"),
+    which JSON Schema's boolean does not allow either."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"{name}: must be true or false, got {value!r}")
+
+
 # Clients send seconds as "4" (the SDK's type) or 4; the schema says so.
 _SecondsField = Annotated[
     int,
@@ -175,6 +185,11 @@ class CreateVideoRequest(BaseModel):
     @classmethod
     def _numbers(cls, value: Any, info: Any) -> Any:
         return _whole_number(info.field_name, value)
+
+    @field_validator("audio", mode="before")
+    @classmethod
+    def _audio(cls, value: Any) -> Any:
+        return _flag("audio", value)
 
     @field_validator("prompt")
     @classmethod
