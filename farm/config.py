@@ -22,7 +22,7 @@ from farm.policy.settings import CameoSettings, PolicySettings
 from farm.render.faults import FaultInjection
 from farm.render.registry import ModelSpec, find_model
 from farm.render.tiers import ModelAlias, check_aliases
-from farm.render.tiny import TINY_I2V_MODEL_ID, TINY_MODEL_IDS, tiny_i2v_spec, tiny_spec
+from farm.render.tiny import TINY_I2V_MODEL_ID, TINY_LTX2_MODEL_ID, TINY_MODEL_IDS, tiny_i2v_spec, tiny_spec
 from farm.storage.s3 import S3Settings
 from farm.webhooks.settings import WebhookSettings
 
@@ -457,11 +457,13 @@ class FarmSettings(BaseModel):
 
 
 def embedded_models(state_dir: Path) -> list[ModelSpec]:
-    """The models a fresh install serves: tiny Wan models built under the state folder (text-to-video
-    with one and two experts, and Wan 2.1 image-to-video)."""
+    """The models a fresh install serves: tiny models built under the state folder (Wan text-to-video
+    with one and two experts, Wan 2.1 image-to-video, and LTX-2 text-to-video with audio)."""
+    from farm.render.tiny_ltx2 import tiny_ltx2_spec
+
     models = state_dir / "models"
     return [tiny_spec(models / "wan-tiny", experts=1), tiny_spec(models / "wan-tiny-2x", experts=2),
-            tiny_i2v_spec(models / TINY_I2V_MODEL_ID)]
+            tiny_i2v_spec(models / TINY_I2V_MODEL_ID), tiny_ltx2_spec(models / TINY_LTX2_MODEL_ID)]
 
 
 def embedded_aliases() -> list[ModelAlias]:

@@ -252,7 +252,7 @@ def test_serve_config_validates_with_serve_schema_and_the_farm_args(overlay, tmp
         assert str(settings.state_dir) == "/var/lib/videofarm"
         assert settings.signer.has_credentials, "prod signs with the operator's certificate, not dev credentials"
     else:
-        assert [m.id for m in settings.models] == ["wan-tiny", "wan-tiny-2x", "wan-tiny-i2v"]
+        assert [m.id for m in settings.models] == ["wan-tiny", "wan-tiny-2x", "wan-tiny-i2v", "ltx2-tiny"]
         assert all(m.path.startswith(str(tmp_path / "home" / "models")) for m in settings.models)
 
 

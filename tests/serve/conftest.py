@@ -42,11 +42,12 @@ DEPLOYMENT_EXTRAS = {
 
 
 @pytest.fixture(scope="session")
-def shared_farm(tmp_path_factory, tiny_model_dir, tiny_model_2x_dir, tiny_i2v_dir):
+def shared_farm(tmp_path_factory, tiny_model_dir, tiny_model_2x_dir, tiny_i2v_dir, tiny_ltx2_dir):
     import psutil
 
     # The same builds `farm up` makes.
-    models = {"wan-tiny": tiny_model_dir, "wan-tiny-2x": tiny_model_2x_dir, "wan-tiny-i2v": tiny_i2v_dir}
+    models = {"wan-tiny": tiny_model_dir, "wan-tiny-2x": tiny_model_2x_dir, "wan-tiny-i2v": tiny_i2v_dir,
+              "ltx2-tiny": tiny_ltx2_dir}
     with running_farm(tmp_path_factory.mktemp("shared-farm"), settings=SETTINGS, extras=DEPLOYMENT_EXTRAS,
                       models=models) as farm:
         yield farm
