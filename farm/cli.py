@@ -25,13 +25,16 @@ class CliError(Exception):
 # Commands --------------------------------------------------------------------
 def cmd_model_init(args: argparse.Namespace) -> int:
     _quiet_libraries(args)
-    from farm.render.tiny import build_tiny_wan, build_tiny_wan_i2v
+    from farm.render.tiny import build_tiny_wan, build_tiny_wan_i2v, build_tiny_wan_ti2v
     from farm.render.tiny_ltx2 import build_tiny_ltx2
 
-    if args.kind not in ("tiny", "tiny-i2v", "tiny-ltx2"):
-        raise CliError(f"model kind {args.kind!r} is not buildable here; allowed: tiny, tiny-i2v, tiny-ltx2")
+    if args.kind not in ("tiny", "tiny-i2v", "tiny-ti2v", "tiny-ltx2"):
+        raise CliError(f"model kind {args.kind!r} is not buildable here; allowed: tiny, tiny-i2v, tiny-ti2v, tiny-ltx2")
     if args.kind == "tiny-i2v" and args.experts != 1:
         raise CliError(f"--experts: {args.experts} is not buildable for tiny-i2v (Wan 2.1 I2V has one expert); allowed: 1")
+    if args.kind == "tiny-ti2v" and args.experts != 1:
+        raise CliError(f"--experts: {args.experts} is not buildable for tiny-ti2v (Wan 2.2 TI2V has one expert); "
+                       "allowed: 1")
     if args.kind == "tiny-ltx2" and args.experts != 1:
         raise CliError(f"--experts: {args.experts} is not buildable for tiny-ltx2 (LTX-2 has one transformer); allowed: 1")
     out = Path(args.out)
@@ -39,6 +42,8 @@ def cmd_model_init(args: argparse.Namespace) -> int:
         raise CliError(f"--out: {out} exists and is not a folder")
     if args.kind == "tiny-i2v":
         path = build_tiny_wan_i2v(out, seed=args.seed)
+    elif args.kind == "tiny-ti2v":
+        path = build_tiny_wan_ti2v(out, seed=args.seed)
     elif args.kind == "tiny-ltx2":
         path = build_tiny_ltx2(out, seed=args.seed)
     else:
@@ -451,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="build or list models").add_subparsers(dest="action", required=True)
     init = model.add_parser(
         "init", help="build a tiny model with save_pretrained (random weights; a Wan VAE set to reconstruct images)")
-    init.add_argument("kind", help="what to build: tiny (Wan text-to-video), tiny-i2v (Wan 2.1 image-to-video) or "
-                      "tiny-ltx2 (LTX-2 text-to-video with audio)")
+    init.add_argument("kind", help="what to build: tiny (Wan text-to-video), tiny-i2v (Wan 2.1 image-to-video), "
+                      "tiny-ti2v (Wan 2.2 TI2V image-to-video) or tiny-ltx2 (LTX-2 text-to-video with audio)")
     init.add_argument("--out", required=True, help="folder to save the pipeline into")
     init.add_argument("--experts", type=int, choices=(1, 2), default=1, help="2: the Wan 2.2 two-expert layout")
     init.add_argument("--seed", type=_whole_number, default=0,

@@ -93,6 +93,20 @@ def test_model_init_builds_the_tiny_ltx2_model(tmp_path, capsys):
     assert (build_tiny_by_id("ltx2-tiny", tmp_path / "by-id") / "model_index.json").is_file()
 
 
+def test_model_init_builds_the_tiny_ti2v_model(tmp_path, capsys):
+    import json
+
+    from farm.render.tiny import is_built, is_tiny_id
+
+    assert main(["model", "init", "tiny-ti2v", "--out", str(tmp_path / "x"), "--experts", "2"]) == 2
+    assert "--experts: 2 is not buildable for tiny-ti2v" in capsys.readouterr().err
+    assert main(["model", "init", "tiny-ti2v", "--out", str(tmp_path / "m")]) == 0
+    assert is_built(tmp_path / "m") and is_tiny_id("wan-tiny-ti2v")
+    index = json.loads((tmp_path / "m" / "model_index.json").read_text())
+    assert index["_class_name"] == "WanImageToVideoPipeline" and index["expand_timesteps"] is True
+    assert (index.get("image_encoder") or [None])[0] is None
+
+
 def _farm(*args: str, env: dict) -> subprocess.CompletedProcess:
     farm = Path(sys.executable).parent / "farm"
     return subprocess.run([str(farm), *args], env=env, capture_output=True, text=True, timeout=300)

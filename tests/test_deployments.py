@@ -48,20 +48,22 @@ def test_gpu_yaml_describes_one_pool_per_expert_on_gpus():
         "wan2.2-t2v-a14b": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
         "wan2.1-i2v-14b-480p": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
         "wan2.2-i2v-a14b": "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+        "wan2.2-ti2v-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
         "ltx-2": "Lightricks/LTX-2",
     }
     assert settings.model("wan2.2-t2v-a14b").experts == settings.model("wan2.2-i2v-a14b").experts == 2
     # What each model takes, as GET /v1/models reports it: the T2V models remix, edit and extend too.
     assert {m.id: m.input_types for m in settings.models} == {
         "wan2.1-t2v-1.3b": ("text", "video"), "wan2.2-t2v-a14b": ("text", "video"),
-        "wan2.1-i2v-14b-480p": ("text", "image"), "wan2.2-i2v-a14b": ("text", "image"), "ltx-2": ("text",)}
+        "wan2.1-i2v-14b-480p": ("text", "image"), "wan2.2-i2v-a14b": ("text", "image"),
+        "wan2.2-ti2v-5b": ("text", "image"), "ltx-2": ("text",)}
     assert [m.id for m in settings.models if m.audio] == ["ltx-2"]  # the only one with an audio track
     assert settings.storage.mode == "external" and settings.database_url.startswith("postgresql+psycopg://")
     pools = {(p.model, tuple(p.experts)): p for p in settings.serve.pools}
     assert set(pools) == {("wan2.1-t2v-1.3b", ("transformer",)), ("wan2.2-t2v-a14b", ("transformer",)),
                           ("wan2.2-t2v-a14b", ("transformer_2",)), ("wan2.1-i2v-14b-480p", ("transformer",)),
                           ("wan2.2-i2v-a14b", ("transformer",)), ("wan2.2-i2v-a14b", ("transformer_2",)),
-                          ("ltx-2", ("transformer",))}
+                          ("wan2.2-ti2v-5b", ("transformer",)), ("ltx-2", ("transformer",))}
     assert all(p.num_gpus >= 1 for p in pools.values())
     nodes = _deployments(build_app(app.args))
     high = [node for name, node in nodes.items() if name.startswith("Denoiser:wan2.2-t2v-a14b:transformer:")]

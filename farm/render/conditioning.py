@@ -8,6 +8,8 @@ dataclass whose fields are tensors (or None), so moving and serializing it is ge
 - :class:`ImageConditioning` — Wan 2.1 image-to-video: those, plus the 20-channel condition
   (4 mask channels + 16 channels of VAE latents of the reference image followed by zero frames)
   that is concatenated to the latents at every step, and the image encoder's embeddings.
+- :class:`FirstFrameConditioning` — Wan 2.2 TI2V image-to-video: the text embeddings and the reference
+  image's own latents, which stand in for the clip's first latent frame at every step.
 - :class:`VideoConditioning` — Wan video-to-video: the text embeddings and the source clip's latents.
 - :class:`AudioVideoConditioning` — LTX-2: the text connectors' video and audio embeddings, their
   attention masks, the latent geometry that splits the state's packed latents into video and audio,
@@ -127,6 +129,19 @@ class ImageConditioning(Conditioning):
 
     condition: torch.Tensor
     image_embeds: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FirstFrameConditioning(Conditioning):
+    """Wan 2.2 TI2V image-to-video (``WanImageToVideoPipeline`` with ``expand_timesteps``): the text
+    embeddings and ``first_frame``, ``(1, z_dim, 1, h, w)``: the normalized VAE latents (the mode) of
+    the reference image alone. Each step feeds the transformer these latents as the clip's first latent
+    frame, at timestep 0, so the first frame is the image's by construction, whatever the weights.
+    """
+
+    family: ClassVar[str] = "wan-ti2v"
+
+    first_frame: torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -462,7 +462,8 @@ def denoise_batch(
             else:
                 preds = batch[0].family.predict_batch(model, [r.latents for r in batch], [r.cond for r in batch], ctxs)
             for run, pred, ctx in zip(batch, preds, ctxs):
-                run.latents = advance(run.scheduler, pred, run.latents, ctx, run.step_kwargs)
+                run.latents = run.family.after_step(advance(run.scheduler, pred, run.latents, ctx, run.step_kwargs),
+                                                    run.cond)
     for n, run in runs.items():
         try:
             results[n] = run.close(keep_on_device)

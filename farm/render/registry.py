@@ -16,8 +16,8 @@ _SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")  # ASCII digits (\d
 
 # The families whose encoder takes a reference image (farm.render.families names them; this module
 # stays torch-free for the gateway).
-IMAGE_FAMILIES = frozenset({"wan-i2v"})
-WAN_I2V_TEXT_TOKENS = 512
+IMAGE_FAMILIES = frozenset({"wan-i2v", "wan-ti2v"})
+WAN_I2V_TEXT_TOKENS = 512  # Wan 2.1 I2V's image cross-attention (family wan-i2v) needs exactly this many
 # The job param (set by the gateway) naming the object-store key of the job's reference image.
 REFERENCE_KEY_PARAM = "input_reference_key"
 # The families whose served model also renders video-to-video (remix, edit, extend): Wan V2V loads the
@@ -33,8 +33,9 @@ DEFAULT_STRENGTH = {"remix": 0.6, "edit": 0.6, "extend": 0.7}
 AUDIO_FAMILIES = frozenset({"ltx2"})
 # Per family: the side multiple the VAE and patching need, the frame-count multiple of its VAE's temporal
 # compression (frames = seconds × fps + 1 = k × multiple + 1), and the schedulers its loop runs (the first
-# is a request's default). LTX-2 compresses 32× in space and 8× in time and runs flow-matching Euler only.
-_SIDE_MULTIPLE = {"ltx2": 32}
+# is a request's default). LTX-2 compresses 32× in space and 8× in time and runs flow-matching Euler only;
+# Wan 2.2 TI2V-5B's VAE compresses 16× and its transformer patches 2×2.
+_SIDE_MULTIPLE = {"ltx2": 32, "wan-ti2v": 32}
 _FRAME_MULTIPLE = {"ltx2": 8}
 _SCHEDULERS = {"ltx2": ("flow-euler",)}
 _WAN_SCHEDULERS = ("unipc", "flow-euler")
@@ -104,12 +105,14 @@ class ModelSpec(BaseModel):
         description="A local folder saved with save_pretrained, or a hub repo id such as "
         "'Wan-AI/Wan2.1-T2V-1.3B-Diffusers' (needs network access on the workers)."
     )
-    family: Literal["wan", "wan-i2v", "ltx2"] = Field(
+    family: Literal["wan", "wan-i2v", "wan-ti2v", "ltx2"] = Field(
         default="wan",
         description="Model family (farm.render.families), which decides the encoder, the denoising step and the "
-        "decoder: 'wan' is Wan 2.1/2.2 text-to-video; 'wan-i2v' is Wan 2.1 image-to-video (a reference image "
-        "conditions the clip; needs max_sequence_length 512); 'ltx2' is LTX-2 text-to-video with synchronized "
-        "audio (sizes multiples of 32, seconds × fps a multiple of 8, flow-matching Euler).",
+        "decoder: 'wan' is Wan 2.1/2.2 text-to-video; 'wan-i2v' is Wan 2.1 image-to-video and Wan 2.2 A14B "
+        "I2V (a reference image conditions the clip; needs max_sequence_length 512); 'wan-ti2v' is Wan 2.2 "
+        "TI2V image-to-video (the image's latents are the first frame; sizes multiples of 32); 'ltx2' is "
+        "LTX-2 text-to-video with synchronized audio (sizes multiples of 32, seconds × fps a multiple of 8, "
+        "flow-matching Euler).",
     )
     experts: Literal[1, 2] = Field(
         default=1, description="1, or 2 for Wan 2.2 A14B-style high-noise/low-noise experts (one pool each)."
@@ -190,7 +193,7 @@ class ModelSpec(BaseModel):
                     f"seconds={seconds} at fps={self.fps} gives {seconds * self.fps + 1} frames; "
                     "seconds*fps must be a positive multiple of 4"
                 )
-        if self.family in IMAGE_FAMILIES and self.max_sequence_length != WAN_I2V_TEXT_TOKENS:
+        if self.family == "wan-i2v" and self.max_sequence_length != WAN_I2V_TEXT_TOKENS:
             # Wan 2.1 I2V's cross-attention splits image tokens from text tokens by assuming 512 of the latter.
             raise ValueError(
                 f"max_sequence_length={self.max_sequence_length}: family {self.family!r} needs {WAN_I2V_TEXT_TOKENS}"

@@ -79,6 +79,9 @@ TINY_IMAGE_ENCODER = dict(
     projection_dim=32,
 )
 TINY_I2V_MODEL_ID = "wan-tiny-i2v"
+# Wan 2.2 TI2V: a text-to-video-sized transformer (16 input channels: no condition channels, no image
+# cross-attention); the image enters as the first latent frame.
+TINY_TI2V_MODEL_ID = "wan-tiny-ti2v"
 
 
 def _build_tokenizer():
@@ -214,6 +217,32 @@ def build_tiny_wan_i2v(out_dir: Path, *, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_tiny_wan_ti2v(out_dir: Path, *, seed: int = 0) -> Path:
+    """Build a tiny Wan 2.2 TI2V-style pipeline (``WanImageToVideoPipeline`` with ``expand_timesteps``,
+    no image encoder) into ``out_dir``: the text-to-video model's tokenizer, UMT5, VAE, scheduler and
+    transformer shape. Written next to its destination and renamed into place."""
+    import torch
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    from farm.render.tiny_vae import reconstructing_vae
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = _build_tokenizer()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_build_text_encoder(len(tokenizer)),
+        vae=reconstructing_vae(TINY_VAE),
+        transformer=WanTransformer3DModel(**TINY_TRANSFORMER).eval(),
+        scheduler=_build_scheduler(),
+        expand_timesteps=True,
+    )
+    save_atomically(pipe, out_dir, {"family": "wan-ti2v", "variant": "tiny", "experts": 1, "fps": TINY_FPS,
+                                    "seed": seed})
+    log.info("built tiny wan ti2v at %s", out_dir)
+    return out_dir
+
+
 def save_atomically(pipe, out_dir: Path, meta: dict) -> None:
     """save_pretrained into a staging folder beside ``out_dir``, then rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -243,13 +272,16 @@ TINY_LTX2_MODEL_ID = "ltx2-tiny"
 
 def is_tiny_id(model_id: str) -> bool:
     """True for the ids of the tiny models built here or in :mod:`farm.render.tiny_ltx2`."""
-    return model_id in TINY_MODEL_IDS.values() or model_id in (TINY_I2V_MODEL_ID, TINY_LTX2_MODEL_ID)
+    return model_id in TINY_MODEL_IDS.values() or model_id in (TINY_I2V_MODEL_ID, TINY_TI2V_MODEL_ID,
+                                                                 TINY_LTX2_MODEL_ID)
 
 
 def build_tiny_by_id(model_id: str, out_dir: Path) -> Path:
     """Build the tiny model called ``model_id`` (see :func:`is_tiny_id`) into ``out_dir``; ValueError otherwise."""
     if model_id == TINY_I2V_MODEL_ID:
         return build_tiny_wan_i2v(out_dir)
+    if model_id == TINY_TI2V_MODEL_ID:
+        return build_tiny_wan_ti2v(out_dir)
     if model_id == TINY_LTX2_MODEL_ID:
         from farm.render.tiny_ltx2 import build_tiny_ltx2
 
@@ -257,7 +289,7 @@ def build_tiny_by_id(model_id: str, out_dir: Path) -> Path:
     experts = {v: k for k, v in TINY_MODEL_IDS.items()}.get(model_id)
     if experts is None:
         raise ValueError(f"model {model_id!r} is not a tiny model; tiny ones: "
-                         f"{', '.join([*TINY_MODEL_IDS.values(), TINY_I2V_MODEL_ID, TINY_LTX2_MODEL_ID])}")
+                         f"{', '.join([*TINY_MODEL_IDS.values(), TINY_I2V_MODEL_ID, TINY_TI2V_MODEL_ID, TINY_LTX2_MODEL_ID])}")
     return build_tiny_wan(out_dir, experts=experts)
 
 
@@ -294,4 +326,20 @@ def tiny_i2v_spec(path: Path | str) -> ModelSpec:
         max_steps=50,
         guidance_scale=5.0,
         max_sequence_length=512,
+    )
+
+
+def tiny_ti2v_spec(path: Path | str) -> ModelSpec:
+    """The registry entry for the tiny Wan 2.2 TI2V-style model: sides of 32k up to 128, 1–2 s at 8 fps."""
+    return ModelSpec(
+        id=TINY_TI2V_MODEL_ID,
+        family="wan-ti2v",
+        path=str(path),
+        fps=TINY_FPS,
+        sizes=["64x64", "128x128", "128x96", "96x128"],
+        seconds=[1, 2],
+        default_steps=8,
+        max_steps=50,
+        guidance_scale=5.0,
+        max_sequence_length=64,
     )

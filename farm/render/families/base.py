@@ -133,7 +133,13 @@ class Family(ABC):
         The result keeps ``latents``' dtype: flow-match Euler returns the model's dtype, and casting
         back keeps one latent dtype across steps and shards (lossless: the next step upcasts anyway).
         """
-        return advance(scheduler, self.predict(model, latents, cond, ctx), latents, ctx, step_kwargs)
+        return self.after_step(advance(scheduler, self.predict(model, latents, cond, ctx), latents, ctx, step_kwargs),
+                               cond)
+
+    def after_step(self, latents: torch.Tensor, cond: "Conditioning") -> torch.Tensor:
+        """The latents after ``scheduler.step``, as the family keeps them between steps (unchanged here;
+        Wan TI2V pins the first frame to the image's latents)."""
+        return latents
 
     def predict_batch(
         self,

@@ -64,11 +64,15 @@ class WanTextToVideo(Family):
         """Keyword arguments both guidance passes share beyond the text (none for text-to-video)."""
         return {}
 
+    def model_timestep(self, model: torch.nn.Module, latents: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The transformer's ``timestep``: the step's t for each batch row."""
+        return ctx.timestep.expand(latents.shape[0])
+
     def predict(
         self, model: torch.nn.Module, latents: torch.Tensor, cond: Conditioning, ctx: StepContext
     ) -> torch.Tensor:
         model_input = self.model_input(model, latents, cond)
-        timestep = ctx.timestep.expand(latents.shape[0])
+        timestep = self.model_timestep(model, latents, ctx)
         shared = self.model_kwargs(model, cond)
         cache = ctx.cache()
 
@@ -117,7 +121,7 @@ class WanTextToVideo(Family):
         texts = [cond.prompt_embeds for cond in conds] + [conds[i].negative_prompt_embeds for i in guided]
         out = model(
             hidden_states=torch.cat([inputs[i] for i in rows]),
-            timestep=torch.cat([ctxs[i].timestep.expand(inputs[i].shape[0]) for i in rows]),
+            timestep=torch.cat([self.model_timestep(model, latents[i], ctxs[i]) for i in rows]),
             encoder_hidden_states=torch.cat(texts).to(model.dtype),
             return_dict=False,
             **{key: torch.cat([shared[i][key] for i in rows]) for key in shared[0]},
