@@ -328,6 +328,17 @@ class DecoderStage:
         return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
+def encode_normalized(vae, video: torch.Tensor) -> torch.Tensor:
+    """A Wan VAE's normalized latents of ``video`` (``(B, 3, F, H, W)`` in [-1, 1], on the VAE's device):
+    the distribution's mode (no randomness), shifted and scaled by ``latents_mean`` / ``latents_std`` as
+    the Wan pipelines' ``prepare_latents`` do."""
+    cfg = vae.config
+    latents = vae.encode(video).latent_dist.mode()
+    mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents)
+    inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents)
+    return (latents - mean) * inv_std
+
+
 def initial_state(
     spec: ModelSpec, params: RenderParams, conditioning: Conditioning, *, device: str = "cpu"
 ) -> DenoiseState:

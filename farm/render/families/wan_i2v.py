@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from farm.render.conditioning import Conditioning, ImageConditioning
-from farm.render.engine import ModelLayout, TextEncoderStage, pick_device
+from farm.render.engine import ModelLayout, TextEncoderStage, encode_normalized, pick_device
 from farm.render.families.wan import WanTextToVideo
 from farm.render.reference import fit_reference
 
@@ -93,15 +93,11 @@ class ImageEncoderStage:
         height, width = params.height, params.width
         num_frames = self.spec.num_frames(params.seconds)
         ratio = self.layout.scale_temporal
-        cfg = self.vae.config
 
         # 1. The image as the first of num_frames frames, the rest zeros (mid-gray in [-1, 1]).
         pixels = self.video_processor.preprocess(frame, height=height, width=width).to(self.device, torch.float32)
         video = torch.cat([pixels.unsqueeze(2), pixels.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
-        latents = self.vae.encode(video).latent_dist.mode()  # the mode, not a sample: no randomness here
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents)
-        latents = (latents - mean) * inv_std
+        latents = encode_normalized(self.vae, video)  # the mode, not a sample: no randomness here
 
         # 2. The mask: 1 on the pixel frame the image pins, 0 elsewhere. The VAE folds the first frame
         #    alone and then groups of `ratio`, so the first frame's mask is repeated `ratio` times and

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from farm.render.conditioning import Conditioning, FirstFrameConditioning
+from farm.render.engine import encode_normalized
 from farm.render.families.base import StepContext
 from farm.render.families.wan import WanTextToVideo
 from farm.render.families.wan_i2v import ImageEncoderStage
@@ -47,11 +48,7 @@ class FirstFrameEncoderStage(ImageEncoderStage):
         """The normalized VAE latents (the mode: no randomness) of ``frame``, ``(1, z_dim, 1, h, w)`` float32 on CPU."""
         pixels = self.video_processor.preprocess(frame, height=params.height, width=params.width)
         pixels = pixels.to(self.device, torch.float32).unsqueeze(2)
-        latents = self.vae.encode(pixels).latent_dist.mode()
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents)
-        return ((latents - mean) * inv_std).to("cpu", torch.float32)
+        return encode_normalized(self.vae, pixels).to("cpu", torch.float32)
 
 
 def _first_frame_of(cond: Conditioning) -> torch.Tensor:

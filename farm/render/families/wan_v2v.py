@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from farm.render.conditioning import Conditioning, VideoConditioning
-from farm.render.engine import ModelLayout, TextEncoderStage, make_scheduler, pick_device
+from farm.render.engine import ModelLayout, TextEncoderStage, encode_normalized, make_scheduler, pick_device
 from farm.render.families.wan import WanTextToVideo
 from farm.render.registry import VIDEO_FAMILIES, check_strength
 from farm.render.source import last_frame, source_clip
@@ -93,12 +93,8 @@ class VideoEncoderStage:
     @torch.no_grad()
     def encode_frames(self, frames: list["Image.Image"], height: int, width: int) -> torch.Tensor:
         """The normalized VAE latents (the mode: no randomness) of ``frames``, float32 on CPU."""
-        cfg = self.vae.config
         video = self.video_processor.preprocess_video(frames, height=height, width=width)
-        latents = self.vae.encode(video.to(self.device, torch.float32)).latent_dist.mode()
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents)
-        return ((latents - mean) * inv_std).to("cpu", torch.float32)
+        return encode_normalized(self.vae, video.to(self.device, torch.float32)).to("cpu", torch.float32)
 
 
 class WanVideoToVideo(WanTextToVideo):
