@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -338,6 +339,11 @@ def test_concurrent_claims_never_double_claim(store: JobStore, store_url: str) -
         return ids
 
     go(child)
+    # The threads start once the child holds a claim: on a loaded machine they could otherwise drain
+    # the queue before the child process is scheduled at all, and the cross-process race never runs.
+    deadline = time.monotonic() + 60
+    while not any(job.lease_owner == "child" for job in store.list(limit=total)[0]) and time.monotonic() < deadline:
+        time.sleep(0.005)
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(worker, ["t0", "t1", "t2"]))
     child_ids = json.loads(finish(child))
