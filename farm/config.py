@@ -174,6 +174,10 @@ class ServeSettings(BaseModel):
         "How old a gateway replica's view of the queue (positions, estimates) may get before it is read again."))
     events_tick_s: float = Field(default=0.5, gt=0, le=60, description=(
         "How often a gateway replica reads the jobs its event streams (GET /v1/videos/{id}/events) follow."))
+    event_stream_max_s: float = Field(default=600.0, gt=0, le=86_400, description=(
+        "Longest one GET /v1/videos/{id}/events stream stays open: it then ends without a final event, and the "
+        "client resumes it with Last-Event-ID (`farm submit --wait` does). Bounds how long a gateway replica holds "
+        "one connection."))
     gateway_replicas: int = Field(default=1, ge=1, description="Gateway (HTTP ingress) replicas.")
     encoder_replicas: int = Field(default=1, ge=1, description="Text-encoder replicas.")
     encoder_num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per text-encoder replica.")

@@ -3,7 +3,8 @@
 ``follow(base_url, api_key, video_id, on_update)`` reads ``GET /v1/videos/{id}/events``
 (Server-Sent Events) and calls ``on_update(video)`` with each object it carries; if the stream
 cannot be opened or breaks before a terminal event, it reconnects with ``Last-Event-ID`` a few
-times, then polls ``GET /v1/videos/{id}``, waiting what each reply's ``openai-poll-after-ms``
+times (a stream the gateway ended after ``serve.event_stream_max_s`` is resumed as often as it
+takes), then polls ``GET /v1/videos/{id}``, waiting what each reply's ``openai-poll-after-ms``
 asks. Returns the final video object (a dict).
 """
 
@@ -20,7 +21,8 @@ import httpx
 log = logging.getLogger(__name__)
 
 TERMINAL = ("completed", "failed", "cancelled")
-_RECONNECTS = 3
+_RECONNECTS = 3  # failed or short-lived streams before falling back to polling
+_SHORT_STREAM_S = 0.25  # a stream the gateway held at least this long ended at its bound, not in a fault
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[dict[str, str]]:
@@ -44,7 +46,9 @@ def follow(base_url: str, api_key: str, video_id: str, on_update: Callable[[dict
     deadline = time.monotonic() + timeout_s
     last_id = None
     with httpx.Client(base_url=base_url, headers=headers, timeout=httpx.Timeout(30.0, read=60.0)) as http:
-        for _attempt in range(_RECONNECTS):
+        failures = 0
+        while failures < _RECONNECTS:
+            opened = time.monotonic()
             try:
                 extra = {"Last-Event-ID": last_id} if last_id else {}
                 with http.stream("GET", f"/v1/videos/{video_id}/events", headers=extra) as reply:
@@ -54,14 +58,20 @@ def follow(base_url: str, api_key: str, video_id: str, on_update: Callable[[dict
                         break
                     for event in sse_events(reply.iter_lines()):
                         if event.get("event") == "error":
+                            failures += 1
                             break
                         video = json.loads(event["data"])
                         last_id = event.get("id", last_id)
                         on_update(video)
                         if video.get("status") in TERMINAL:
                             return video, "events"
+                    else:
+                        # The gateway ends a long stream (serve.event_stream_max_s): resume where it left off.
+                        # One that ends at once, over and over, is a fault like a broken one.
+                        failures += time.monotonic() - opened < _SHORT_STREAM_S
             except httpx.HTTPError as exc:
                 log.info("event stream broke (%s); reconnecting", exc)
+                failures += 1
             if time.monotonic() > deadline:
                 raise TimeoutError(f"video {video_id} did not finish in {timeout_s:.0f} s")
         return _poll(http, video_id, on_update, deadline), "polling"

@@ -141,6 +141,7 @@ class GatewayDeps:
     # Queue positions and completion estimates (None: the objects carry nulls).
     queue: QueueView | None = None
     events_tick_s: float = 0.5  # how often the event streams' watcher reads the watched jobs
+    event_stream_max_s: float = 600.0  # one event stream's longest life; the client resumes with Last-Event-ID
     on_created: Callable[[str], Awaitable[None] | None] | None = None  # wakes the dispatcher
     # API keys and rate limits; None serves one anonymous tenant (embedding, unit tests).
     auth: GatewayAuth | None = None
@@ -469,7 +470,8 @@ def _add_routes(app: FastAPI, deps: GatewayDeps) -> None:
     )
     async def stream_events(video_id: str, request: Request) -> EventSourceResponse:
         job = await get_readable(video_id, await owner(request))
-        events = video_events(watch, job, request.headers.get("last-event-id"), streamed)
+        events = video_events(watch, job, request.headers.get("last-event-id"), streamed,
+                              max_s=deps.event_stream_max_s)
         return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-store"})
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, summary="Delete a video and its assets",

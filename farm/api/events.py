@@ -15,7 +15,9 @@ saw, so a resumed stream repeats no update (the final event is always sent).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -91,20 +93,36 @@ def event_id(job: Job, shown: dict[str, Any], eta_step_s: int) -> str:
 
 
 async def video_events(watch: JobWatch, job: Job, last_event_id: str | None,
-                       show: Callable[[Job], Awaitable[dict[str, Any]]], eta_step_s: int = 2,
-                       ) -> AsyncIterator[dict[str, str]]:
-    """The event stream of one video, as sse-starlette sends it (``event``, ``id``, ``data``)."""
+                       show: Callable[[Job], Awaitable[dict[str, Any]]], eta_step_s: int = 2, *,
+                       max_s: float | None = None) -> AsyncIterator[dict[str, str]]:
+    """The event stream of one video, as sse-starlette sends it (``event``, ``id``, ``data``).
+
+    After ``max_s`` seconds (checked at each of the watcher's ticks) a stream whose video is still
+    going ends without a final event; the client resumes it with ``Last-Event-ID``."""
     last = last_event_id
-    async for row in watch.follow(job):
-        if row is None:
-            yield {"event": "error", "data": json.dumps({"error": {
-                "message": f"video {job.id!r} was deleted", "type": "invalid_request_error",
-                "param": "video_id", "code": "video_deleted"}})}
-            return
-        shown = await show(row)
-        current = event_id(row, shown, eta_step_s)
-        terminal = row.status in TERMINAL
-        if current != last or terminal:  # the final object always, so a resumed stream ends knowing it
-            yield {"event": f"video.{row.status}" if terminal else "video.updated", "id": current,
-                   "data": json.dumps(shown)}
-            last = current
+    deadline = None if max_s is None else time.monotonic() + max_s
+    async with contextlib.aclosing(watch.follow(job)) as rows:
+        async for row in rows:
+            event = await _event_of(job, row, last, show, eta_step_s)
+            if event is not None:
+                yield event
+                last = event.get("id", last)
+            if event is not None and event["event"] != "video.updated":  # final, or the video was deleted
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+
+
+async def _event_of(job: Job, row: Job | None, last: str | None, show: Callable[[Job], Awaitable[dict[str, Any]]],
+                    eta_step_s: int) -> dict[str, str] | None:
+    """The event ``row`` makes after the state ``last``; None when the client saw that state already."""
+    if row is None:
+        return {"event": "error", "data": json.dumps({"error": {
+            "message": f"video {job.id!r} was deleted", "type": "invalid_request_error",
+            "param": "video_id", "code": "video_deleted"}})}
+    shown = await show(row)
+    current = event_id(row, shown, eta_step_s)
+    terminal = row.status in TERMINAL
+    if current == last and not terminal:  # the final object always, so a resumed stream ends knowing it
+        return None
+    return {"event": f"video.{row.status}" if terminal else "video.updated", "id": current, "data": json.dumps(shown)}

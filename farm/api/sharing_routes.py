@@ -50,9 +50,10 @@ class LifetimeUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lifetime_s: int | None = Field(
-        default=None, ge=60, le=MAX_LIFETIME_S,
+        default=None, ge=1, le=MAX_LIFETIME_S,
         description="Seconds this account's clips are kept after they complete (applies to clips created from now "
-        "on); null: its tier's lifetime, else the farm's default.")
+        "on), at least the farm's expiry.min_lifetime_s (60 unless set); null: its tier's lifetime, else the farm's "
+        "default.")
 
 
 def _refused(exc: SharingRefused) -> InvalidRequest:
@@ -190,5 +191,8 @@ def add_sharing_routes(app: FastAPI, deps: GatewayDeps, owner_of: Callable[[Requ
               responses={404: {"model": ErrorResponse}})
     async def set_lifetime(account_id: str, body: LifetimeUpdate) -> dict[str, Any]:
         await lifetime_object(account_id)  # 404 for an unknown account, before writing
-        await run_in_threadpool(lifetimes.set_override, account_id, body.lifetime_s)
+        try:
+            await run_in_threadpool(lifetimes.set_override, account_id, body.lifetime_s)
+        except ValueError as exc:  # below the farm's expiry.min_lifetime_s
+            raise InvalidRequest(str(exc), param="lifetime_s") from exc
         return await lifetime_object(account_id)

@@ -28,15 +28,18 @@ from farm.jobs.tables import UNREAPED, VIDEOS
 from farm.jobs.usage import BUDGETS
 
 MAX_LIFETIME_S = 10 * 365 * 24 * 3600
+MIN_LIFETIME_S = 60  # the floor unless the operator sets expiry.min_lifetime_s
 _V, _C, _T, _B = VIDEOS, VIDEOS.c, LIFETIMES.c, BUDGETS.c
 
 
 @dataclasses.dataclass(frozen=True)
 class LifetimeRule:
-    """The farm's lifetimes (from ``ExpirySettings``): a default and one per account tier."""
+    """The farm's lifetimes (from ``ExpirySettings``): a default, one per account tier, and the
+    shortest an operator may give an account."""
 
     default_s: float = DEFAULT_EXPIRES_IN_S
     tiers: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    min_s: int = MIN_LIFETIME_S
 
     def lifetime_s(self, tier: str | None, override_s: float | None) -> float:
         if override_s is not None:
@@ -84,9 +87,10 @@ class Lifetimes:
 
     def set_override(self, account_id: str, lifetime_s: int | None) -> None:
         """The operator's lifetime for an account; None: back to its tier's or the default."""
+        floor = self.rule.min_s
         if lifetime_s is not None and (isinstance(lifetime_s, bool) or not isinstance(lifetime_s, int)
-                                       or not 60 <= lifetime_s <= MAX_LIFETIME_S):
-            raise ValueError(f"lifetime_s: {lifetime_s!r} is out of range; allowed: 60..{MAX_LIFETIME_S} or null")
+                                       or not floor <= lifetime_s <= MAX_LIFETIME_S):
+            raise ValueError(f"lifetime_s: {lifetime_s!r} is out of range; allowed: {floor}..{MAX_LIFETIME_S} or null")
         with self.db.writer.begin() as conn:
             conn.execute(sa.delete(LIFETIMES).where(_T.account_id == account_id))
             if lifetime_s is not None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from farm.jobs.expiry import MAX_LIFETIME_S, LifetimeRule
+from farm.jobs.expiry import MAX_LIFETIME_S, MIN_LIFETIME_S, LifetimeRule
 from farm.jobs.job import DEFAULT_EXPIRES_IN_S
 
-_Lifetime = Annotated[int, Field(ge=60, le=MAX_LIFETIME_S)]
+_Lifetime = Annotated[int, Field(ge=1, le=MAX_LIFETIME_S)]
 
 
 class ExpirySettings(BaseModel):
@@ -22,6 +22,11 @@ class ExpirySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    min_lifetime_s: _Lifetime = Field(
+        default=MIN_LIFETIME_S,
+        description="The shortest lifetime in seconds this farm allows: for default_lifetime_s, every tier, and an "
+        "operator's per-account override (a shorter one is refused with a 400 naming lifetime_s).",
+    )
     default_lifetime_s: _Lifetime = Field(
         default=DEFAULT_EXPIRES_IN_S,
         description="Seconds a clip's assets are kept after it completes, for an account with no override and no "
@@ -42,5 +47,14 @@ class ExpirySettings(BaseModel):
         description="Most expired clips the reaper removes per turn (the rest wait for the next turn).",
     )
 
+    @model_validator(mode="after")
+    def _not_below_the_floor(self) -> "ExpirySettings":
+        short = {"default_lifetime_s": self.default_lifetime_s, **{f"tiers.{k}": v for k, v in self.tiers.items()}}
+        for name, seconds in short.items():
+            if seconds < self.min_lifetime_s:
+                raise ValueError(f"expiry.{name} ({seconds} s) is below expiry.min_lifetime_s ({self.min_lifetime_s} s)")
+        return self
+
     def rule(self) -> LifetimeRule:
-        return LifetimeRule(float(self.default_lifetime_s), {k: float(v) for k, v in self.tiers.items()})
+        return LifetimeRule(float(self.default_lifetime_s), {k: float(v) for k, v in self.tiers.items()},
+                            min_s=self.min_lifetime_s)

@@ -86,6 +86,7 @@ class Gateway:
             poll_after_max_ms=ss.poll_after_max_ms,
             queue=QueueView(self.store, self._queue_snapshot, ttl_s=ss.queue_view_s),
             events_tick_s=ss.events_tick_s,
+            event_stream_max_s=ss.event_stream_max_s,
             on_created=wake,
             auth=auth,
             invite_ttl_s=settings.auth.invite_ttl_s,

@@ -30,7 +30,7 @@ from farm.storage import ClipLayout, ObjectStore
 
 WORKER = "fuzz-finisher"
 SEED = 20240607
-MAX_EXAMPLES = 10  # per operation and phase: ~50 operations × the phases, a couple of minutes on 2 cores
+MAX_EXAMPLES = 10  # per operation and phase: ~50 operations × the phases
 MAX_QUEUED = 12  # low, so the stateful phase's creates also meet the queue cap (429)
 MEDIA = {"video": b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8,
          "thumbnail": b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(64),
@@ -115,8 +115,10 @@ class Tally:
 def fuzz_app(make_auth_app, jobs, objects):
     """The gateway as the farm runs it: API keys required, a queue cap, S3 for content and deletes, and a
     tier alias (OpenAI's sizes map onto wan-tiny's portrait one; a landscape one has none to map to)."""
+    # A queued video's event stream lasts until its bound (serve.event_stream_max_s): half a second here.
     return make_auth_app(objects=objects, max_queued=MAX_QUEUED, on_created=InstantFarm(jobs, objects),
-                         aliases=[ModelAlias(id="sora-2", model="wan-tiny")])
+                         aliases=[ModelAlias(id="sora-2", model="wan-tiny")], event_stream_max_s=0.5,
+                         events_tick_s=0.1)
 
 
 def fuzz(app: Any, headers: dict[str, str], *, max_examples: int = MAX_EXAMPLES, path_regex: str | None = None,

@@ -210,3 +210,33 @@ def test_many_streams_share_one_watcher_read_per_tick(make_app, jobs, snapshots,
             s.join(timeout=20)
         assert not any(s.is_alive() for s in streams)
     assert reads and max(reads) <= 3  # 12 streams, one read of at most 3 ids per tick
+
+
+def test_a_long_stream_ends_at_its_bound_and_follow_resumes_it_to_the_end(make_app, jobs, snapshots):
+    from farm.follow import follow
+
+    app = _app(make_app, jobs, snapshots, event_stream_max_s=0.3)
+    with LiveServer(app) as url:
+        video = httpx.post(f"{url}/v1/videos", json={"prompt": "a heron", "steps": 4}).json()
+        started = time.monotonic()
+        first = _events(url, video["id"])  # the job stays queued: the gateway ends the stream at its bound
+        assert time.monotonic() - started < 10
+        assert [e["event"] for e in first] == ["video.updated"] and app.state.job_watch.watched == 0
+        again = _events(url, video["id"], {"Last-Event-ID": first[-1]["id"]})
+        assert again == []  # resumed: the same state is not sent twice
+
+        # `farm submit --wait`'s follower resumes across many bounded streams (more than its failure
+        # budget of reconnects) and ends on the final event, not by polling.
+        updates: list[dict] = []
+
+        def finish_later() -> None:
+            time.sleep(1.5)  # five of the 0.3 s streams
+            job = jobs.claim_next("dispatcher:test", lease_s=60)
+            jobs.complete(job.id, "dispatcher:test", {"video": f"videos/{job.id}/video.mp4"})
+
+        finisher = threading.Thread(target=finish_later)
+        finisher.start()
+        final, how = follow(url, "unused", video["id"], updates.append, timeout_s=30)
+        finisher.join()
+    assert (final["status"], how) == ("completed", "events")
+    assert updates[-1]["status"] == "completed"

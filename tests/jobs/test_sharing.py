@@ -156,6 +156,23 @@ def test_lifetime_is_account_override_then_tier_then_default(store, accounts):
     assert lifetimes.settings_of(ada) == (None, None)
 
 
+def test_the_operator_sets_the_shortest_lifetime(store, accounts):
+    from pydantic import ValidationError
+
+    from farm.jobs.expiry_settings import ExpirySettings
+
+    ada = account(accounts, "ada")
+    lifetimes = Lifetimes(store.db, ExpirySettings(min_lifetime_s=5, default_lifetime_s=3600).rule())
+    lifetimes.set_override(ada, 5)
+    assert lifetimes.lifetime_of(ada) == 5
+    with pytest.raises(ValueError, match=r"allowed: 5\.\."):
+        lifetimes.set_override(ada, 4)
+    assert lifetimes.lifetime_of(ada) == 5  # the refused value changed nothing
+    for too_short in ({"default_lifetime_s": 30}, {"tiers": {"free": 59}}):  # below the default floor of 60
+        with pytest.raises(ValidationError, match="min_lifetime_s"):
+            ExpirySettings(**too_short)
+
+
 def test_the_lifetime_restarts_when_the_clip_completes(store, clock):
     clock.freeze()
     job = store.create(model="wan-tiny", prompt="a cat", size="128x128", seconds=2, params={}, expires_in_s=3600)

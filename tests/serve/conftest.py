@@ -18,6 +18,7 @@ from tests.serve.farmkit import running_farm
 
 SHARD_STEPS = 25  # long shards (~2.5 s at 256x256, 4 s) leave time to kill one mid-way
 SHARD_RETRIES = 2
+TRUST_LIFETIME_S = 20
 # Prompts name the fault they ask for. The slow ones stretch shards (same frames, later) so tests
 # that act mid-shard (kill a replica, cancel, roll the dispatcher) have seconds to act in, not a race.
 CHAOS = [{"kind": "nan", "prompt_contains": "chaos-nan"}, {"kind": "oom", "prompt_contains": "chaos-oom"},
@@ -31,8 +32,9 @@ SETTINGS = {
     # per-key rate above what its one key sends. Two gateway replicas: every test's requests go
     # through either, their rate limits shared in the Redis `farm up` starts (test_queue_events.py).
     "serve": {"max_queued_per_account": 6, "rate_limit": "3000/minute", "gateway_replicas": 2},
-    # test_trust_farm.py waits for the reaper to remove an expired clip: it looks every second.
-    "expiry": {"reaper_poll_s": 1.0},
+    # test_trust_farm.py waits for a clip of a 20 s lifetime to expire (below the default floor of
+    # 60 s, so it need not wait a minute) and for the reaper to remove it: it looks every second.
+    "expiry": {"reaper_poll_s": 1.0, "min_lifetime_s": TRUST_LIFETIME_S},
 }
 # Serve config fields beyond the app's args: test_farm_up checks they reach the running farm.
 DEPLOYMENT_EXTRAS = {

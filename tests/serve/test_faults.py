@@ -143,7 +143,7 @@ def test_storage_outage_is_waited_out_and_leaves_no_open_upload(farm):
     wait_for(lambda: any(store.get(i).status == "in_progress" for i in ids), 180, interval=0.1, what="a job to start")
 
     farm_cli("storage", "stop", env=farm.env)
-    time.sleep(20)
+    time.sleep(10)
     during = [store.get(i) for i in ids]
     restarted = farm_cli("storage", "start", env=farm.env).stdout.strip().splitlines()[-1]
 

@@ -11,7 +11,9 @@ answers 404 ``video_expired`` and the farm's reaper removes its objects from S3;
 from __future__ import annotations
 
 import io
+import json
 import time
+import urllib.error
 import uuid
 
 import httpx
@@ -21,6 +23,7 @@ import pytest
 
 from farm.finish.media import encode_mp4
 from farm.storage.s3 import ClipLayout
+from tests.serve.conftest import TRUST_LIFETIME_S
 from tests.serve.farmkit import wait_for
 
 pytestmark = pytest.mark.slow
@@ -61,8 +64,11 @@ def test_cameo_consent_sharing_and_expiry_on_the_farm(shared_farm, tmp_path):
     objects = farm.objects()
     with _raw(farm, a_key) as a_raw, _raw(farm, b_key) as b_raw:
         a_id, b_id = a_raw.get("/account").json()["id"], b_raw.get("/account").json()["id"]
-        # A's clips live 60 s (the shortest lifetime an operator may set), from this clip on.
-        farm.admin("POST", f"/v1/admin/accounts/{a_id}/lifetime", {"lifetime_s": 60})
+        # A's clips live TRUST_LIFETIME_S (the shortest lifetime this farm's operator allows), from this clip on.
+        with pytest.raises(urllib.error.HTTPError) as short:  # below expiry.min_lifetime_s
+            farm.admin("POST", f"/v1/admin/accounts/{a_id}/lifetime", {"lifetime_s": TRUST_LIFETIME_S - 1})
+        assert short.value.code == 400 and json.loads(short.value.read())["error"]["param"] == "lifetime_s"
+        farm.admin("POST", f"/v1/admin/accounts/{a_id}/lifetime", {"lifetime_s": TRUST_LIFETIME_S})
         draft = a.videos.create_and_poll(model="wan-tiny", prompt="a quiet harbour at dawn", **SMALL)
         assert draft.status == "completed", draft.error
 
@@ -116,7 +122,7 @@ def test_cameo_consent_sharing_and_expiry_on_the_farm(shared_farm, tmp_path):
 
         # The draft's lifetime ends: content is 404 video_expired and the reaper empties its S3 prefix.
         expires_at = a.videos.retrieve(draft.id).expires_at
-        assert expires_at is not None and abs(expires_at - draft.completed_at - 60) <= 1
+        assert expires_at is not None and abs(expires_at - draft.completed_at - TRUST_LIFETIME_S) <= 1
         # The API's times are whole seconds, the farm's are not: the expiry may fall up to 1 s after expires_at.
         time.sleep(max(0.0, expires_at - time.time()) + 1.5)
         assert _error(a_raw.get(f"/videos/{draft.id}/content"), 404)["code"] == "video_expired"
