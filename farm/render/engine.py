@@ -299,7 +299,8 @@ class DenoiserStage:
 
 class DecoderStage:
     """Latents → uint8 RGB frames ``(F, H, W, 3)`` with the Wan VAE, run in float32 on ``device`` (on CPU
-    with the faster kernels of farm.render.cpu_kernels unless the model asks for ``vae_kernels: stock``)."""
+    with the faster kernels of farm.render.cpu_kernels unless the model asks for ``vae_kernels: stock``;
+    in spatial tiles when it asks for ``vae_tiling``)."""
 
     def __init__(self, spec: ModelSpec, device: str | None = None) -> None:
         from diffusers import AutoencoderKLWan
@@ -314,6 +315,8 @@ class DecoderStage:
             from farm.render.cpu_kernels import use_fast_cpu_kernels
 
             use_fast_cpu_kernels(self.vae)
+        if spec.vae_tiling:
+            self.vae.enable_tiling()
         self.processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
 
     @torch.no_grad()

@@ -152,6 +152,12 @@ class ModelSpec(BaseModel):
         "as sqrt(sum(x*x)) (farm/render/cpu_kernels.py; the same arithmetic, pixels differ by rounding); 'stock' "
         "keeps diffusers' modules as they are. On CUDA the VAE is always stock.",
     )
+    vae_tiling: bool = Field(
+        default=False,
+        description="Decode the video VAE in overlapping spatial tiles (diffusers' enable_tiling with its own tile "
+        "sizes, 256 pixels for Wan), so one decode's peak memory follows the tile, not the frame: for large frames "
+        "on a GPU. Frames within one tile decode as without it; larger ones differ slightly where tiles blend.",
+    )
 
     @field_validator("sizes")
     @classmethod

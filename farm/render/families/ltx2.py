@@ -175,8 +175,8 @@ def _audio_guidance(spec: "ModelSpec") -> float:
 
 
 class LTX2DecoderStage:
-    """Final packed latents → frames and a stereo waveform: the video VAE, the audio VAE and the vocoder,
-    float32 on ``device``."""
+    """Final packed latents → frames and a stereo waveform: the video VAE (in spatial tiles when the model
+    asks for ``vae_tiling``), the audio VAE and the vocoder, float32 on ``device``."""
 
     def __init__(self, spec: "ModelSpec", device: str | None = None) -> None:
         from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, LTX2VideoTransformer3DModel
@@ -188,6 +188,8 @@ class LTX2DecoderStage:
         self.dtype = torch.float32
         load = dict(torch_dtype=self.dtype)
         self.vae = AutoencoderKLLTX2Video.from_pretrained(spec.path, subfolder="vae", **load).to(self.device).eval()
+        if spec.vae_tiling:
+            self.vae.enable_tiling()
         self.audio_vae = AutoencoderKLLTX2Audio.from_pretrained(spec.path, subfolder="audio_vae", **load)
         self.audio_vae = self.audio_vae.to(self.device).eval()
         self.vocoder = LTX2Vocoder.from_pretrained(spec.path, subfolder="vocoder", **load).to(self.device).eval()
