@@ -68,7 +68,8 @@ def follow(base_url: str, api_key: str, video_id: str, on_update: Callable[[dict
                     else:
                         # The gateway ends a long stream (serve.event_stream_max_s): resume where it left off.
                         # One that ends at once, over and over, is a fault like a broken one.
-                        failures += time.monotonic() - opened < _SHORT_STREAM_S
+                        if time.monotonic() - opened < _SHORT_STREAM_S:
+                            failures += 1
             except httpx.HTTPError as exc:
                 log.info("event stream broke (%s); reconnecting", exc)
                 failures += 1

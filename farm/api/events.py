@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -106,9 +106,9 @@ async def video_events(watch: JobWatch, job: Job, last_event_id: str | None,
             event = await _event_of(job, row, last, show, eta_step_s)
             if event is not None:
                 yield event
-                last = event.get("id", last)
-            if event is not None and event["event"] != "video.updated":  # final, or the video was deleted
-                return
+                if event["event"] != "video.updated":  # final, or the video was deleted
+                    return
+                last = event["id"]
             if deadline is not None and time.monotonic() >= deadline:
                 return
 

@@ -155,7 +155,7 @@ class ModelSpec(BaseModel):
     vae_tiling: bool = Field(
         default=False,
         description="Decode the video VAE in overlapping spatial tiles (diffusers' enable_tiling with its own tile "
-        "sizes, 256 pixels for Wan), so one decode's peak memory follows the tile, not the frame: for large frames "
+        "sizes: 256 pixels for Wan, 512 for LTX-2), so one decode's peak memory follows the tile, not the frame: for large frames "
         "on a GPU. Frames within one tile decode as without it; larger ones differ slightly where tiles blend.",
     )
 
