@@ -15,18 +15,13 @@ from farm.render.engine import DenoiserStage, initial_state
 from farm.render.families import get_family
 from farm.render.reference import fit_reference, open_reference
 from farm.render.registry import validate_request
-from tests.figures import report
+from tests.figures import psnr, report
 from tests.render.test_i2v import SEED, reference_image
 
 STEPS = 4
 # The tiny VAE must give back an image it encoded at least this well (PSNR, dB) before a clip can
 # look like its reference frame at all (the fitted tiny VAE does: farm/render/tiny_vae.py).
 MIN_VAE_ROUNDTRIP_DB = 15.0
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
 
 
 def _cameo_frames(tmp_path) -> list[Image.Image]:
@@ -52,13 +47,13 @@ def test_a_cameo_clip_is_closer_to_the_cameo_than_a_render_without_it(tiny_i2v_s
     for name, image in (("cameo", frame), ("without", reference_image("y", 96))):
         state = denoiser.run(initial_state(spec, params, encoder.encode_job(params, image)), 0, params.steps)
         clips[name] = decoder.decode(state.latents)
-    figures = {name: float(np.mean([_psnr(f, target) for f in clip])) for name, clip in clips.items()}
+    figures = {name: float(np.mean([psnr(f, target) for f in clip])) for name, clip in clips.items()}
     # The first frames differ already: the conditioning reached the denoiser.
     assert not np.array_equal(clips["cameo"], clips["without"])
 
     ratio = encoder.layout.scale_temporal
     roundtrip = decoder.decode(encoder.condition(fit_reference(frame, params.width, params.height), params)[:, ratio:])
-    figures["vae_roundtrip_db"] = _psnr(roundtrip[0], target)
+    figures["vae_roundtrip_db"] = psnr(roundtrip[0], target)
     report(f"cameo clip PSNR to the cameo frame {figures['cameo']:.2f} dB, render without it "
            f"{figures['without']:.2f} dB; tiny VAE round trip {figures['vae_roundtrip_db']:.2f} dB")
     assert figures["vae_roundtrip_db"] >= MIN_VAE_ROUNDTRIP_DB, figures  # the image survives the VAE

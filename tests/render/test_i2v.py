@@ -14,7 +14,7 @@ from farm.render.engine import DenoiserStage, ModelLayout, TextEncoderStage, ini
 from farm.render.families import get_family
 from farm.render.reference import fit_reference
 from farm.render.registry import ModelSpec, validate_request
-from tests.figures import report
+from tests.figures import psnr, report
 
 STEPS = 8
 SEED = 4321
@@ -159,11 +159,6 @@ def test_wrong_inputs_are_refused_by_name(tiny_spec, tiny_i2v_spec, stages):
         ModelSpec.model_validate({**tiny_i2v_spec.model_dump(), "max_sequence_length": 64})
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
-
-
 def _first_frame_psnrs(spec, encoder, denoiser, decoder, params) -> dict[str, float]:
     first = {}
     for kind in "xy":
@@ -171,7 +166,7 @@ def _first_frame_psnrs(spec, encoder, denoiser, decoder, params) -> dict[str, fl
                              params.steps)
         first[kind] = decoder.decode(state.latents)[0]
     x, y = (np.asarray(fit_reference(reference_image(k, 160), params.width, params.height)) for k in "xy")
-    return {"clip_x~x": _psnr(first["x"], x), "clip_x~y": _psnr(first["x"], y), "clip_y~x": _psnr(first["y"], x)}
+    return {"clip_x~x": psnr(first["x"], x), "clip_x~y": psnr(first["x"], y), "clip_y~x": psnr(first["y"], x)}
 
 
 def test_first_frame_follows_the_image_with_trained_weights():

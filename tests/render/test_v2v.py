@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +15,7 @@ from farm.render.families import get_family
 from farm.render.families.wan_v2v import trimmed_start
 from farm.render.registry import check_strength, validate_request
 from farm.render.source import probe_source, resample_indices, source_clip, stitch_extension
-from tests.figures import report
+from tests.figures import psnr, report
 
 STEPS = 8
 SEED = 2468
@@ -42,11 +40,6 @@ def clip_frames(kind: str, frames: int = 9, size: int = 64) -> np.ndarray:
 
 def mp4_bytes(frames: np.ndarray, tmp_path, name: str, fps: int = 8) -> bytes:
     return encode_mp4(frames, fps, tmp_path / f"{name}.mp4").read_bytes()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module")

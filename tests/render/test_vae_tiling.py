@@ -8,11 +8,7 @@ import torch
 
 from farm.render.engine import DecoderStage
 from farm.render.tiny import tiny_spec
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+from tests.figures import psnr
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +28,6 @@ def test_tiled_decode_is_diffusers_tiling_and_equal_within_one_tile(decoders):
     large = torch.randn(1, z_dim, 2, 48, 40)  # 384x320 pixels: several tiles, blended where they overlap
     a, b = plain.decode(large), tiled.decode(large)
     assert a.shape == b.shape == (5, 384, 320, 3)
-    psnr = _psnr(a, b)
-    print(f"tiled vs untiled decode at 384x320: PSNR {psnr:.1f} dB")
-    assert not np.array_equal(a, b) and psnr > 40
+    db = psnr(a, b)
+    print(f"tiled vs untiled decode at 384x320: PSNR {db:.1f} dB")
+    assert not np.array_equal(a, b) and db > 40
