@@ -15,8 +15,8 @@ from farm.render.engine import DenoiserStage, ModelLayout, initial_state, make_s
 from farm.render.families import get_family
 from farm.render.reference import fit_reference
 from farm.render.registry import validate_request
-from tests.figures import report
-from tests.render.test_i2v import PROMPT, SEED, STEPS, TOL, _psnr, reference_image
+from tests.figures import psnr, report
+from tests.render.test_i2v import PROMPT, SEED, STEPS, TOL, reference_image
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_the_first_frame_follows_the_image(spec, stages):
         cond = encoder.encode_job(params, reference_image(kind, 160))
         first[kind] = decoder.decode(denoiser.run(initial_state(spec, params, cond), 0, params.steps).latents)[0]
     x, y = (np.asarray(fit_reference(reference_image(k, 160), params.width, params.height)) for k in "xy")
-    figures = {"clip_x~x": _psnr(first["x"], x), "clip_x~y": _psnr(first["x"], y), "clip_y~x": _psnr(first["y"], x)}
+    figures = {"clip_x~x": psnr(first["x"], x), "clip_x~y": psnr(first["x"], y), "clip_y~x": psnr(first["y"], x)}
     report("wan-ti2v first frame PSNR (dB): " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
     assert figures["clip_x~x"] > figures["clip_x~y"] + 3.0, figures
     assert figures["clip_x~x"] > figures["clip_y~x"] + 3.0, figures

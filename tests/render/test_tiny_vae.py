@@ -22,8 +22,8 @@ from farm.render.tiny_vae import (
     synthetic_clips,
     synthetic_images,
 )
-from tests.figures import report
-from tests.render.test_i2v import PROMPT, SEED, _first_frame_psnrs, _psnr, reference_image
+from tests.figures import psnr as psnr_8bit, report
+from tests.render.test_i2v import PROMPT, SEED, _first_frame_psnrs, reference_image
 
 HELD_OUT = 1234  # the latent statistics use seed 0; these pictures are others
 
@@ -141,7 +141,7 @@ def test_i2v_condition_carries_the_image_and_first_frame_figures(tiny_i2v_spec):
     for kind in "xy":
         cond = encoder.encode_job(params, reference_image(kind, 160))
         back[kind] = decoder.decode(cond.condition[:, 4:])[0]  # mask channels off; the latents are normalized
-    figures = {f"{a}~{b}": _psnr(back[a], target[b]) for a in "xy" for b in "xy"}
+    figures = {f"{a}~{b}": psnr_8bit(back[a], target[b]) for a in "xy" for b in "xy"}
     clip = _first_frame_psnrs(tiny_i2v_spec, encoder, DenoiserStage(tiny_i2v_spec, device="cpu"), decoder, params)
     report("tiny i2v 64²: condition decoded vs image " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items())
            + " dB; first frame of the clip (random transformer) " + ", ".join(f"{k} {v:.1f}" for k, v in clip.items())
